@@ -32,6 +32,21 @@ EMBEDDED = {
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
 
 
+def quiet_hf() -> None:
+    """The library never prints: silence transformers' and datasets' progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils import logging as ds_logging
+
+        ds_logging.disable_progress_bar()
+        ds_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
 def cache_dir() -> Path:
     """Root of GRASS's own cache; GRASS_CACHE overrides it."""
     root = os.environ.get("GRASS_CACHE") or os.path.join(
@@ -69,6 +84,7 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_hf()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -176,6 +192,7 @@ def load_model_and_tokenizer(
     """Load model + tokenizer on the CPU; returns them and the resolved source."""
     from transformers import AutoModelForCausalLM
 
+    quiet_hf()
     source = resolve_model_path(cfg.path)
     try:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
@@ -191,7 +208,8 @@ def load_model_and_tokenizer(
             hint="download it where there is network (`hf download ORG/NAME --local-dir DIR`) "
             "and set model.path to that folder",
         ) from None
-    _strip_quantizer(model) if getattr(model, "hf_quantizer", None) else None
+    if getattr(model, "hf_quantizer", None) is not None:
+        _strip_quantizer(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

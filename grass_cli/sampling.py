@@ -1,0 +1,139 @@
+"""Samplers: which blocks train at each optimizer step.
+
+One narrow interface, `Sampler.active(step) -> list[int]`, so every strategy runs
+on the same training loop. A sampler re-samples every `switch_interval` steps
+and returns the cached set in between; its RNG is a seeded NumPy generator whose
+state goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from grass_cli.importance import ImportanceTracker, probabilities
+from grass_cli.recipe import SamplerConfig
+
+
+class Sampler(ABC):
+    """Base: holds the current active set and refreshes importance every T_u steps.
+
+    Importance is refreshed for every strategy (the dashboard shows it), but only
+    `grass` samples from it; `grass-static` keeps its probing values.
+    """
+
+    adaptive = True  # refresh MGN every update_interval steps
+    name = "base"
+
+    def __init__(self, cfg: SamplerConfig, num_blocks: int, tracker: ImportanceTracker, seed: int):
+        self.cfg = cfg
+        self.num_blocks = num_blocks
+        self.tracker = tracker
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.current: list[int] = []
+        self.last_switch = -1
+
+    def switch_due(self, step: int) -> bool:
+        return not self.current or step % self.cfg.switch_interval == 0
+
+    def active(self, step: int) -> list[int]:
+        if self.adaptive and step > 0 and step % self.cfg.update_interval == 0:
+            self.tracker.refresh()
+        if self.switch_due(step) and step != self.last_switch:
+            self.current = sorted(int(i) for i in self._sample(step))
+            self.last_switch = step
+        return list(self.current)
+
+    def next_switch(self, step: int) -> int | None:
+        """The next step at which the active set may change (None: never)."""
+        t = self.cfg.switch_interval
+        return (step // t + 1) * t
+
+    def probabilities(self) -> list[float]:
+        """Per-draw selection probability of each block (sums to 1; for telemetry)."""
+        return [1.0 / self.num_blocks] * self.num_blocks
+
+    @abstractmethod
+    def _sample(self, step: int) -> list[int]:
+        """Draw a new active set (called only when a switch is due)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "current": self.current,
+                "last_switch": self.last_switch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.current = list(state["current"])
+        self.last_switch = int(state["last_switch"])
+
+
+class FullSampler(Sampler):
+    """Full fine-tuning: every block, always."""
+
+    name = "full"
+
+    def switch_due(self, step: int) -> bool:
+        return not self.current
+
+    def next_switch(self, step: int) -> int | None:
+        return None
+
+    def _sample(self, step: int) -> list[int]:
+        return list(range(self.num_blocks))
+
+
+class LisaSampler(Sampler):
+    """LISA: gamma blocks drawn uniformly without replacement every T_s steps."""
+
+    name = "lisa"
+
+    def _sample(self, step: int) -> list[int]:
+        return list(self.rng.choice(self.num_blocks, size=self.cfg.gamma, replace=False))
+
+
+class GrassSampler(Sampler):
+    """GRASS: gamma blocks drawn without replacement from softmax(MGN / mean / tau)."""
+
+    name = "grass"
+
+    def probabilities(self) -> list[float]:
+        return probabilities(self.tracker.mgn.numpy(), self.cfg.tau, self.cfg.eps).tolist()
+
+    def _sample(self, step: int) -> list[int]:
+        p = np.asarray(self.probabilities())
+        return list(self.rng.choice(self.num_blocks, size=self.cfg.gamma, replace=False, p=p))
+
+
+class StaticGrassSampler(GrassSampler):
+    """GRASS with the probing MGN kept for the whole run."""
+
+    name = "grass-static"
+    adaptive = False
+
+
+class CyclicSampler(Sampler):
+    """BAdam-style ordered sweep: blocks 0..gamma-1, then gamma..2gamma-1, wrapping."""
+
+    name = "cyclic"
+
+    def _sample(self, step: int) -> list[int]:
+        k = step // self.cfg.switch_interval
+        start = k * self.cfg.gamma
+        return [(start + j) % self.num_blocks for j in range(self.cfg.gamma)]
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "full": FullSampler,
+    "lisa": LisaSampler,
+    "grass": GrassSampler,
+    "grass-static": StaticGrassSampler,
+    "cyclic": CyclicSampler,
+}
+
+
+def build_sampler(
+    cfg: SamplerConfig, num_blocks: int, tracker: ImportanceTracker, seed: int
+) -> Sampler:
+    return SAMPLERS[cfg.strategy](cfg, num_blocks, tracker, seed)

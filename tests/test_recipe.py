@@ -1,0 +1,177 @@
+"""Recipe loading, validation messages, overrides, and the `grass validate` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from grass_cli.cli import app
+from grass_cli.errors import RecipeError
+from grass_cli.recipe import all_keys, load_recipe, suggest_key
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_KEYS = """model.path data.train data.eval data.format sampler.strategy sampler.gamma
+sampler.switch_interval sampler.probe_steps sampler.update_interval sampler.tau sampler.alpha
+sampler.eps optimizer.lr optimizer.state_policy training.max_steps training.micro_batch_size
+training.grad_accum_steps training.seed output.dir""".split()
+
+runner = CliRunner()
+
+
+def write(tmp_path: Path, data: dict | str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def error_of(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, overrides)
+    return str(exc.value)
+
+
+def test_documented_keys_exist():
+    keys = set(all_keys())
+    assert set(REQUIRED_KEYS) <= keys
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=str)
+def test_every_shipped_recipe_validates(recipe: Path):
+    r = load_recipe(recipe)
+    assert r.data.train
+    # Data paths in shipped recipes are relative to the repo root and exist.
+    assert (ROOT / r.data.train).exists(), r.data.train
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, {"data": {"train": "t.jsonl"}})
+    r = load_recipe(p, ["sampler.gamma=4", "optimizer.lr=3e-4", "sampler.strategy=lisa",
+                        "optimizer.betas=[0.8, 0.9]", "data.eval=e.jsonl"])
+    assert r.sampler.gamma == 4 and isinstance(r.sampler.gamma, int)
+    assert r.optimizer.lr == pytest.approx(3e-4)
+    assert r.sampler.strategy == "lisa"
+    assert r.optimizer.betas == (0.8, 0.9)
+    assert r.data.eval == "e.jsonl"
+    assert r.training.max_steps == 100  # default
+    # Round trip: the resolved YAML loads back to the same recipe.
+    again = load_recipe(write(tmp_path, r.to_yaml(), "again.yaml"))
+    assert again.model_dump() == r.model_dump()
+
+
+def test_epochs_replace_max_steps(tmp_path):
+    p = write(tmp_path, {"data": {"train": "t"}, "training": {"epochs": 2}})
+    r = load_recipe(p)
+    assert r.training.epochs == 2 and r.training.max_steps is None
+    msg = error_of(write(tmp_path, {"data": {"train": "t"},
+                                    "training": {"epochs": 2, "max_steps": 3}}))
+    assert "training: set either max_steps or epochs, not both" in msg
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    p = write(tmp_path, {"data": {"train": "t"}, "sampler": {"gama": 3}})
+    msg = error_of(p)
+    assert str(p) in msg
+    assert "sampler.gama: unknown key (did you mean 'sampler.gamma'?)" in msg
+
+
+def test_key_in_wrong_section_suggests_right_section(tmp_path):
+    msg = error_of(write(tmp_path, {"data": {"train": "t"}, "sampler": {"lr": 1e-3}}))
+    assert "sampler.lr: unknown key (did you mean 'optimizer.lr'?)" in msg
+
+
+def test_all_errors_reported_together(tmp_path):
+    p = write(tmp_path, {"data": {"train": "t"},
+                         "sampler": {"strategy": "lsa", "tau": -1, "gamma": 0},
+                         "training": {"micro_batch_size": "four"}})
+    msg = error_of(p)
+    assert "invalid recipe (4 errors)" in msg
+    assert "sampler.strategy: Input should be 'full', 'lisa', 'grass', 'grass-static' or " \
+           "'cyclic'; got 'lsa'" in msg
+    assert "sampler.tau: Input should be greater than 0; got -1" in msg
+    assert "sampler.gamma: Input should be greater than or equal to 1; got 0" in msg
+    assert "training.micro_batch_size: Input should be a valid integer" in msg and "'four'" in msg
+
+
+def test_missing_required_key(tmp_path):
+    msg = error_of(write(tmp_path, {"model": {"path": "x"}}))
+    assert "data: required key is missing" in msg
+
+
+def test_override_errors(tmp_path):
+    p = write(tmp_path, {"data": {"train": "t"}})
+    assert "not of the form key.path=value" in error_of(p, ["sampler.gamma"])
+    msg = error_of(p, ["sampler.gamma=-2"])
+    assert "sampler.gamma: Input should be greater than or equal to 1; got -2 " \
+           "(from a command-line override)" in msg
+    msg = error_of(p, ["sampler.gammma=2"])
+    assert "did you mean 'sampler.gamma'?" in msg
+    msg = error_of(p, ["sampler.gamma.x=2"])
+    assert "sampler.gamma: Input should be a valid integer; got a section with keys ['x']" in msg
+    p2 = write(tmp_path, {"data": {"train": "t"}, "sampler": {"gamma": 2}}, "g.yaml")
+    assert "sampler.gamma is a value, not a section" in error_of(p2, ["sampler.gamma.x=2"])
+
+
+def test_malformed_yaml_has_line_and_column(tmp_path):
+    p = write(tmp_path, "data:\n  train: t\nsampler:\n  gamma: [1, 2\n")
+    msg = error_of(p)
+    assert msg.startswith(f"{p}:5:1: malformed YAML") or msg.startswith(f"{p}:4:")
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    assert "must be a mapping of sections, got list" in error_of(write(tmp_path, "- a\n- b\n"))
+    assert "recipe file not found" in error_of(tmp_path / "nope.yaml")
+
+
+def test_gamma_checked_against_model(tmp_path):
+    r = load_recipe(write(tmp_path, {"data": {"train": "t"}, "sampler": {"gamma": 9}}))
+    with pytest.raises(RecipeError) as exc:
+        r.check_against_model(num_blocks=4, max_positions=2048)
+    assert "sampler.gamma is 9 but the model has only 4 blocks" in str(exc.value)
+    assert "set sampler.gamma to at most 4" in str(exc.value)
+    r2 = load_recipe(write(tmp_path, {"data": {"train": "t", "max_length": 4096}}, "b.yaml"))
+    with pytest.raises(RecipeError, match="data.max_length is 4096 but the model handles at most"):
+        r2.check_against_model(num_blocks=4, max_positions=2048)
+    # full ignores gamma
+    r3 = load_recipe(write(tmp_path, {"data": {"train": "t"},
+                                      "sampler": {"strategy": "full", "gamma": 9}}, "c.yaml"))
+    r3.check_against_model(num_blocks=4, max_positions=None)
+
+
+def test_suggest_key_none_for_garbage():
+    assert suggest_key("zzzz.qqqq") is None
+
+
+def test_cli_validate_prints_resolved_recipe(tmp_path):
+    p = write(tmp_path, {"data": {"train": "t.jsonl"}})
+    res = runner.invoke(app, ["validate", str(p), "sampler.gamma=3"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.stdout)["sampler"]["gamma"] == 3
+
+
+def test_cli_validate_error_exit_2_no_traceback(tmp_path):
+    p = write(tmp_path, {"data": {"train": "t"}, "sampler": {"gama": 3}})
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2
+    assert "Error:" in res.stderr and "did you mean 'sampler.gamma'?" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = ("import sys, time; t=time.perf_counter(); import grass_cli.cli; "
+            "print(time.perf_counter()-t); print('torch' in sys.modules, "
+            "'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[1:] == ["False", "False"]
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "grass_cli", "--help"], capture_output=True,
+                         text=True)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 0 and "train" in res.stdout and "validate" in res.stdout
+    assert elapsed < 1.0, f"grass --help took {elapsed:.2f}s"

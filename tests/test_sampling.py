@@ -1,0 +1,203 @@
+"""MGN, probabilities, and the samplers' selection statistics."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from grass_cli.blocks import ParamGroup
+from grass_cli.importance import ImportanceTracker, probabilities
+from grass_cli.recipe import SamplerConfig
+from grass_cli.sampling import build_sampler
+
+
+def make_blocks(sizes: list[int]) -> list[ParamGroup]:
+    return [
+        ParamGroup(name=f"block.{i}", kind="block", index=i,
+                   params=[(f"w{i}", torch.nn.Parameter(torch.zeros(n)))])
+        for i, n in enumerate(sizes)
+    ]
+
+
+def tracker_with(mgn: list[float], alpha: float = 0.5) -> ImportanceTracker:
+    t = ImportanceTracker(make_blocks([1] * len(mgn)), alpha, torch.device("cpu"))
+    t.mgn = torch.tensor(mgn, dtype=torch.float64)
+    return t
+
+
+# ----------------------------------------------------------------------------- MGN
+
+
+def test_mgn_on_hand_computed_gradients():
+    blocks = make_blocks([4, 2])
+    tracker = ImportanceTracker(blocks, alpha=0.5, device=torch.device("cpu"))
+    w0, w1 = blocks[0].tensors[0], blocks[1].tensors[0]
+    for p in (w0, w1):
+        p.requires_grad_(True)
+    # Observation 1: d/dw0 = c0, d/dw1 = c1 (loss linear in w)
+    c0 = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    c1 = torch.tensor([3.0, 4.0])
+    tracker.begin_micro_batch(loss_scale=1.0)
+    ((w0 * c0).sum() + (w1 * c1).sum()).backward()
+    tracker.end_micro_batch()
+    # Observation 2: the loss was scaled by 0.5 (accumulation); the tracker undoes it.
+    tracker.begin_micro_batch(loss_scale=0.5)
+    (0.5 * ((w0 * 2 * c0).sum() + (w1 * 0).sum())).backward()
+    tracker.end_micro_batch()
+    mgn = tracker.finish_probe()
+    rms0_a = math.sqrt((1 + 4 + 9 + 16) / 4)  # sqrt(||g||^2 / N)
+    rms0_b = math.sqrt(4 * (1 + 4 + 9 + 16) / 4)
+    rms1_a = math.sqrt((9 + 16) / 2)
+    assert mgn[0].item() == pytest.approx((rms0_a + rms0_b) / 2, rel=1e-6)
+    # Mean of per-observation RMS, not the RMS of the mean gradient.
+    assert mgn[1].item() == pytest.approx((rms1_a + 0.0) / 2, rel=1e-6)
+
+
+def test_probing_frees_gradients_but_records_norms():
+    blocks = make_blocks([3])
+    tracker = ImportanceTracker(blocks, alpha=0.5, device=torch.device("cpu"))
+    w = blocks[0].tensors[0]
+    w.requires_grad_(True)
+    tracker.free_grads = True
+    tracker.begin_micro_batch(1.0)
+    (w * torch.tensor([2.0, 2.0, 2.0])).sum().backward()
+    tracker.end_micro_batch()
+    assert w.grad is None
+    assert tracker.finish_probe()[0].item() == pytest.approx(2.0)
+
+
+def test_ema_refresh_only_for_trained_blocks():
+    t = tracker_with([1.0, 2.0, 3.0], alpha=0.25)
+    t._win_sum[:] = torch.tensor([4.0, 0.0, 0.0], dtype=torch.float64)
+    t._win_count[:] = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
+    assert t.refresh() == [0]
+    assert t.mgn.tolist() == pytest.approx([0.25 * 2.0 + 0.75 * 1.0, 2.0, 3.0])
+
+
+# ------------------------------------------------------------------- probabilities
+
+
+def test_probabilities_are_scale_free_with_floor():
+    m = np.array([1e-5, 2e-5, 4e-5])
+    p = probabilities(m, tau=1.0, eps=0.0)
+    assert p == pytest.approx(probabilities(m * 1e4, tau=1.0, eps=0.0))
+    x = m / m.mean()
+    expect = np.exp(x) / np.exp(x).sum()
+    assert p == pytest.approx(expect)
+    p_eps = probabilities(m, tau=1.0, eps=0.3)
+    assert p_eps == pytest.approx(0.7 * expect + 0.1)
+    assert probabilities(m, tau=1e6, eps=0.0) == pytest.approx([1 / 3] * 3, abs=1e-5)
+    assert probabilities(m, tau=1e-3, eps=0.0)[2] == pytest.approx(1.0)
+    # Unknown MGN (NaN) falls back to uniform rather than poisoning the softmax.
+    assert probabilities([math.nan, 1.0], 1.0, 0.0) == pytest.approx([0.5, 0.5])
+
+
+# ----------------------------------------------------------------------- samplers
+
+
+def draws(strategy: str, mgn: list[float], gamma: int, n: int, **kw) -> list[list[int]]:
+    cfg = SamplerConfig(strategy=strategy, gamma=gamma, switch_interval=1,
+                        update_interval=10**9, **kw)
+    s = build_sampler(cfg, len(mgn), tracker_with(mgn), seed=123)
+    return [s.active(step) for step in range(n)]
+
+
+def test_lisa_is_uniform_without_replacement():
+    L, gamma, n = 6, 2, 6000
+    sets = draws("lisa", [1.0] * L, gamma, n)
+    assert all(len(set(a)) == gamma for a in sets)
+    counts = np.bincount(np.concatenate(sets), minlength=L)
+    assert counts.sum() == n * gamma
+    assert chisquare(counts, [n * gamma / L] * L).pvalue > 0.01
+
+
+def test_grass_gamma1_follows_softmax_of_mgn():
+    mgn = [1.0, 2.0, 3.0, 0.5, 1.5]
+    tau, eps, n = 0.7, 0.1, 8000
+    sets = draws("grass", mgn, 1, n, tau=tau, eps=eps)
+    counts = np.bincount([a[0] for a in sets], minlength=len(mgn))
+    p = probabilities(mgn, tau, eps)
+    assert chisquare(counts, p * n).pvalue > 0.01
+    # ...and is clearly not uniform.
+    assert chisquare(counts, [n / len(mgn)] * len(mgn)).pvalue < 1e-6
+
+
+def inclusion_probabilities(p: np.ndarray, gamma: int) -> np.ndarray:
+    """Exact inclusion probability under successive sampling without replacement."""
+    incl = np.zeros(len(p))
+    for order in itertools.permutations(range(len(p)), gamma):
+        prob, left = 1.0, 1.0
+        for i in order:
+            prob *= p[i] / left
+            left -= p[i]
+        for i in order:
+            incl[i] += prob
+    return incl
+
+
+def test_grass_gamma2_matches_exact_inclusion_probabilities():
+    mgn = [1.0, 2.0, 3.0, 0.5, 1.5]
+    tau, eps, n, gamma = 0.5, 0.05, 8000, 2
+    sets = draws("grass", mgn, gamma, n, tau=tau, eps=eps)
+    assert all(len(set(a)) == gamma for a in sets)
+    counts = np.bincount(np.concatenate(sets), minlength=len(mgn))
+    expect = inclusion_probabilities(probabilities(mgn, tau, eps), gamma) * n
+    assert expect.sum() == pytest.approx(n * gamma)
+    assert chisquare(counts, expect).pvalue > 0.01
+
+
+def test_cyclic_sweeps_in_order():
+    cfg = SamplerConfig(strategy="cyclic", gamma=2, switch_interval=3)
+    s = build_sampler(cfg, 5, tracker_with([1.0] * 5), seed=0)
+    got = [s.active(step) for step in range(12)]
+    assert got[0:3] == [[0, 1]] * 3
+    assert got[3:6] == [[2, 3]] * 3
+    assert got[6:9] == [[0, 4]] * 3  # wraps: 4, 0
+    assert got[9:12] == [[1, 2]] * 3
+
+
+def test_full_is_every_block():
+    cfg = SamplerConfig(strategy="full")
+    s = build_sampler(cfg, 4, tracker_with([1.0] * 4), seed=0)
+    assert [s.active(i) for i in range(3)] == [[0, 1, 2, 3]] * 3
+    assert s.next_switch(0) is None
+
+
+def test_switch_interval_and_seed_reproducibility():
+    cfg = SamplerConfig(strategy="lisa", gamma=2, switch_interval=4)
+    a = build_sampler(cfg, 8, tracker_with([1.0] * 8), seed=7)
+    b = build_sampler(cfg, 8, tracker_with([1.0] * 8), seed=7)
+    seq_a = [a.active(i) for i in range(40)]
+    assert seq_a == [b.active(i) for i in range(40)]
+    for k in range(10):
+        assert len({tuple(x) for x in seq_a[4 * k: 4 * k + 4]}) == 1
+    assert len({tuple(x) for x in seq_a}) > 3
+
+
+def test_sampler_state_roundtrip_continues_identically():
+    cfg = SamplerConfig(strategy="grass", gamma=2, switch_interval=1)
+    a = build_sampler(cfg, 6, tracker_with([1, 2, 3, 4, 5, 6.0]), seed=3)
+    for i in range(5):
+        a.active(i)
+    state = a.state_dict()
+    b = build_sampler(cfg, 6, tracker_with([1, 2, 3, 4, 5, 6.0]), seed=999)
+    b.load_state_dict(state)
+    assert [a.active(i) for i in range(5, 20)] == [b.active(i) for i in range(5, 20)]
+
+
+def test_static_grass_keeps_probe_mgn_while_grass_refreshes():
+    for strategy, expect_changed in (("grass", True), ("grass-static", False)):
+        t = tracker_with([1.0, 1.0])
+        cfg = SamplerConfig(strategy=strategy, gamma=1, switch_interval=1, update_interval=2)
+        s = build_sampler(cfg, 2, t, seed=0)
+        s.active(0)
+        t._win_sum[:] = torch.tensor([10.0, 0.0], dtype=torch.float64)
+        t._win_count[:] = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        s.active(1)
+        s.active(2)  # refresh due at step 2
+        assert (t.mgn[0].item() != 1.0) is expect_changed
