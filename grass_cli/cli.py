@@ -118,9 +118,9 @@ def train(
         from grass_cli.telemetry import Telemetry
         from grass_cli.telemetry.sinks import PlainPrinter
 
-        # The live dashboard is not built yet: plain lines everywhere (so
-        # `--no-live` is accepted now and scripts keep working when it arrives).
-        del no_live
+        # The live dashboard is not built yet: plain lines everywhere, so
+        # `--no-live` (accepted now) changes nothing and scripts keep working
+        # when the dashboard arrives.
         printer = PlainPrinter(sys.stdout, every=log_every or cfg.output.log_interval,
                                quiet=quiet)
         run_training(cfg, Telemetry([printer]), overwrite=overwrite)
