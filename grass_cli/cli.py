@@ -98,8 +98,11 @@ def train(
     ] = False,
     log_every: Annotated[
         int | None,
-        typer.Option("--log-every", min=1, help="Plain mode: a line every N steps "
-                     "(default: output.log_interval)."),
+        typer.Option(
+            "--log-every",
+            min=1,
+            help="Plain mode: a line every N steps (default: output.log_interval).",
+        ),
     ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only errors and the final summary.")
@@ -121,8 +124,7 @@ def train(
         # The live dashboard is not built yet: plain lines everywhere, so
         # `--no-live` (accepted now) changes nothing and scripts keep working
         # when the dashboard arrives.
-        printer = PlainPrinter(sys.stdout, every=log_every or cfg.output.log_interval,
-                               quiet=quiet)
+        printer = PlainPrinter(sys.stdout, every=log_every or cfg.output.log_interval, quiet=quiet)
         run_training(cfg, Telemetry([printer]), overwrite=overwrite)
 
     _guard(body)

@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from grass_cli.blocks import BlockMap, build_block_map
-from grass_cli.data import BatchIterator, TokenizedData, build_dataset, eval_batches, steps_per_epoch
+from grass_cli.data import (
+    BatchIterator,
+    TokenizedData,
+    build_dataset,
+    eval_batches,
+    steps_per_epoch,
+)
 from grass_cli.errors import GrassError
 from grass_cli.evaluate import autocast_ctx, count_targets, eval_loss, loss_sum
 from grass_cli.importance import ImportanceTracker
@@ -161,7 +167,9 @@ def setup(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> Run:
         block_map.groups(), recipe.optimizer, build_store(recipe.optimizer.state_policy)
     )
     s = recipe.sampler
-    always = [g.name for g in block_map.always_train(s.train_embeddings, s.train_norm, s.train_head)]
+    always = [
+        g.name for g in block_map.always_train(s.train_embeddings, s.train_norm, s.train_head)
+    ]
     if block_map.tied and s.train_embeddings != s.train_head:
         telemetry.emit(
             "warning",
@@ -169,10 +177,22 @@ def setup(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> Run:
             "train_embeddings or train_head is on",
         )
     return Run(
-        recipe=recipe, run_dir=run_dir, device=device, model=model, tokenizer=tokenizer,
-        model_source=source, block_map=block_map, train_data=train_data, eval_data=eval_data,
-        batches=batches, tracker=tracker, sampler=sampler, optimizer=optimizer,
-        total_steps=total_steps, always_train=always, telemetry=telemetry,
+        recipe=recipe,
+        run_dir=run_dir,
+        device=device,
+        model=model,
+        tokenizer=tokenizer,
+        model_source=source,
+        block_map=block_map,
+        train_data=train_data,
+        eval_data=eval_data,
+        batches=batches,
+        tracker=tracker,
+        sampler=sampler,
+        optimizer=optimizer,
+        total_steps=total_steps,
+        always_train=always,
+        telemetry=telemetry,
     )
 
 
@@ -208,8 +228,9 @@ def _evaluate(run: Run, step: int) -> float | None:
     tc = run.recipe.training
     loss, n = eval_loss(
         run.model,
-        eval_batches(run.eval_data, tc.eval_batch_size or tc.micro_batch_size,
-                     run.tokenizer.pad_token_id),
+        eval_batches(
+            run.eval_data, tc.eval_batch_size or tc.micro_batch_size, run.tokenizer.pad_token_id
+        ),
         run.device,
         tc.autocast,
     )
@@ -228,8 +249,9 @@ def probe(run: Run) -> None:
     for t in range(steps):
         micro, n_targets = _next_step_batches(run)
         loss = _forward_backward(run, micro, n_targets)
-        run.telemetry.emit("probe", probe_step=t, probe_steps=steps, loss=loss,
-                           **memory_stats(run.device))
+        run.telemetry.emit(
+            "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
+        )
     run.tracker.free_grads = False
     for group in run.block_map.blocks:
         group.set_trainable(False)
@@ -237,8 +259,12 @@ def probe(run: Run) -> None:
             p.grad = None
     mgn = run.tracker.finish_probe()
     ranking = sorted(range(len(mgn)), key=lambda i: -float(mgn[i]))
-    run.telemetry.emit("probe_done", importance=run.tracker.values(), ranking=ranking,
-                       probabilities=run.sampler.probabilities())
+    run.telemetry.emit(
+        "probe_done",
+        importance=run.tracker.values(),
+        ranking=ranking,
+        probabilities=run.sampler.probabilities(),
+    )
 
 
 def train(run: Run) -> TrainResult:
@@ -248,13 +274,23 @@ def train(run: Run) -> TrainResult:
     n_params = sum(g.numel for g in run.block_map.groups())
     global_batch = tc.micro_batch_size * tc.grad_accum_steps
     run.telemetry.emit(
-        "start", model=rc.model.path, model_source=run.model_source,
-        num_blocks=run.block_map.num_blocks, blocks_path=run.block_map.blocks_path,
-        params=n_params, tied=run.block_map.tied, strategy=rc.sampler.strategy,
-        gamma=rc.sampler.gamma, total_steps=run.total_steps, global_batch=global_batch,
-        train_rows=run.train_data.rows, train_tokens=run.train_data.trainable_tokens,
-        eval_rows=run.eval_data.rows if run.eval_data else 0, device=str(run.device),
-        always_train=run.always_train, run_dir=str(run.run_dir),
+        "start",
+        model=rc.model.path,
+        model_source=run.model_source,
+        num_blocks=run.block_map.num_blocks,
+        blocks_path=run.block_map.blocks_path,
+        params=n_params,
+        tied=run.block_map.tied,
+        strategy=rc.sampler.strategy,
+        gamma=rc.sampler.gamma,
+        total_steps=run.total_steps,
+        global_batch=global_batch,
+        train_rows=run.train_data.rows,
+        train_tokens=run.train_data.trainable_tokens,
+        eval_rows=run.eval_data.rows if run.eval_data else 0,
+        device=str(run.device),
+        always_train=run.always_train,
+        run_dir=str(run.run_dir),
     )
     t_start = time.perf_counter()
     first_eval = _evaluate(run, 0)
@@ -272,9 +308,14 @@ def train(run: Run) -> TrainResult:
         if names != active_names:
             activated, frozen = run.optimizer.set_active(names)
             active_names = names
-            run.telemetry.emit("switch", step=step, active=active,
-                               activated=activated, frozen=frozen,
-                               next_switch=run.sampler.next_switch(step))
+            run.telemetry.emit(
+                "switch",
+                step=step,
+                active=active,
+                activated=activated,
+                frozen=frozen,
+                next_switch=run.sampler.next_switch(step),
+            )
         lr = lr_at(step, run.total_steps, rc.optimizer.lr, tc)
         # 2) forward / backward over the step's micro-batches
         micro, n_targets = _next_step_batches(run)
@@ -295,14 +336,24 @@ def train(run: Run) -> TrainResult:
         mem = memory_stats(run.device)
         result.peak_rss = max(result.peak_rss, mem["rss"])
         run.telemetry.emit(
-            "step", step=step, total_steps=run.total_steps, loss=loss, lr=lr,
-            grad_norm=grad_norm, tokens=tokens, tokens_total=result.tokens,
-            tokens_per_s=tokens / dt if dt > 0 else 0.0, step_time=dt,
-            elapsed_s=time.perf_counter() - t_start, active=active,
-            importance=run.tracker.values(), probabilities=run.sampler.probabilities(),
+            "step",
+            step=step,
+            total_steps=run.total_steps,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=tokens,
+            tokens_total=result.tokens,
+            tokens_per_s=tokens / dt if dt > 0 else 0.0,
+            step_time=dt,
+            elapsed_s=time.perf_counter() - t_start,
+            active=active,
+            importance=run.tracker.values(),
+            probabilities=run.sampler.probabilities(),
             trainable_params=sum(p.numel() for p in params),
             optimizer_state_bytes=run.optimizer.state_bytes(),
-            next_switch=run.sampler.next_switch(step), **mem,
+            next_switch=run.sampler.next_switch(step),
+            **mem,
         )
         if tc.eval_interval and (step + 1) % tc.eval_interval == 0 and step + 1 < run.total_steps:
             ev = _evaluate(run, step + 1)
@@ -318,10 +369,13 @@ def train(run: Run) -> TrainResult:
     result.elapsed_s = time.perf_counter() - t_start
     evals = list(result.eval_losses.values())
     summary = {
-        "steps": run.total_steps, "elapsed_s": result.elapsed_s, "tokens": result.tokens,
+        "steps": run.total_steps,
+        "elapsed_s": result.elapsed_s,
+        "tokens": result.tokens,
         "final_loss": result.losses[-1] if result.losses else None,
         "first_eval_loss": evals[0] if evals else None,
-        "final_eval_loss": final_eval, "best_eval_loss": min(evals) if evals else None,
+        "final_eval_loss": final_eval,
+        "best_eval_loss": min(evals) if evals else None,
         "peak_rss": result.peak_rss,
         "model_dir": str(result.model_dir) if result.model_dir else None,
         "run_dir": str(run.run_dir),

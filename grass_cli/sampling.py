@@ -60,8 +60,11 @@ class Sampler(ABC):
         """Draw a new active set (called only when a switch is due)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "current": self.current,
-                "last_switch": self.last_switch}
+        return {
+            "rng": self.rng.bit_generator.state,
+            "current": self.current,
+            "last_switch": self.last_switch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]

@@ -29,14 +29,16 @@ def make_split(task: str, size: int, seed: int) -> list[dict]:
     ds = reasoning_gym.create_dataset(task, size=size, seed=seed, **TASK_CONFIG.get(task, {}))
     rows = []
     for i, item in enumerate(ds):
-        rows.append({
-            "prompt": item["question"],
-            "completion": str(item["answer"]),
-            "answer": str(item["answer"]),
-            "task": task,
-            "seed": seed,
-            "index": i,
-        })
+        rows.append(
+            {
+                "prompt": item["question"],
+                "completion": str(item["answer"]),
+                "answer": str(item["answer"]),
+                "task": task,
+                "seed": seed,
+                "index": i,
+            }
+        )
     return rows
 
 
@@ -63,8 +65,10 @@ def main() -> None:
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
-        print(f"{out / (name + '.jsonl')}: {len(kept)} rows ({len(rows) - len(kept)} duplicates "
-              "of an earlier split removed)")
+        print(
+            f"{out / (name + '.jsonl')}: {len(kept)} rows ({len(rows) - len(kept)} duplicates "
+            "of an earlier split removed)"
+        )
 
 
 if __name__ == "__main__":

@@ -17,18 +17,51 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Tiny configs: 4 blocks, hidden 32, the SmolLM2 vocabulary (49152 tokens).
 TINY_CONFIGS = {
-    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                  num_key_value_heads=2, tie_word_embeddings=True)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                  num_key_value_heads=2, tie_word_embeddings=False)),
-    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=False)),
-    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=8)),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        ),
+    ),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_head=4, n_positions=512)),
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64,
-                                       num_attention_heads=4)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
+    ),
 }
 LAYER_KEY = {"gpt2": "n_layer"}
 
@@ -59,8 +92,13 @@ def make_tiny_model(folder: Path, arch: str, tokenizer, num_layers: int = 4, see
     cfg_cls = getattr(transformers, cls_name)
     kw = dict(kwargs)
     kw[LAYER_KEY.get(arch, "num_hidden_layers")] = num_layers
-    cfg = cfg_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kw)
+    cfg = cfg_cls(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kw,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     folder.mkdir(parents=True, exist_ok=True)

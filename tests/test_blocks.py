@@ -44,8 +44,11 @@ def test_block_discovery(arch, tiny_factory):
     assert bm.embed is not None and bm.norm is not None
     check_partition(model, bm)
     # Block params really are the layers' params.
-    layer_params = sum(p.numel() for p in model.get_decoder().layers[0].parameters()) \
-        if hasattr(model.get_decoder(), "layers") else None
+    layer_params = (
+        sum(p.numel() for p in model.get_decoder().layers[0].parameters())
+        if hasattr(model.get_decoder(), "layers")
+        else None
+    )
     if layer_params is not None:
         assert bm.blocks[0].numel == layer_params
 

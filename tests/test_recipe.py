@@ -16,10 +16,27 @@ from grass_cli.errors import RecipeError
 from grass_cli.recipe import all_keys, load_recipe, suggest_key
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED_KEYS = """model.path data.train data.eval data.format sampler.strategy sampler.gamma
-sampler.switch_interval sampler.probe_steps sampler.update_interval sampler.tau sampler.alpha
-sampler.eps optimizer.lr optimizer.state_policy training.max_steps training.micro_batch_size
-training.grad_accum_steps training.seed output.dir""".split()
+REQUIRED_KEYS = [
+    "model.path",
+    "data.train",
+    "data.eval",
+    "data.format",
+    "sampler.strategy",
+    "sampler.gamma",
+    "sampler.switch_interval",
+    "sampler.probe_steps",
+    "sampler.update_interval",
+    "sampler.tau",
+    "sampler.alpha",
+    "sampler.eps",
+    "optimizer.lr",
+    "optimizer.state_policy",
+    "training.max_steps",
+    "training.micro_batch_size",
+    "training.grad_accum_steps",
+    "training.seed",
+    "output.dir",
+]
 
 runner = CliRunner()
 
@@ -51,8 +68,16 @@ def test_every_shipped_recipe_validates(recipe: Path):
 
 def test_defaults_and_overrides(tmp_path):
     p = write(tmp_path, {"data": {"train": "t.jsonl"}})
-    r = load_recipe(p, ["sampler.gamma=4", "optimizer.lr=3e-4", "sampler.strategy=lisa",
-                        "optimizer.betas=[0.8, 0.9]", "data.eval=e.jsonl"])
+    r = load_recipe(
+        p,
+        [
+            "sampler.gamma=4",
+            "optimizer.lr=3e-4",
+            "sampler.strategy=lisa",
+            "optimizer.betas=[0.8, 0.9]",
+            "data.eval=e.jsonl",
+        ],
+    )
     assert r.sampler.gamma == 4 and isinstance(r.sampler.gamma, int)
     assert r.optimizer.lr == pytest.approx(3e-4)
     assert r.sampler.strategy == "lisa"
@@ -68,8 +93,9 @@ def test_epochs_replace_max_steps(tmp_path):
     p = write(tmp_path, {"data": {"train": "t"}, "training": {"epochs": 2}})
     r = load_recipe(p)
     assert r.training.epochs == 2 and r.training.max_steps is None
-    msg = error_of(write(tmp_path, {"data": {"train": "t"},
-                                    "training": {"epochs": 2, "max_steps": 3}}))
+    msg = error_of(
+        write(tmp_path, {"data": {"train": "t"}, "training": {"epochs": 2, "max_steps": 3}})
+    )
     assert "training: set either max_steps or epochs, not both" in msg
 
 
@@ -86,13 +112,20 @@ def test_key_in_wrong_section_suggests_right_section(tmp_path):
 
 
 def test_all_errors_reported_together(tmp_path):
-    p = write(tmp_path, {"data": {"train": "t"},
-                         "sampler": {"strategy": "lsa", "tau": -1, "gamma": 0},
-                         "training": {"micro_batch_size": "four"}})
+    p = write(
+        tmp_path,
+        {
+            "data": {"train": "t"},
+            "sampler": {"strategy": "lsa", "tau": -1, "gamma": 0},
+            "training": {"micro_batch_size": "four"},
+        },
+    )
     msg = error_of(p)
     assert "invalid recipe (4 errors)" in msg
-    assert "sampler.strategy: Input should be 'full', 'lisa', 'grass', 'grass-static' or " \
-           "'cyclic'; got 'lsa'" in msg
+    assert (
+        "sampler.strategy: Input should be 'full', 'lisa', 'grass', 'grass-static' or "
+        "'cyclic'; got 'lsa'" in msg
+    )
     assert "sampler.tau: Input should be greater than 0; got -1" in msg
     assert "sampler.gamma: Input should be greater than or equal to 1; got 0" in msg
     assert "training.micro_batch_size: Input should be a valid integer" in msg and "'four'" in msg
@@ -107,8 +140,10 @@ def test_override_errors(tmp_path):
     p = write(tmp_path, {"data": {"train": "t"}})
     assert "not of the form key.path=value" in error_of(p, ["sampler.gamma"])
     msg = error_of(p, ["sampler.gamma=-2"])
-    assert "sampler.gamma: Input should be greater than or equal to 1; got -2 " \
-           "(from a command-line override)" in msg
+    assert (
+        "sampler.gamma: Input should be greater than or equal to 1; got -2 "
+        "(from a command-line override)" in msg
+    )
     msg = error_of(p, ["sampler.gammma=2"])
     assert "did you mean 'sampler.gamma'?" in msg
     msg = error_of(p, ["sampler.gamma.x=2"])
@@ -138,8 +173,13 @@ def test_gamma_checked_against_model(tmp_path):
     with pytest.raises(RecipeError, match="data.max_length is 4096 but the model handles at most"):
         r2.check_against_model(num_blocks=4, max_positions=2048)
     # full ignores gamma
-    r3 = load_recipe(write(tmp_path, {"data": {"train": "t"},
-                                      "sampler": {"strategy": "full", "gamma": 9}}, "c.yaml"))
+    r3 = load_recipe(
+        write(
+            tmp_path,
+            {"data": {"train": "t"}, "sampler": {"strategy": "full", "gamma": 9}},
+            "c.yaml",
+        )
+    )
     r3.check_against_model(num_blocks=4, max_positions=None)
 
 
@@ -163,15 +203,19 @@ def test_cli_validate_error_exit_2_no_traceback(tmp_path):
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = ("import sys, time; t=time.perf_counter(); import grass_cli.cli; "
-            "print(time.perf_counter()-t); print('torch' in sys.modules, "
-            "'transformers' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+    code = (
+        "import sys, time; t=time.perf_counter(); import grass_cli.cli; "
+        "print(time.perf_counter()-t); print('torch' in sys.modules, "
+        "'transformers' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[1:] == ["False", "False"]
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "grass_cli", "--help"], capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "grass_cli", "--help"], capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0 and "train" in res.stdout and "validate" in res.stdout
     assert elapsed < 1.0, f"grass --help took {elapsed:.2f}s"

@@ -18,8 +18,12 @@ from grass_cli.sampling import build_sampler
 
 def make_blocks(sizes: list[int]) -> list[ParamGroup]:
     return [
-        ParamGroup(name=f"block.{i}", kind="block", index=i,
-                   params=[(f"w{i}", torch.nn.Parameter(torch.zeros(n)))])
+        ParamGroup(
+            name=f"block.{i}",
+            kind="block",
+            index=i,
+            params=[(f"w{i}", torch.nn.Parameter(torch.zeros(n)))],
+        )
         for i, n in enumerate(sizes)
     ]
 
@@ -101,8 +105,9 @@ def test_probabilities_are_scale_free_with_floor():
 
 
 def draws(strategy: str, mgn: list[float], gamma: int, n: int, **kw) -> list[list[int]]:
-    cfg = SamplerConfig(strategy=strategy, gamma=gamma, switch_interval=1,
-                        update_interval=10**9, **kw)
+    cfg = SamplerConfig(
+        strategy=strategy, gamma=gamma, switch_interval=1, update_interval=10**9, **kw
+    )
     s = build_sampler(cfg, len(mgn), tracker_with(mgn), seed=123)
     return [s.active(step) for step in range(n)]
 
@@ -175,7 +180,7 @@ def test_switch_interval_and_seed_reproducibility():
     seq_a = [a.active(i) for i in range(40)]
     assert seq_a == [b.active(i) for i in range(40)]
     for k in range(10):
-        assert len({tuple(x) for x in seq_a[4 * k: 4 * k + 4]}) == 1
+        assert len({tuple(x) for x in seq_a[4 * k : 4 * k + 4]}) == 1
     assert len({tuple(x) for x in seq_a}) > 3
 
 

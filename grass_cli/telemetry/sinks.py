@@ -76,7 +76,9 @@ class PlainPrinter:
         if kind == "probe":
             return f"probe  {e['probe_step'] + 1}/{e['probe_steps']} loss={e['loss']:.4f}"
         if kind == "probe_done":
-            return f"probe  done; MGN ranks (most important first): {format_blocks(e['ranking'][:8])}"
+            return (
+                f"probe  done; MGN ranks (most important first): {format_blocks(e['ranking'][:8])}"
+            )
         if kind == "switch":
             return (
                 f"switch step={e['step']} active={format_blocks(e['active'])} "
