@@ -132,8 +132,9 @@ class TrainingConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Autocast dtype for forward/backward: none | bf16 | fp16 (fp16 on CUDA only).
-    autocast: Literal["none", "bf16", "fp16"] = "none"
+    # Autocast dtype for forward/backward: none | bf16. (fp16 would need loss
+    # scaling; bf16 has float32's range and does not.)
+    autocast: Literal["none", "bf16"] = "none"
     # Evaluate every N optimizer steps (and always before and after training).
     eval_interval: int | None = Field(None, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)

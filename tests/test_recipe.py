@@ -219,3 +219,9 @@ def test_help_is_fast_and_does_not_import_torch():
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0 and "train" in res.stdout and "validate" in res.stdout
     assert elapsed < 1.0, f"grass --help took {elapsed:.2f}s"
+
+
+def test_recipe_reference_documents_every_key():
+    text = (ROOT / "docs/recipes.md").read_text()
+    missing = [k for k in all_keys() if f"`{k}`" not in text]
+    assert not missing, f"docs/recipes.md lacks {missing}"
