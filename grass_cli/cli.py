@@ -17,6 +17,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from grass_cli import __version__
+from grass_cli.commands import register_all
 from grass_cli.errors import GrassError
 
 app = typer.Typer(
@@ -119,15 +120,20 @@ def train(
         cfg = load_recipe(recipe, overrides or [])
         from grass_cli.engine import run_training
         from grass_cli.telemetry import Telemetry
-        from grass_cli.telemetry.sinks import PlainPrinter
+        from grass_cli.telemetry.console import console_sinks
 
-        # The live dashboard is not built yet: plain lines everywhere, so
-        # `--no-live` (accepted now) changes nothing and scripts keep working
-        # when the dashboard arrives.
-        printer = PlainPrinter(sys.stdout, every=log_every or cfg.output.log_interval, quiet=quiet)
-        run_training(cfg, Telemetry([printer]), overwrite=overwrite)
+        sinks = console_sinks(
+            sys.stdout,
+            live=not no_live and sys.stdout.isatty(),
+            every=log_every or cfg.output.log_interval,
+            quiet=quiet,
+        )
+        run_training(cfg, Telemetry(sinks), overwrite=overwrite)
 
     _guard(body)
+
+
+register_all(app)
 
 
 def main() -> None:

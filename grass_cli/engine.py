@@ -31,10 +31,12 @@ from grass_cli.data import (
     steps_per_epoch,
 )
 from grass_cli.errors import GrassError
-from grass_cli.evaluate import autocast_ctx, count_targets, eval_loss, loss_sum
+from grass_cli.evaluate import count_targets, eval_loss
 from grass_cli.importance import ImportanceTracker
 from grass_cli.models import load_model_and_tokenizer, max_positions
 from grass_cli.optim import BlockAdamW, lr_at
+from grass_cli.probing import forward_backward
+from grass_cli.probing import probe as probe_blocks
 from grass_cli.recipe import PROBING, Recipe
 from grass_cli.sampling import Sampler, build_sampler
 from grass_cli.state_store import build_store
@@ -205,23 +207,6 @@ def _next_step_batches(run: Run) -> tuple[list[dict[str, torch.Tensor]], int]:
     return micro, sum(count_targets(b) for b in micro)
 
 
-def _forward_backward(run: Run, micro: list[dict[str, torch.Tensor]], n_targets: int) -> float:
-    """Accumulate gradients of the step's token-mean loss; returns that loss."""
-    total = torch.zeros((), dtype=torch.float64, device=run.device)
-    for batch in micro:
-        n_micro = count_targets(batch)
-        if n_micro == 0:
-            continue
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        with autocast_ctx(run.device, run.recipe.training.autocast):
-            loss = loss_sum(run.model, batch) / n_targets
-        run.tracker.begin_micro_batch(loss_scale=n_micro / n_targets)
-        loss.backward()
-        run.tracker.end_micro_batch()
-        total += loss.detach().double()
-    return float(total)
-
-
 def _evaluate(run: Run, step: int) -> float | None:
     if run.eval_data is None:
         return None
@@ -241,23 +226,17 @@ def _evaluate(run: Run, step: int) -> float | None:
 
 
 def probe(run: Run) -> None:
-    """GRASS probing: forward+backward through every block, no update, grads freed at once."""
+    """GRASS probing phase: T_p steps of forward+backward, no update; emits the MGN."""
     steps = run.recipe.sampler.probe_steps
-    for group in run.block_map.blocks:
-        group.set_trainable(True)
-    run.tracker.free_grads = True
-    for t in range(steps):
-        micro, n_targets = _next_step_batches(run)
-        loss = _forward_backward(run, micro, n_targets)
+    batches = (_next_step_batches(run)[0] for _ in range(steps))
+    probing = probe_blocks(
+        run.model, run.block_map, run.tracker, batches, run.device, run.recipe.training.autocast
+    )
+    for t, loss in enumerate(probing):
         run.telemetry.emit(
             "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
         )
-    run.tracker.free_grads = False
-    for group in run.block_map.blocks:
-        group.set_trainable(False)
-        for p in group.tensors:
-            p.grad = None
-    mgn = run.tracker.finish_probe()
+    mgn = run.tracker.mgn
     ranking = sorted(range(len(mgn)), key=lambda i: -float(mgn[i]))
     run.telemetry.emit(
         "probe_done",
@@ -318,8 +297,8 @@ def train(run: Run) -> TrainResult:
             )
         lr = lr_at(step, run.total_steps, rc.optimizer.lr, tc)
         # 2) forward / backward over the step's micro-batches
-        micro, n_targets = _next_step_batches(run)
-        loss = _forward_backward(run, micro, n_targets)
+        micro, _ = _next_step_batches(run)
+        loss = forward_backward(run.model, run.tracker, micro, run.device, tc.autocast)
         # 3) clip and step the active groups only
         params = run.optimizer.trainable_params()
         max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
@@ -351,7 +330,7 @@ def train(run: Run) -> TrainResult:
             importance=run.tracker.values(),
             probabilities=run.sampler.probabilities(),
             trainable_params=sum(p.numel() for p in params),
-            optimizer_state_bytes=run.optimizer.state_bytes(),
+            **memory_breakdown(run, params),
             next_switch=run.sampler.next_switch(step),
             **mem,
         )
@@ -383,6 +362,20 @@ def train(run: Run) -> TrainResult:
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     run.telemetry.emit("end", **summary)
     return result
+
+
+def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str, int]:
+    """Bytes by kind: weights, gradients of the trained parameters, optimizer state
+    on the device and in the offload store, fp32 master weights."""
+    weights = sum(g.numel * g.tensors[0].element_size() for g in run.block_map.groups())
+    return {
+        "weights_bytes": weights,
+        "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        "optimizer_state_bytes": run.optimizer.state_bytes(),
+        "optimizer_state_offload_cpu_bytes": 0,
+        "optimizer_state_offload_disk_bytes": 0,
+        "master_weight_bytes": 0,
+    }
 
 
 def save_model(run: Run) -> Path:

@@ -8,8 +8,10 @@ also turns an 18 s load into a 1 s one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import shutil
 import tempfile
@@ -86,10 +88,13 @@ def convert_gguf(gguf: Path) -> Path:
 
     quiet_hf()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype="float32"
-        )
+        # transformers' GGUF reader has its own tqdm bar that no logging switch
+        # silences; the library never prints, so swallow it.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype="float32"
+            )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read GGUF file: {e}", where=str(gguf)) from None
     _strip_quantizer(model)
