@@ -34,12 +34,12 @@ from grass_cli.errors import GrassError
 from grass_cli.evaluate import count_targets, eval_loss
 from grass_cli.importance import ImportanceTracker
 from grass_cli.models import load_model_and_tokenizer, max_positions
-from grass_cli.optim import BlockAdamW, lr_at
+from grass_cli.optim import BlockAdamW, build_store, lr_at
 from grass_cli.probing import forward_backward
 from grass_cli.probing import probe as probe_blocks
 from grass_cli.recipe import PROBING, Recipe
 from grass_cli.sampling import Sampler, build_sampler
-from grass_cli.state_store import build_store
+from grass_cli.state_store import DiskStore
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.memory import memory_stats
 from grass_cli.telemetry.sinks import JsonlSink
@@ -165,13 +165,15 @@ def setup(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> Run:
     for group in block_map.groups():
         group.set_trainable(False)
     sampler = build_sampler(recipe.sampler, block_map.num_blocks, tracker, seed=tc.seed + 1)
-    optimizer = BlockAdamW(
-        block_map.groups(), recipe.optimizer, build_store(recipe.optimizer.state_policy)
-    )
     s = recipe.sampler
     always = [
         g.name for g in block_map.always_train(s.train_embeddings, s.train_norm, s.train_head)
     ]
+    store = build_store(recipe.optimizer, device, run_dir)
+    optimizer = BlockAdamW(block_map.groups(), recipe.optimizer, device, store)
+    if isinstance(store, DiskStore):
+        trainable = [b.name for b in block_map.blocks] + always
+        DiskStore.check_space(store.folder, optimizer.offload_bytes_needed(trainable))
     if block_map.tied and s.train_embeddings != s.train_head:
         telemetry.emit(
             "warning",
@@ -371,10 +373,7 @@ def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str,
     return {
         "weights_bytes": weights,
         "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
-        "optimizer_state_bytes": run.optimizer.state_bytes(),
-        "optimizer_state_offload_cpu_bytes": 0,
-        "optimizer_state_offload_disk_bytes": 0,
-        "master_weight_bytes": 0,
+        **run.optimizer.memory(),
     }
 
 
@@ -394,8 +393,11 @@ def save_model(run: Run) -> Path:
 
 def run_training(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> TrainResult:
     """Build and train; the sinks are always closed, even on error."""
+    run = None
     try:
         run = setup(recipe, telemetry, overwrite=overwrite)
         return train(run)
     finally:
+        if run is not None and run.optimizer.store is not None:
+            run.optimizer.store.close()
         telemetry.close()

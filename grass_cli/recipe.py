@@ -95,6 +95,22 @@ class SamplerConfig(Section):
     train_head: bool = False
 
 
+class OffloadConfig(Section):
+    """Where offloaded optimizer states live (optimizer.state_policy: offload)."""
+
+    # cpu: host memory (pinned, async copies on a side CUDA stream on GPU);
+    # disk: memory-mapped files, for machines short of host RAM.
+    target: Literal["cpu", "disk"] = "cpu"
+    # interval: an active block's state stays on the device until it is frozen;
+    # step: only the block being stepped (and the next, prefetched) is on the device.
+    residency: Literal["interval", "step"] = "interval"
+    # Folder for target disk; null: RUN_DIR/offload.
+    path: str | None = None
+    # Overlap copies with compute (side CUDA stream / background disk thread).
+    # Off only to measure what the overlap buys.
+    overlap: bool = True
+
+
 class OptimizerConfig(Section):
     """AdamW, stepped block by block."""
 
@@ -105,8 +121,10 @@ class OptimizerConfig(Section):
     # never to frozen blocks.
     weight_decay: float = Field(0.0, ge=0)
     # keep: frozen blocks keep their AdamW state on the device (LMFlow/axolotl);
-    # drop: state is reset when a block is frozen (BAdam).
-    state_policy: Literal["keep", "drop"] = "keep"
+    # drop: state is reset when a block is frozen (BAdam);
+    # offload: state of frozen blocks moves to a host/disk store and comes back (GRASS).
+    state_policy: Literal["keep", "drop", "offload"] = "keep"
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimizerConfig:
@@ -159,6 +177,9 @@ class OutputConfig(Section):
     # Plain log line every N steps.
     log_interval: int = Field(1, ge=1)
     save_model: bool = True
+    # Also write TensorBoard event files to <dir>/tensorboard (needs the extra:
+    # pip install 'grass-cli[tensorboard]').
+    tensorboard: bool = False
 
 
 class Recipe(Section):

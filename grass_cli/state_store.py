@@ -1,58 +1,249 @@
-"""What happens to a block's AdamW state when the block is frozen.
+"""Offload stores: where a frozen block's optimizer state (and fp32 master weights) wait.
 
-The narrow interface the optimizer uses: `release(name, optimizer)` when a group
-is frozen and `fetch(name, optimizer)` when it becomes active again. Policies:
+The optimizer decides *when* state moves (the `state_policy` and residency); a
+store only keeps lists of tensors by group name and moves them:
 
-- keep: the state stays where it is (on the device), so memory grows toward full
-  fine-tuning as blocks are visited: what LMFlow and axolotl's LISA do.
-- drop: the state is thrown away, so a re-activated block restarts its moments
-  from zero: what BAdam and MISA do.
+- `put(name, tensors)`: take ownership of device tensors and write them out.
+- `prefetch(name, device)`: start bringing them back (asynchronously if it can).
+- `get(name, device)`: the tensors on the device, ready to use.
+
+`CpuStore` keeps one reusable host buffer per tensor: pinned memory when the device
+is CUDA, with copies on a side stream ordered by events, so they overlap compute.
+`DiskStore` writes one file per group under a folder and reads it back through a
+memory map, so host RAM holds only the groups in use; a single background thread
+does the I/O in submission order, so a read never overtakes the write before it.
+Correctness never depends on timing: every `get` waits for its copy.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
-
-class StateStore(Protocol):
-    policy: str
-
-    def release(self, name: str, optimizer: torch.optim.Optimizer) -> None: ...
-
-    def fetch(self, name: str, optimizer: torch.optim.Optimizer) -> None: ...
+from grass_cli.errors import GrassError
 
 
-class KeepStore:
-    policy = "keep"
-
-    def release(self, name: str, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing moves: the frozen block's moments stay on the device."""
-
-    def fetch(self, name: str, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing to bring back: the state never left."""
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class DropStore:
-    policy = "drop"
-
-    def release(self, name: str, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.state.clear()
-
-    def fetch(self, name: str, optimizer: torch.optim.Optimizer) -> None:
-        """A re-activated block starts with fresh moments (state was dropped)."""
+@dataclass
+class _Slot:
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
 
 
-def build_store(policy: str) -> StateStore:
-    return {"keep": KeepStore, "drop": DropStore}[policy]()
+class CpuStore:
+    """Host-memory store with asynchronous device<->host copies on CUDA."""
+
+    target = "cpu"
+
+    def __init__(self, device: torch.device, overlap: bool = True):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.overlap = overlap and self.cuda
+        self.stream = torch.cuda.Stream(device) if self.overlap else None
+        self._host: dict[str, list[torch.Tensor]] = {}
+        self._pending: dict[str, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self._ready: dict[str, torch.cuda.Event] = {}  # host buffer fully written
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._host
+
+    def _buffers(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        bufs = self._host.get(name)
+        if bufs is None or [b.shape for b in bufs] != [t.shape for t in tensors]:
+            bufs = [
+                torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+                for t in tensors
+            ]
+            self._host[name] = bufs
+        return bufs
+
+    def put(self, name: str, tensors: list[torch.Tensor]) -> None:
+        self._pending.pop(name, None)
+        bufs = self._buffers(name, tensors)
+        if self.stream is not None:
+            # The side stream must see the step's writes before copying them out.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                for b, t in zip(bufs, tensors, strict=True):
+                    b.copy_(t, non_blocking=True)
+                    t.record_stream(self.stream)  # keep t's memory until the copy ends
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self._ready[name] = event
+        else:
+            for b, t in zip(bufs, tensors, strict=True):
+                b.copy_(t)
+
+    def prefetch(self, name: str, device: torch.device) -> None:
+        if name not in self._host or name in self._pending:
+            return
+        bufs = self._host[name]
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                out = [b.to(device, non_blocking=True) for b in bufs]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self._pending[name] = (out, event)
+        else:
+            self._pending[name] = ([b.to(device, copy=True) for b in bufs], None)
+
+    def get(self, name: str, device: torch.device) -> list[torch.Tensor] | None:
+        if name not in self._host:
+            return None
+        self.prefetch(name, device)
+        out, event = self._pending.pop(name)
+        if event is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+            for t in out:
+                t.record_stream(torch.cuda.current_stream(device))
+        return out
+
+    def host_tensors(self, name: str) -> list[torch.Tensor] | None:
+        """The stored tensors on the host (waits for pending writes), for checkpoints."""
+        if name not in self._host:
+            return None
+        event = self._ready.get(name)
+        if event is not None:
+            event.synchronize()
+        return self._host[name]
+
+    def bytes(self) -> int:
+        return sum(tensor_bytes(b) for b in self._host.values())
+
+    def close(self, keep: bool = False) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+        self._host.clear()
+        self._pending.clear()
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by an optimizer's state tensors."""
-    total = 0
-    for st in optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-    return total
+class DiskStore:
+    """One memory-mapped file per group; host RAM holds only what is in use."""
+
+    target = "disk"
+
+    def __init__(self, folder: Path, device: torch.device, overlap: bool = True):
+        self.folder = folder
+        self.device = device
+        self._slots: dict[str, list[_Slot]] = {}
+        self._io = ThreadPoolExecutor(max_workers=1) if overlap else None
+        self._writes: dict[str, Future] = {}
+        self._reads: dict[str, Future | list[torch.Tensor]] = {}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_bytes(b"0")
+            probe.unlink()
+        except OSError as e:
+            raise GrassError(
+                f"cannot write the offload folder ({e.strerror})",
+                where=f"optimizer.offload.path: {folder}",
+                hint="choose a writable folder with optimizer.offload.path",
+            ) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._slots
+
+    def _file(self, name: str) -> Path:
+        return self.folder / f"{name}.bin"
+
+    @staticmethod
+    def check_space(folder: Path, needed: int) -> None:
+        """Fail before training if the folder cannot hold every offloaded state."""
+        probe = folder
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < needed * 1.05:
+            raise GrassError(
+                f"the offload folder needs {needed / 2**30:.2f} GiB for optimizer states but "
+                f"only {free / 2**30:.2f} GiB is free",
+                where=f"optimizer.offload.path: {folder}",
+                hint="free space, point optimizer.offload.path at a bigger disk, or use "
+                "optimizer.offload.target: cpu",
+            )
+
+    def _write(self, name: str, host: list[torch.Tensor], slots: list[_Slot]) -> None:
+        total = sum(s.nbytes for s in slots)
+        path = self._file(name)
+        mode = "r+" if path.exists() and path.stat().st_size == total else "w+"
+        mm = np.memmap(path, dtype=np.uint8, mode=mode, shape=(total,))
+        for t, s in zip(host, slots, strict=True):
+            mm[s.offset : s.offset + s.nbytes] = t.reshape(-1).view(torch.uint8).numpy()
+        mm.flush()
+        del mm
+
+    def _read(self, name: str, device: torch.device) -> list[torch.Tensor]:
+        slots = self._slots[name]
+        total = sum(s.nbytes for s in slots)
+        mm = np.memmap(self._file(name), dtype=np.uint8, mode="r", shape=(total,))
+        out = []
+        for s in slots:
+            raw = torch.from_numpy(np.array(mm[s.offset : s.offset + s.nbytes]))
+            out.append(raw.view(s.dtype).reshape(s.shape).to(device))
+        del mm
+        return out
+
+    def put(self, name: str, tensors: list[torch.Tensor]) -> None:
+        self._reads.pop(name, None)
+        slots, offset = [], 0
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            slots.append(_Slot(t.shape, t.dtype, offset, n))
+            offset += n
+        self._slots[name] = slots
+        host = [t.detach().to("cpu").contiguous() for t in tensors]
+        if self._io is not None:
+            self._writes[name] = self._io.submit(self._write, name, host, slots)
+        else:
+            self._write(name, host, slots)
+
+    def prefetch(self, name: str, device: torch.device) -> None:
+        if name not in self._slots or name in self._reads:
+            return
+        if self._io is not None:
+            self._reads[name] = self._io.submit(self._read, name, device)
+        else:
+            self._reads[name] = self._read(name, device)
+
+    def get(self, name: str, device: torch.device) -> list[torch.Tensor] | None:
+        if name not in self._slots:
+            return None
+        self.prefetch(name, device)
+        pending = self._reads.pop(name)
+        return pending.result() if isinstance(pending, Future) else pending
+
+    def host_tensors(self, name: str) -> list[torch.Tensor] | None:
+        if name not in self._slots:
+            return None
+        write = self._writes.get(name)
+        if write is not None:
+            write.result()
+        return self._read(name, torch.device("cpu"))
+
+    def bytes(self) -> int:
+        return sum(s.nbytes for slots in self._slots.values() for s in slots)
+
+    def close(self, keep: bool = False) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        if not keep:
+            for name in list(self._slots):
+                self._file(name).unlink(missing_ok=True)
+            # not empty (user files) or already gone: leave it
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+Store = CpuStore | DiskStore

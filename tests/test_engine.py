@@ -147,9 +147,9 @@ def test_keep_and_drop_state_policies(tiny_factory, tmp_path):
         r, sink, _ = run(rec)
         # cyclic gamma 2 over 4 blocks: steps use {0,1}, {2,3}, {0,1}
         assert [e["active"] for e in sink.of("switch")] == [[0, 1], [2, 3], [0, 1]]
-        opt0 = r.optimizer.optimizers["block.0"]
+        opt0 = r.optimizer.states["block.0"].optimizer
         steps = {int(s["step"]) for s in opt0.state.values()}
-        frozen = r.optimizer.optimizers["block.2"].state
+        frozen = r.optimizer.states["block.2"].optimizer.state
         if policy == "keep":
             assert steps == {2}  # block 0 stepped at steps 0 and 2: moments kept
             assert len(frozen) > 0

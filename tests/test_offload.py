@@ -1,0 +1,199 @@
+"""Optimizer-state offloading: bit-identical to keep, moments survive, files cleaned."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from grass_cli.engine import setup, train
+from grass_cli.errors import GrassError
+from grass_cli.recipe import validate_dict
+from grass_cli.telemetry import Telemetry
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "data/quickstart/train.jsonl")
+
+
+class ListSink:
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def close(self):
+        pass
+
+
+def make_recipe(model_dir: Path, out: Path, optimizer: dict, sampler: dict | None = None, **model):
+    return validate_dict(
+        {
+            "model": {"path": str(model_dir), **model},
+            "data": {"train": TRAIN, "max_length": 64, "limit": 32},
+            "sampler": sampler or {"strategy": "lisa", "gamma": 2, "switch_interval": 2},
+            "optimizer": {"lr": 1e-3, "weight_decay": 0.01, **optimizer},
+            "training": {"max_steps": 8, "micro_batch_size": 4, "seed": 3},
+            "output": {"dir": str(out), "save_model": False},
+        },
+        "test.yaml",
+    )
+
+
+def run(recipe, close: bool = True):
+    sink = ListSink()
+    r = setup(recipe, Telemetry([sink]), overwrite=True)
+    result = train(r)
+    if close and r.optimizer.store is not None:
+        r.optimizer.store.close()
+    return r, sink, result
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def keep_run(tiny_factory, tmp_path_factory):
+    out = tmp_path_factory.mktemp("keep")
+    r, sink, result = run(make_recipe(tiny_factory("llama", 4), out, {"state_policy": "keep"}))
+    return params(r.model), result.losses, sink
+
+
+@pytest.mark.parametrize("target", ["cpu", "disk"])
+@pytest.mark.parametrize("residency", ["interval", "step"])
+def test_offload_is_bit_identical_to_keep(target, residency, keep_run, tiny_factory, tmp_path):
+    keep_params, keep_losses, keep_sink = keep_run
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": target, "residency": residency}},
+    )
+    r, sink, result = run(rec)
+    switches = [e for e in sink.events if e["event"] == "switch"]
+    assert len(switches) == 4  # several switches: blocks leave and come back
+    assert result.losses == keep_losses
+    for name, p in params(r.model).items():
+        assert torch.equal(p, keep_params[name]), name
+
+
+def test_reactivated_block_resumes_its_moments(tiny_factory, tmp_path):
+    sampler = {"strategy": "cyclic", "gamma": 2, "switch_interval": 1}
+    states = {}
+    for policy in ("keep", "offload", "drop"):
+        rec = make_recipe(
+            tiny_factory("llama", 4),
+            tmp_path / policy,
+            {"state_policy": policy, "offload": {"target": "disk"}},
+            sampler,
+        )
+        rec.training.max_steps = 3  # blocks {0,1}, {2,3}, {0,1}
+        r, _, _ = run(rec, close=False)
+        st = r.optimizer.states["block.0"]
+        if st.offloaded:  # block 0 is active at the end, so it is on the device
+            pytest.fail("active block still offloaded")
+        opt_state = next(iter(st.optimizer.state.values()))
+        states[policy] = (int(opt_state["step"]), opt_state["exp_avg"].clone())
+        if r.optimizer.store is not None:
+            r.optimizer.store.close()
+    assert states["offload"][0] == states["keep"][0] == 2
+    assert torch.equal(states["offload"][1], states["keep"][1])
+    assert states["drop"][0] == 1 and not torch.equal(states["drop"][1], states["keep"][1])
+
+
+def test_disk_files_exist_during_run_and_are_removed(tiny_factory, tmp_path):
+    folder = tmp_path / "offload-here"
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": "disk", "path": str(folder)}},
+    )
+    r, sink, _ = run(rec, close=False)
+    files = sorted(p.name for p in folder.iterdir())
+    assert files and all(f.startswith("block.") and f.endswith(".bin") for f in files)
+    last = [e for e in sink.events if e["event"] == "step"][-1]
+    assert last["optimizer_state_offload_disk_bytes"] == sum(
+        (folder / f).stat().st_size for f in files
+    )
+    r.optimizer.store.close()
+    assert not folder.exists()
+
+
+def test_device_state_holds_only_active_groups(tiny_factory, tmp_path):
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": "cpu"}},
+    )
+    r, sink, _ = run(rec, close=False)
+    for e in (x for x in sink.events if x["event"] == "step"):
+        active = [f"block.{i}" for i in e["active"]] + r.always_train
+        numel = sum(r.block_map.by_name()[n].numel for n in active)
+        assert e["optimizer_state_bytes"] == 8 * numel  # two fp32 moments, active only
+    keep_rec = make_recipe(tiny_factory("llama", 4), tmp_path / "keep", {"state_policy": "keep"})
+    _, keep_sink, _ = run(keep_rec)
+    keep_last = [x for x in keep_sink.events if x["event"] == "step"][-1]
+    last = [x for x in sink.events if x["event"] == "step"][-1]
+    assert last["optimizer_state_bytes"] < keep_last["optimizer_state_bytes"]
+    # The host keeps one reusable buffer per group ever offloaded (re-pinning costs).
+    stored = [n for n in r.block_map.by_name() if n in r.optimizer.store]
+    assert last["optimizer_state_offload_cpu_bytes"] == 8 * sum(
+        r.block_map.by_name()[n].numel for n in stored
+    )
+    visited = set(stored) | {f"block.{i}" for i in last["active"]} | set(r.always_train)
+    assert keep_last["optimizer_state_bytes"] == 8 * sum(
+        r.block_map.by_name()[n].numel for n in visited
+    )
+    r.optimizer.store.close()
+
+
+def test_bf16_master_weights_only_for_active_groups(tiny_factory, tmp_path):
+    out = {}
+    for policy in ("keep", "offload"):
+        rec = make_recipe(
+            tiny_factory("llama", 4),
+            tmp_path / policy,
+            {"state_policy": policy, "offload": {"target": "disk", "residency": "interval"}},
+            dtype="bfloat16",
+        )
+        r, sink, result = run(rec)
+        out[policy] = (params(r.model), result.losses, sink, r)
+    k, o = out["keep"], out["offload"]
+    assert o[1] == k[1]
+    for name, p in o[0].items():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, k[0][name]), name
+    r = o[3]
+    for e in (x for x in o[2].events if x["event"] == "step"):
+        active = [f"block.{i}" for i in e["active"]] + r.always_train
+        numel = sum(r.block_map.by_name()[n].numel for n in active)
+        assert e["master_weight_bytes"] == 4 * numel  # fp32 masters of active groups only
+    keep_last = [x for x in k[2].events if x["event"] == "step"][-1]
+    assert keep_last["master_weight_bytes"] > e["master_weight_bytes"]
+
+
+def test_too_small_offload_disk_fails_before_training(tiny_factory, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": "disk"}},
+    )
+    sink = ListSink()
+    with pytest.raises(GrassError, match=r"needs \d+\.\d\d GiB for optimizer states but only"):
+        setup(rec, Telemetry([sink]), overwrite=True)
+    assert not [e for e in sink.events if e["event"] == "step"]
+
+
+def test_unwritable_offload_path_fails_before_training(tiny_factory, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": "disk", "path": str(blocker / "sub")}},
+    )
+    with pytest.raises(GrassError, match="cannot write the offload folder"):
+        setup(rec, Telemetry([]), overwrite=True)
