@@ -1,0 +1,153 @@
+"""Peak memory and throughput of the state policies, side by side, on SmolLM2-135M.
+
+    python benchmarks/memory.py                    # all six methods, 60 steps each
+    python benchmarks/memory.py --steps 20 --methods lisa-keep grass-offload-disk
+
+Each method trains in its own child process (peak RSS is a per-process high-water
+mark) with the same data, steps, batch and seed, one after the other in this one
+invocation, and the table reports ratios against lisa-keep. Throughput is trained
+tokens per second over the training steps only (model loading, probing and the
+first two steps are excluded), from each run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+METHODS: dict[str, list[str]] = {
+    "full": [
+        "sampler.strategy=full",
+        "optimizer.state_policy=keep",
+        "sampler.train_embeddings=true",
+        "sampler.train_head=true",
+    ],
+    "lisa-keep": ["sampler.strategy=lisa", "optimizer.state_policy=keep"],
+    "lisa-drop": ["sampler.strategy=lisa", "optimizer.state_policy=drop"],
+    "grass-keep": ["sampler.strategy=grass", "optimizer.state_policy=keep"],
+    "grass-offload-cpu": [
+        "sampler.strategy=grass",
+        "optimizer.state_policy=offload",
+        "optimizer.offload.target=cpu",
+    ],
+    "grass-offload-disk": [
+        "sampler.strategy=grass",
+        "optimizer.state_policy=offload",
+        "optimizer.offload.target=disk",
+    ],
+}
+
+
+def child(overrides: list[str]) -> None:
+    """Train once in this process and print one JSON line of results."""
+    from grass_cli.engine import run_training
+    from grass_cli.recipe import load_recipe
+    from grass_cli.telemetry import Telemetry
+
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", overrides)
+    result = run_training(recipe, Telemetry([]), overwrite=True)
+    events = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    timed = steps[2:] if len(steps) > 4 else steps
+    visited = sorted({b for e in steps for b in e["active"]})
+    num_blocks = next(e for e in events if e["event"] == "start")["num_blocks"]
+    print(
+        json.dumps(
+            {
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "tokens_per_s": sum(e["tokens"] for e in timed)
+                / sum(e["step_time"] for e in timed),
+                "state_bytes_device_peak": max(e["optimizer_state_bytes"] for e in steps),
+                "state_bytes_store_end": steps[-1]["optimizer_state_offload_cpu_bytes"]
+                + steps[-1]["optimizer_state_offload_disk_bytes"],
+                "blocks_visited": len(visited),
+                "num_blocks": num_blocks,
+                "final_loss": steps[-1]["loss"],
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--switch-interval", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/memory.json")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        child(args.child)
+        return
+
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.methods:
+            overrides = METHODS[name] + [
+                f"training.max_steps={args.steps}",
+                f"training.micro_batch_size={args.micro_batch}",
+                f"sampler.switch_interval={args.switch_interval}",
+                f"sampler.update_interval={args.switch_interval}",
+                "data.eval=null",
+                "output.save_model=false",
+                f"output.dir={tmp}/{name}",
+            ]
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", *overrides],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            if proc.returncode != 0:
+                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    base = rows.get("lisa-keep")
+    keep_tps = rows.get("grass-keep", {}).get("tokens_per_s")
+    lines = [
+        "| method | peak RSS (GiB) | x lisa-keep | opt. state on device, peak (MiB) | "
+        "store at end (MiB) | tokens/s | x lisa-keep | x grass-keep | blocks visited |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        rss_ratio = f"{r['peak_rss'] / base['peak_rss']:.2f}" if base else "-"
+        tps_ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        keep_ratio = f"{r['tokens_per_s'] / keep_tps:.2f}" if keep_tps else "-"
+        lines.append(
+            f"| {name} | {r['peak_rss'] / 2**30:.2f} | {rss_ratio} | "
+            f"{r['state_bytes_device_peak'] / 2**20:.0f} | {r['state_bytes_store_end'] / 2**20:.0f}"
+            f" | {r['tokens_per_s']:.0f} | {tps_ratio} | {keep_ratio} | "
+            f"{r['blocks_visited']}/{r['num_blocks']} |"
+        )
+    cmd = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    machine = (
+        f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+        f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}"
+    )
+    table = "\n".join(lines)
+    print(table)
+    print(f"\ncommand: {cmd.strip()}\nmachine: {machine}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {"command": cmd.strip(), "machine": machine, "steps": args.steps, "rows": rows},
+            indent=2,
+        )
+    )
+    args.out.with_suffix(".md").write_text(
+        table + f"\n\ncommand: `{cmd.strip()}`\n\nmachine: {machine}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
