@@ -21,8 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from grass_cli.blocks import BlockMap, build_block_map
+from grass_cli.checkpoint import (
+    CKPT_DIR,
+    find_latest,
+    read_trainer,
+    restore,
+    save_checkpoint,
+    verify,
+)
 from grass_cli.data import (
     BatchIterator,
     TokenizedData,
@@ -65,6 +74,8 @@ class Run:
     total_steps: int
     always_train: list[str]
     telemetry: Telemetry
+    metrics_sink: JsonlSink
+    resume_from: Path | None = None
 
 
 @dataclass
@@ -77,6 +88,14 @@ class TrainResult:
     tokens: int = 0
     elapsed_s: float = 0.0
     peak_rss: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class StopRequest:
+    """Set by a signal handler (the CLI's): the loop checkpoints and stops after the step."""
+
+    requested: str | None = None  # the signal's name, e.g. "SIGINT"
 
 
 # ----------------------------------------------------------------------------- setup
@@ -100,42 +119,148 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool) -> Path:
-    """Create the run dir; refuse to mix a new run into an old one's files."""
-    run_dir = Path(recipe.output.dir)
-    if (run_dir / "metrics.jsonl").exists() and not overwrite:
+# Recipe keys that shape a run's trajectory or state layout: a resumed run must
+# keep them. Anything else (max_steps, eval, logging, lr...) may change, and the
+# recipe given now wins.
+RESUME_FIXED = (
+    "model.",
+    "data.train",
+    "data.format",
+    "data.fields",
+    "data.max_length",
+    "data.truncation",
+    "data.train_on_prompt",
+    "data.chat_template",
+    "data.system_prompt",
+    "data.limit",
+    "sampler.strategy",
+    "sampler.gamma",
+    "sampler.train_",
+    "optimizer.state_policy",
+    "training.micro_batch_size",
+    "training.grad_accum_steps",
+    "training.seed",
+)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "fields":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_diff(old_yaml: str, new: Recipe) -> list[str]:
+    """Dotted keys whose values differ between a stored recipe and this one."""
+    old = _flat(yaml.safe_load(old_yaml) or {})
+    cur = _flat(new.model_dump(mode="json"))
+    return sorted(k for k in old.keys() | cur.keys() if old.get(k) != cur.get(k))
+
+
+def _check_writable(run_dir: Path) -> None:
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise GrassError(
-            "the run dir already holds a run",
+            f"cannot write to the run dir ({probe} is not a writable folder)",
             where=f"output.dir: {run_dir}",
-            hint="choose another output.dir, or pass --overwrite to replace it",
+            hint="choose a writable output.dir",
         )
+
+
+def resolve_resume(recipe: Recipe, resume: str | None, overwrite: bool) -> Path | None:
+    """Check the run dir before anything loads; returns the checkpoint to resume from.
+
+    A run dir that already holds a run is refused unless --resume or --overwrite;
+    nothing is written here, so a refused or failed start loses nothing.
+    """
+    run_dir = Path(recipe.output.dir)
+    _check_writable(run_dir)
+    stored = run_dir / "recipe.yaml"
+    has_run = (run_dir / "metrics.jsonl").exists() or stored.exists()
+    if resume is None:
+        if has_run and not overwrite:
+            diff = (
+                recipe_diff(stored.read_text(encoding="utf-8"), recipe) if stored.exists() else []
+            )
+            what = (
+                f"the run dir already holds a run of a different recipe ({', '.join(diff[:5])} "
+                "differ)"
+                if diff
+                else "the run dir already holds a run"
+            )
+            raise GrassError(
+                what,
+                where=f"output.dir: {run_dir}",
+                hint="continue it with --resume auto, replace it with --overwrite, or choose "
+                "another output.dir",
+            )
+        return None
+    if overwrite:
+        raise GrassError(
+            "--resume and --overwrite cannot be used together", hint="drop one of them"
+        )
+    if resume == "auto":
+        ckpt = find_latest(run_dir)
+        if ckpt is None:
+            if has_run:
+                raise GrassError(
+                    "the run dir holds a run but no checkpoint to resume from",
+                    where=f"output.dir: {run_dir}",
+                    hint="start over with --overwrite (set checkpoint.interval to save "
+                    "checkpoints during training)",
+                )
+            return None  # nothing to resume yet: a fresh start
+    else:
+        ckpt = Path(resume)
+    manifest = verify(ckpt)
+    fixed = [k for k in recipe_diff(manifest["recipe"], recipe) if k.startswith(RESUME_FIXED)]
+    if fixed:
+        raise GrassError(
+            f"cannot resume with a recipe that changes {', '.join(fixed)}",
+            where=str(ckpt),
+            hint="resume with the recipe the run was started with (RUN_DIR/recipe.yaml); "
+            "only keys such as training.max_steps, eval and logging may change",
+        )
+    return ckpt
+
+
+def materialize_run_dir(recipe: Recipe, overwrite: bool, resume: Path | None) -> Path:
+    """Create the run dir's files once every check has passed."""
+    run_dir = Path(recipe.output.dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        if overwrite:
+            for stale in ("metrics.jsonl", "summary.json", "final", CKPT_DIR, "offload"):
+                target = run_dir / stale
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     except OSError as e:
         raise GrassError(
             f"cannot write to the run dir ({e.strerror})",
             where=f"output.dir: {run_dir}",
             hint="choose a writable output.dir",
         ) from None
-    if overwrite:
-        for stale in ("metrics.jsonl", "summary.json", "final"):
-            target = run_dir / stale
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     return run_dir
 
 
-def setup(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> Run:
-    """Build every part of a run, in dependency order; nothing trains yet."""
-    # 1) run dir first: a bad output.dir must fail before minutes of loading
-    run_dir = prepare_run_dir(recipe, overwrite)
-    telemetry.add(JsonlSink(run_dir / "metrics.jsonl"))
+def setup(
+    recipe: Recipe, telemetry: Telemetry, overwrite: bool = False, resume: str | None = None
+) -> Run:
+    """Build every part of a run, in dependency order; nothing trains yet.
+
+    Everything a user can get wrong (run dir, checkpoint, model, data, gamma) is
+    checked before the run dir gets a single file.
+    """
+    # 1) run dir and checkpoint: fail in a second, before minutes of loading
+    resume_from = resolve_resume(recipe, resume, overwrite)
     tc = recipe.training
     device = resolve_device(tc.device)
     seed_everything(tc.seed)
@@ -159,7 +284,17 @@ def setup(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> Run:
         per_epoch = steps_per_epoch(train_data.rows, tc.micro_batch_size, tc.grad_accum_steps)
         total_steps = max(1, math.ceil(float(tc.epochs or 1) * per_epoch))
 
-    # 4) importance, sampler, optimizer (with its state policy)
+    # 4) the run dir's files; metrics.jsonl continues where the checkpoint left it
+    run_dir = materialize_run_dir(recipe, overwrite, resume_from)
+    metrics = run_dir / "metrics.jsonl"
+    if resume_from is not None:
+        offset = read_trainer(resume_from)["metrics_offset"]
+        with open(metrics, "a+b") as f:
+            f.truncate(offset)
+    metrics_sink = JsonlSink(metrics, append=resume_from is not None)
+    telemetry.add(metrics_sink)
+
+    # 5) importance, sampler, optimizer (with its state policy and store)
     # Hooks can only be registered while parameters require grad: tracker first.
     tracker = ImportanceTracker(block_map.blocks, recipe.sampler.alpha, device)
     for group in block_map.groups():
@@ -197,6 +332,8 @@ def setup(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> Run:
         total_steps=total_steps,
         always_train=always,
         telemetry=telemetry,
+        metrics_sink=metrics_sink,
+        resume_from=resume_from,
     )
 
 
@@ -248,40 +385,90 @@ def probe(run: Run) -> None:
     )
 
 
-def train(run: Run) -> TrainResult:
-    """The training loop, top to bottom."""
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT / SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        self.signal_name = signal_name
+        self.step = step
+        self.checkpoint = checkpoint
+        super().__init__(f"{signal_name} at step {step}; checkpoint {checkpoint}")
+
+
+class NonFiniteError(GrassError):
+    """Loss or gradients became NaN/inf; a checkpoint of the last good state was saved."""
+
+    exit_code = 1
+
+
+def _checkpoint(run: Run, step: int, result: TrainResult, active_names: set[str]) -> Path:
+    run.metrics_sink.flush()
+    trainer = {
+        "losses": result.losses,
+        "eval_losses": result.eval_losses,
+        "tokens": result.tokens,
+        "peak_rss": result.peak_rss,
+        "elapsed_s": result.elapsed_s,
+        "active_names": sorted(active_names),
+        "skipped": result.skipped,
+        "metrics_offset": run.metrics_sink.tell(),
+    }
+    path = save_checkpoint(run, step, trainer, run.recipe.checkpoint.keep_last)
+    run.telemetry.emit("checkpoint", step=step, path=str(path))
+    return path
+
+
+def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
+    """The training loop, top to bottom.
+
+    `stop` is set by the CLI's signal handlers: the loop finishes the current step,
+    writes a checkpoint and raises `Interrupted`.
+    """
     rc, tc = run.recipe, run.recipe.training
     result = TrainResult(run_dir=run.run_dir, model_dir=None, steps=run.total_steps)
-    n_params = sum(g.numel for g in run.block_map.groups())
-    global_batch = tc.micro_batch_size * tc.grad_accum_steps
-    run.telemetry.emit(
-        "start",
-        model=rc.model.path,
-        model_source=run.model_source,
-        num_blocks=run.block_map.num_blocks,
-        blocks_path=run.block_map.blocks_path,
-        params=n_params,
-        tied=run.block_map.tied,
-        strategy=rc.sampler.strategy,
-        gamma=rc.sampler.gamma,
-        total_steps=run.total_steps,
-        global_batch=global_batch,
-        train_rows=run.train_data.rows,
-        train_tokens=run.train_data.trainable_tokens,
-        eval_rows=run.eval_data.rows if run.eval_data else 0,
-        device=str(run.device),
-        always_train=run.always_train,
-        run_dir=str(run.run_dir),
-    )
     t_start = time.perf_counter()
-    first_eval = _evaluate(run, 0)
-    if first_eval is not None:
-        result.eval_losses[0] = first_eval
-    if rc.sampler.strategy in PROBING:
-        probe(run)
-
+    start_step = 0
     active_names: set[str] = set()
-    for step in range(run.total_steps):
+    if run.resume_from is not None:
+        trainer = restore(run, run.resume_from)
+        start_step = trainer["step"]
+        active_names = set(trainer["active_names"])
+        result.losses = list(trainer["losses"])
+        result.eval_losses = dict(trainer["eval_losses"])
+        result.tokens, result.peak_rss = trainer["tokens"], trainer["peak_rss"]
+        result.skipped = trainer["skipped"]
+        t_start -= trainer["elapsed_s"]
+        run.telemetry.emit(
+            "resume", step=start_step, path=str(run.resume_from), total_steps=run.total_steps
+        )
+    else:
+        run.telemetry.emit(
+            "start",
+            model=rc.model.path,
+            model_source=run.model_source,
+            num_blocks=run.block_map.num_blocks,
+            blocks_path=run.block_map.blocks_path,
+            params=sum(g.numel for g in run.block_map.groups()),
+            tied=run.block_map.tied,
+            strategy=rc.sampler.strategy,
+            gamma=rc.sampler.gamma,
+            total_steps=run.total_steps,
+            global_batch=tc.micro_batch_size * tc.grad_accum_steps,
+            train_rows=run.train_data.rows,
+            train_tokens=run.train_data.trainable_tokens,
+            eval_rows=run.eval_data.rows if run.eval_data else 0,
+            device=str(run.device),
+            always_train=run.always_train,
+            run_dir=str(run.run_dir),
+        )
+        first_eval = _evaluate(run, 0)
+        if first_eval is not None:
+            result.eval_losses[0] = first_eval
+        if rc.sampler.strategy in PROBING:
+            probe(run)
+
+    skipped_in_a_row = 0
+    for step in range(start_step, run.total_steps):
         t0 = time.perf_counter()
         # 1) which blocks train now; switch requires_grad and optimizer state
         active = run.sampler.active(step)
@@ -301,12 +488,19 @@ def train(run: Run) -> TrainResult:
         # 2) forward / backward over the step's micro-batches
         micro, _ = _next_step_batches(run)
         loss = forward_backward(run.model, run.tracker, micro, run.device, tc.autocast)
-        # 3) clip and step the active groups only
+        # 3) clip and step the active groups only, unless something is NaN/inf
         params = run.optimizer.trainable_params()
         max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        run.optimizer.step(lr)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            run.optimizer.step(lr)
+            skipped_in_a_row = 0
         run.optimizer.zero_grad()
+        if not finite:
+            result.skipped += 1
+            skipped_in_a_row += 1
+            _nonfinite(run, step, loss, grad_norm, result, active_names, skipped_in_a_row)
         # ---- everything below is diagnostics
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
@@ -316,6 +510,7 @@ def train(run: Run) -> TrainResult:
         result.losses.append(loss)
         mem = memory_stats(run.device)
         result.peak_rss = max(result.peak_rss, mem["rss"])
+        result.elapsed_s = time.perf_counter() - t_start
         run.telemetry.emit(
             "step",
             step=step,
@@ -323,11 +518,12 @@ def train(run: Run) -> TrainResult:
             loss=loss,
             lr=lr,
             grad_norm=grad_norm,
+            skipped=not finite,
             tokens=tokens,
             tokens_total=result.tokens,
             tokens_per_s=tokens / dt if dt > 0 else 0.0,
             step_time=dt,
-            elapsed_s=time.perf_counter() - t_start,
+            elapsed_s=result.elapsed_s,
             active=active,
             importance=run.tracker.values(),
             probabilities=run.sampler.probabilities(),
@@ -336,14 +532,23 @@ def train(run: Run) -> TrainResult:
             next_switch=run.sampler.next_switch(step),
             **mem,
         )
-        if tc.eval_interval and (step + 1) % tc.eval_interval == 0 and step + 1 < run.total_steps:
-            ev = _evaluate(run, step + 1)
+        done = step + 1
+        if tc.eval_interval and done % tc.eval_interval == 0 and done < run.total_steps:
+            ev = _evaluate(run, done)
             if ev is not None:
-                result.eval_losses[step + 1] = ev
+                result.eval_losses[done] = ev
+        if stop is not None and stop.requested and done < run.total_steps:
+            path = _checkpoint(run, done, result, active_names)
+            raise Interrupted(stop.requested, done, path)
+        interval = rc.checkpoint.interval
+        if interval and done % interval == 0 and done < run.total_steps:
+            _checkpoint(run, done, result, active_names)
 
     final_eval = _evaluate(run, run.total_steps)
     if final_eval is not None:
         result.eval_losses[run.total_steps] = final_eval
+    if rc.checkpoint.at_end:
+        _checkpoint(run, run.total_steps, result, active_names)
     if rc.output.save_model:
         result.model_dir = save_model(run)
         run.telemetry.emit("saved", path=str(result.model_dir))
@@ -353,6 +558,7 @@ def train(run: Run) -> TrainResult:
         "steps": run.total_steps,
         "elapsed_s": result.elapsed_s,
         "tokens": result.tokens,
+        "skipped_steps": result.skipped,
         "final_loss": result.losses[-1] if result.losses else None,
         "first_eval_loss": evals[0] if evals else None,
         "final_eval_loss": final_eval,
@@ -364,6 +570,31 @@ def train(run: Run) -> TrainResult:
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     run.telemetry.emit("end", **summary)
     return result
+
+
+def _nonfinite(
+    run: Run,
+    step: int,
+    loss: float,
+    grad_norm: float,
+    result: TrainResult,
+    active_names: set[str],
+    in_a_row: int,
+) -> None:
+    """A NaN/inf step: warn and skip, or stop with a checkpoint. Never silent."""
+    tc = run.recipe.training
+    what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step}"
+    if tc.nonfinite == "skip" and in_a_row < tc.max_skipped_steps:
+        run.telemetry.emit("warning", step=step, message=f"{what}: step skipped (no update)")
+        return
+    path = _checkpoint(run, step, result, active_names)
+    reason = f"{in_a_row} non-finite steps in a row" if tc.nonfinite == "skip" else what
+    raise NonFiniteError(
+        f"training stopped: {reason}; the last good state is saved in {path}",
+        where=str(run.run_dir),
+        hint="lower optimizer.lr, set training.grad_clip, or use training.autocast: none; "
+        "then continue with --resume auto",
+    )
 
 
 def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str, int]:
@@ -391,12 +622,18 @@ def save_model(run: Run) -> Path:
     return final
 
 
-def run_training(recipe: Recipe, telemetry: Telemetry, overwrite: bool = False) -> TrainResult:
-    """Build and train; the sinks are always closed, even on error."""
+def run_training(
+    recipe: Recipe,
+    telemetry: Telemetry,
+    overwrite: bool = False,
+    resume: str | None = None,
+    stop: StopRequest | None = None,
+) -> TrainResult:
+    """Build and train; the store and sinks are always closed, even on error."""
     run = None
     try:
-        run = setup(recipe, telemetry, overwrite=overwrite)
-        return train(run)
+        run = setup(recipe, telemetry, overwrite=overwrite, resume=resume)
+        return train(run, stop)
     finally:
         if run is not None and run.optimizer.store is not None:
             run.optimizer.store.close()

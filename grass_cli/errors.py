@@ -15,6 +15,9 @@ class GrassError(Exception):
     to fix it; both are optional but should be given whenever they are known.
     """
 
+    # 2: the user can fix the input; subclasses for failures of a run use 1.
+    exit_code = 2
+
     def __init__(self, what: str, *, where: str | None = None, hint: str | None = None):
         self.what = what
         self.where = where

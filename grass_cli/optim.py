@@ -78,6 +78,25 @@ class GroupState:
                 m.data = next(it)
         self.offloaded = False
 
+    def export(self, stored: list[torch.Tensor] | None) -> dict:
+        """State dict + masters for a checkpoint; `stored` are the offloaded tensors."""
+        sd = self.optimizer.state_dict()
+        # state_dict() shares the per-parameter dicts with the live optimizer: copy
+        # them before putting the offloaded tensors in.
+        sd["state"] = {i: dict(v) for i, v in sd["state"].items()}
+        masters = [m.data for m in self.master] if self.master is not None else None
+        if self.offloaded and stored is not None:
+            index = {
+                id(p): i
+                for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])
+            }
+            it = iter(stored)
+            for p, key in self._layout:
+                sd["state"][index[id(p)]][key] = next(it)
+            if self.master is not None:
+                masters = [next(it) for _ in self.master]
+        return {"opt": sd, "master": masters}
+
     def state_tensors(self) -> list[torch.Tensor]:
         """State tensors currently held by the optimizer (not offloaded)."""
         out = []
@@ -223,6 +242,34 @@ class BlockAdamW:
         for name in self.active:
             for p in self.groups[name].tensors:
                 p.grad = None
+
+    # ------------------------------------------------------------- checkpoints
+
+    def export_state(self) -> dict:
+        """Every group's state, offloaded ones read back from the store."""
+        groups = {}
+        for name, st in self.states.items():
+            stored = self.store.host_tensors(name) if st.offloaded and self.store else None
+            groups[name] = st.export(stored)
+        return {"groups": groups, "active": sorted(self.active)}
+
+    def import_state(self, data: dict, active: set[str]) -> None:
+        """Rebuild the groups' states from a checkpoint, then apply the state policy."""
+        for name, d in data["groups"].items():
+            st = self._make(self.groups[name])
+            st.optimizer.load_state_dict(d["opt"])
+            if st.master is not None and d["master"] is not None:
+                for m, t in zip(st.master, d["master"], strict=True):
+                    m.data = t.to(self.device) if t.numel() > 0 else _EMPTY
+            self.states[name] = st
+        for name, group in self.groups.items():
+            group.set_trainable(name in active)
+        self.active = set(active)
+        for name, st in self.states.items():
+            if name not in self.active:
+                self._release(name)
+            elif self.policy == "offload" and self.residency == "step":
+                self._offload(st)  # streaming: states wait in the store between steps
 
     # ------------------------------------------------------------- accounting
 

@@ -156,6 +156,11 @@ class TrainingConfig(Section):
     # Evaluate every N optimizer steps (and always before and after training).
     eval_interval: int | None = Field(None, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
+    # A NaN/inf loss or gradient: skip the step (no update, logged) or stop with a
+    # checkpoint of the last good state. Never silent.
+    nonfinite: Literal["skip", "stop"] = "stop"
+    # With nonfinite: skip, stop anyway after this many non-finite steps in a row.
+    max_skipped_steps: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:
@@ -168,6 +173,17 @@ class TrainingConfig(Section):
         elif self.max_steps is None:
             raise ValueError("set max_steps or epochs")
         return self
+
+
+class CheckpointConfig(Section):
+    """When to write checkpoints (RUN_DIR/checkpoints/step-N) for exact resume."""
+
+    # Every N optimizer steps; null: only at the end and on interruption.
+    interval: int | None = Field(None, ge=1)
+    # Checkpoints kept on disk (oldest removed first); the newest is never removed.
+    keep_last: int = Field(2, ge=1)
+    # Also write one at the end of training (the final model is saved regardless).
+    at_end: bool = True
 
 
 class OutputConfig(Section):
@@ -188,6 +204,7 @@ class Recipe(Section):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     # Not part of the YAML: where the recipe came from, for error messages.

@@ -1,0 +1,215 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNN/` holding:
+
+- the model as an HF folder (config, model.safetensors, tokenizer), so `grass eval`
+  and transformers load it as is;
+- `optimizer.pt`: every group's AdamW state and fp32 masters, offloaded ones
+  included (read back from the store);
+- `trainer.pt`: step, data position, sampler and importance state, the loss curve
+  so far, the metrics.jsonl offset, and the Python / NumPy / torch / CUDA RNG;
+- `manifest.json`: the SHA-256 of every file, so a damaged checkpoint is detected
+  and refused instead of loaded.
+
+It is written into a temporary sibling folder and renamed into place, then
+`checkpoints/latest` (a one-line pointer, itself replaced atomically) is updated,
+then older checkpoints beyond `keep_last` are removed. A crash or a full disk at
+any point leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from grass_cli.errors import GrassError
+
+if TYPE_CHECKING:
+    from grass_cli.engine import Run
+
+FORMAT = 1
+CKPT_DIR = "checkpoints"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / CKPT_DIR
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(run: Run, step: int, trainer: dict[str, Any], keep_last: int) -> Path:
+    """Write a checkpoint after `step` optimizer steps; returns its folder."""
+    root = checkpoint_root(run.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    final = root / name
+    tmp = root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        run.model.save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
+        torch.save(run.optimizer.export_state(), tmp / "optimizer.pt")
+        torch.save(
+            {
+                **trainer,
+                "step": step,
+                "batches": run.batches.state_dict(),
+                "sampler": run.sampler.state_dict(),
+                "tracker": run.tracker.state_dict(),
+                "rng": rng_state(run.device),
+            },
+            tmp / "trainer.pt",
+        )
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "recipe": run.recipe.to_yaml(),
+            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+        }
+        _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic_text(root / "latest", name + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = find_latest(run.run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint"
+        what = "disk full" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e})"
+        raise GrassError(
+            f"{what} while writing checkpoint {name}; {kept}",
+            where=str(root),
+            hint="free space (or set checkpoint.keep_last lower), then continue with "
+            "`grass train RECIPE --resume auto`",
+        ) from None
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if pointer.exists():
+        target = root / pointer.read_text(encoding="utf-8").strip()
+        if target.is_dir():
+            return target
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    return done[-1] if done else None
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Read the manifest and check every file's checksum; returns the manifest."""
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise GrassError(
+            "checkpoint not found",
+            where=str(path),
+            hint="pass --resume auto or the path of a checkpoint folder",
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError):
+        raise GrassError(
+            "damaged checkpoint: manifest.json is missing or unreadable",
+            where=str(path),
+            hint="resume from an earlier checkpoint in the same folder",
+        ) from None
+    for rel, digest in files.items():
+        f = path / rel
+        if not f.is_file() or _sha256(f) != digest:
+            raise GrassError(
+                f"damaged checkpoint: {rel} is missing or does not match its checksum",
+                where=str(path),
+                hint="resume from an earlier checkpoint in the same folder",
+            )
+    return manifest
+
+
+def read_trainer(path: Path) -> dict[str, Any]:
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+def restore(run: Run, path: Path) -> dict[str, Any]:
+    """Load a verified checkpoint into a freshly built run; returns the trainer state."""
+    trainer = read_trainer(path)
+    weights = load_file(path / "model.safetensors", device="cpu")
+    missing, unexpected = run.model.load_state_dict(weights, strict=False)
+    tied = {n for n, p in run.model.named_parameters(remove_duplicate=False)} - {
+        n for n, p in run.model.named_parameters()
+    }
+    if unexpected or set(missing) - tied:
+        raise GrassError(
+            f"checkpoint weights do not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})",
+            where=str(path),
+            hint="resume with the recipe the run was started with",
+        )
+    run.optimizer.import_state(
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        active=set(trainer["active_names"]),
+    )
+    run.batches.load_state_dict(trainer["batches"])
+    run.sampler.load_state_dict(trainer["sampler"])
+    run.tracker.load_state_dict(trainer["tracker"])
+    set_rng_state(trainer["rng"])
+    return trainer

@@ -1,0 +1,294 @@
+"""Checkpoints, exact resume, interruption, damage detection, non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grass_cli.checkpoint import find_latest, verify
+from grass_cli.engine import Interrupted, NonFiniteError, StopRequest, setup, train
+from grass_cli.errors import GrassError
+from grass_cli.recipe import validate_dict
+from grass_cli.telemetry import Telemetry
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "data/quickstart/train.jsonl")
+EVAL = str(ROOT / "data/quickstart/eval.jsonl")
+
+COMBOS = {
+    # name: (strategy, optimizer section)
+    "full-keep": ("full", {"state_policy": "keep"}),
+    "lisa-drop": ("lisa", {"state_policy": "drop"}),
+    "lisa-offload-cpu-step": (
+        "lisa",
+        {"state_policy": "offload", "offload": {"target": "cpu", "residency": "step"}},
+    ),
+    "grass-keep": ("grass", {"state_policy": "keep"}),
+    "grass-drop": ("grass", {"state_policy": "drop"}),
+    "grass-offload-disk": ("grass", {"state_policy": "offload", "offload": {"target": "disk"}}),
+}
+
+
+def make_recipe(
+    model_dir: Path, out: Path, strategy: str = "grass", optimizer: dict | None = None, **sections
+):
+    data = {
+        "model": {"path": str(model_dir)},
+        "data": {"train": TRAIN, "eval": EVAL, "max_length": 64, "limit": 40, "eval_limit": 8},
+        "sampler": {
+            "strategy": strategy,
+            "gamma": 2,
+            "switch_interval": 2,
+            "probe_steps": 2,
+            "update_interval": 2,
+        },
+        # dropout on: the torch RNG must be restored too for an exact resume
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.01, **(optimizer or {})},
+        "training": {"max_steps": 7, "micro_batch_size": 4, "seed": 5, "eval_interval": 3},
+        "output": {"dir": str(out), "save_model": False},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return validate_dict(data, "test.yaml")
+
+
+class StopAfter:
+    """A sink that asks the loop to stop after step k (as a SIGINT handler would)."""
+
+    def __init__(self, k: int, stop: StopRequest):
+        self.k, self.stop = k, stop
+
+    def emit(self, event):
+        if event["event"] == "step" and event["step"] + 1 == self.k:
+            self.stop.requested = "SIGINT"
+
+    def close(self):
+        pass
+
+
+def run_straight(recipe):
+    r = setup(recipe, Telemetry([]), overwrite=True)
+    try:
+        result = train(r)
+    finally:
+        if r.optimizer.store:
+            r.optimizer.store.close()
+    return r, result
+
+
+def run_interrupted(recipe, k: int):
+    stop = StopRequest()
+    r = setup(recipe, Telemetry([StopAfter(k, stop)]), overwrite=True)
+    with pytest.raises(Interrupted) as exc:
+        train(r, stop)
+    if r.optimizer.store:
+        r.optimizer.store.close(keep=True)
+    assert exc.value.step == k and exc.value.checkpoint.name == f"step-{k:07d}"
+    r2 = setup(recipe, Telemetry([]), resume="auto")
+    try:
+        result = train(r2)
+    finally:
+        if r2.optimizer.store:
+            r2.optimizer.store.close()
+    return r2, result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_resume_is_bit_identical(combo, tiny_factory, tmp_path):
+    strategy, opt = COMBOS[combo]
+    model_dir = tiny_factory("gpt2", 4)  # GPT-2 has dropout: RNG state matters
+    a, ra = run_straight(make_recipe(model_dir, tmp_path / "a", strategy, opt))
+    b, rb = run_interrupted(make_recipe(model_dir, tmp_path / "b", strategy, opt), k=3)
+    assert rb.losses == ra.losses and len(ra.losses) == 7
+    assert rb.eval_losses == ra.eval_losses
+    pa = dict(a.model.named_parameters())
+    for name, p in b.model.named_parameters():
+        assert torch.equal(p, pa[name]), name
+    # metrics.jsonl of the resumed run has each step exactly once, in order
+    steps = [e["step"] for e in metrics(tmp_path / "b") if e["event"] == "step"]
+    assert steps == list(range(7))
+    assert [e["loss"] for e in metrics(tmp_path / "b") if e["event"] == "step"] == ra.losses
+
+
+def test_checkpoint_contents_manifest_and_keep_last(tiny_llama, tmp_path):
+    rec = make_recipe(tiny_llama, tmp_path / "run", checkpoint={"interval": 2, "keep_last": 2})
+    run_straight(rec)
+    root = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000006", "step-0000007"]
+    assert (root / "latest").read_text().strip() == "step-0000007"
+    latest = find_latest(tmp_path / "run")
+    manifest = verify(latest)
+    assert manifest["step"] == 7
+    assert {
+        "model.safetensors",
+        "config.json",
+        "optimizer.pt",
+        "trainer.pt",
+        "tokenizer.json",
+    } <= set(manifest["files"])
+    # a checkpoint folder is a loadable HF model
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(latest).config.num_hidden_layers == 4
+
+
+def test_damaged_checkpoint_is_refused(tiny_llama, tmp_path):
+    rec = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": 2})
+    run_straight(rec)
+    ckpt = find_latest(tmp_path / "run")
+    with open(ckpt / "optimizer.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    with pytest.raises(
+        GrassError,
+        match="damaged checkpoint: optimizer.pt is missing or does not match its checksum",
+    ):
+        setup(rec, Telemetry([]), resume=str(ckpt))
+
+
+def test_resume_refuses_structural_changes_and_other_run_dirs(tiny_llama, tmp_path):
+    rec = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": 2})
+    run_straight(rec)
+    other = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": 2, "seed": 9})
+    with pytest.raises(
+        GrassError,
+        match="already holds a run of a different recipe "
+        r"\(training.seed differ\)",
+    ):
+        setup(other, Telemetry([]))
+    with pytest.raises(GrassError, match="cannot resume with a recipe that changes training.seed"):
+        setup(other, Telemetry([]), resume="auto")
+    with pytest.raises(GrassError, match="already holds a run$|already holds a run\n"):
+        setup(rec, Telemetry([]))
+    # Extending max_steps is allowed: the recipe given now wins.
+    longer = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": 4})
+    r = setup(longer, Telemetry([]), resume="auto")
+    assert len(train(r).losses) == 4
+
+
+def test_nonfinite_skip_and_stop(tiny_llama, tmp_path, monkeypatch):
+    import grass_cli.engine as engine
+
+    real = engine.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return float("nan") if calls["n"] == 2 else loss  # the training loop's 2nd step
+
+    monkeypatch.setattr(engine, "forward_backward", poisoned)
+    rec = make_recipe(tiny_llama, tmp_path / "skip", training={"nonfinite": "skip"})
+    r, result = run_straight(rec)
+    events = metrics(tmp_path / "skip")
+    assert [e["skipped"] for e in events if e["event"] == "step"] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert any(e["event"] == "warning" and "step skipped" in e["message"] for e in events)
+    assert json.loads((tmp_path / "skip/summary.json").read_text())["skipped_steps"] == 1
+
+    calls["n"] = 0
+    rec = make_recipe(tiny_llama, tmp_path / "stop", training={"nonfinite": "stop"})
+    with pytest.raises(
+        NonFiniteError, match="non-finite loss at step 1; the last good state is saved in"
+    ):
+        run_straight(rec)
+    assert verify(find_latest(tmp_path / "stop"))["step"] == 1
+
+
+def test_disk_full_keeps_previous_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    import errno
+
+    import grass_cli.checkpoint as ck
+
+    rec = make_recipe(tiny_llama, tmp_path / "run", checkpoint={"interval": 2})
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # the second checkpoint's first file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(
+        GrassError,
+        match="disk full while writing checkpoint step-0000004; "
+        "the previous checkpoint .*step-0000002 is intact",
+    ):
+        run_straight(rec)
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    root = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002"]
+    verify(root / "step-0000002")
+    r = setup(rec, Telemetry([]), resume="auto")
+    assert len(train(r).losses) == 7
+
+
+SLOW_SAVE = """
+import sys, time, torch
+import grass_cli.checkpoint as ck
+real = torch.save
+count = {"n": 0}
+def slow(obj, f, *a, **k):
+    count["n"] += 1
+    real(obj, f, *a, **k)
+    if count["n"] == 3:           # second checkpoint: optimizer.pt written, trainer.pt not yet
+        print("WRITING", flush=True)
+        time.sleep(60)
+ck.torch.save = slow
+from grass_cli.cli import main
+sys.argv = ["grass", "train", sys.argv[1], "--no-live", "--quiet"]
+main()
+"""
+
+
+def test_sigkill_while_writing_checkpoint_leaves_previous_valid(tiny_llama, tmp_path):
+    rec = make_recipe(tiny_llama, tmp_path / "run", checkpoint={"interval": 2})
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(rec.to_yaml())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, str(recipe_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline and "WRITING" not in line:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+    assert "WRITING" in line, "the child never reached the second checkpoint"
+    root = tmp_path / "run/checkpoints"
+    assert (root / ".tmp-step-0000004").is_dir()  # killed mid-write
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert find_latest(tmp_path / "run").name == "step-0000002"
+    verify(root / "step-0000002")
+    r = setup(rec, Telemetry([]), resume="auto")
+    result = train(r)
+    _, straight = run_straight(
+        make_recipe(tiny_llama, tmp_path / "straight", checkpoint={"interval": 2})
+    )
+    assert result.losses == straight.losses
+    assert not (root / ".tmp-step-0000004").exists()
