@@ -32,6 +32,14 @@ class JsonlSink:
         self._f.write(json.dumps(_clean(event)) + "\n")
         self._f.flush()
 
+    def flush(self) -> None:
+        self._f.flush()
+
+    def tell(self) -> int:
+        """Byte offset of the end of the file: a checkpoint records it so a resume can
+        cut the lines written after the checkpoint."""
+        return self._f.tell()
+
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
