@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from grass_cli.errors import GrassError
+from grass_cli.models import quiet_stderr
 
 if TYPE_CHECKING:
     from grass_cli.engine import Run
@@ -95,8 +96,9 @@ def save_checkpoint(run: Run, step: int, trainer: dict[str, Any], keep_last: int
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        run.model.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
+        with quiet_stderr():  # transformers' "Writing model shards" bar
+            run.model.save_pretrained(tmp, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
         torch.save(run.optimizer.export_state(), tmp / "optimizer.pt")
         torch.save(
             {

@@ -2,17 +2,20 @@
 
 Nothing here imports torch or transformers at module level: `grass --help` and
 `grass validate` must answer in well under a second.
-Exit codes: 0 success, 1 bug (traceback), 2 user error, 130 interrupted.
+Exit codes: 0 success, 1 a failed run (e.g. NaN loss) or a bug (traceback), 2 user
+error, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 Set GRASS_DEBUG=1 to get a traceback for user errors too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -54,10 +57,33 @@ def _guard(fn: Callable[[], T]) -> T:
     except GrassError as e:
         if os.environ.get("GRASS_DEBUG"):
             raise
-        raise _fail(str(e), 2) from None
+        raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Any) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the training loop to checkpoint and stop after the step;
+    a second signal aborts at once (checkpoints are never written in place, so the
+    last complete one stays valid)."""
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = signal.Signals(signum).name
+        sys.stderr.write(
+            f"\n{stop.requested}: finishing this step and saving a checkpoint "
+            "(Ctrl-C again aborts now)\n"
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _version(value: bool) -> None:
@@ -95,7 +121,12 @@ def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     no_live: Annotated[
-        bool, typer.Option("--no-live", help="Plain log lines instead of the live dashboard.")
+        bool,
+        typer.Option(
+            "--no-live",
+            help="Plain log lines instead of the live dashboard (plain is automatic "
+            "when stdout is not a terminal).",
+        ),
     ] = False,
     log_every: Annotated[
         int | None,
@@ -111,24 +142,60 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a previous run in output.dir.")
     ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue a run: 'auto' (the newest checkpoint in output.dir, or a fresh "
+            "start if there is none) or the path of a checkpoint folder.",
+        ),
+    ] = None,
 ) -> None:
-    """Fine-tune a model from a YAML recipe."""
+    """Fine-tune a model from a YAML recipe.
+
+    Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits
+    130 / 143; a second Ctrl-C aborts at once.
+    """
 
     def body() -> None:
         from grass_cli.recipe import load_recipe
 
         cfg = load_recipe(recipe, overrides or [])
-        from grass_cli.engine import run_training
-        from grass_cli.telemetry import Telemetry
+        from grass_cli.engine import Interrupted, StopRequest, run_training
+        from grass_cli.plots import write_run_plots
+        from grass_cli.telemetry import Sink, Telemetry
         from grass_cli.telemetry.console import console_sinks
 
-        sinks = console_sinks(
+        sinks: list[Sink] = []
+        if cfg.output.tensorboard:
+            from grass_cli.telemetry.tensorboard import TensorBoardSink
+
+            # a resumed run adds to the event files of the run it continues
+            tb_dir = Path(cfg.output.dir) / "tensorboard"
+            sinks.append(TensorBoardSink(tb_dir, append=resume is not None))
+        # The dashboard draws from the moment it is built: console sinks go last,
+        # right before run_training, which closes every sink whatever happens.
+        sinks += console_sinks(
             sys.stdout,
-            live=not no_live and sys.stdout.isatty(),
+            live=not no_live,
             every=log_every or cfg.output.log_interval,
             quiet=quiet,
         )
-        run_training(cfg, Telemetry(sinks), overwrite=overwrite)
+        stop = StopRequest()
+        with _stop_on_signals(stop):
+            try:
+                result = run_training(
+                    cfg, Telemetry(sinks), overwrite=overwrite, resume=resume, stop=stop
+                )
+            except Interrupted as e:
+                again = " ".join(["grass train", str(recipe), *(overrides or []), "--resume auto"])
+                sys.stderr.write(
+                    f"Interrupted by {e.signal_name} after step {e.step}; checkpoint saved in "
+                    f"{e.checkpoint}.\nResume with: {again}\n"
+                )
+                raise typer.Exit(143 if e.signal_name == "SIGTERM" else 130) from None
+        plots = write_run_plots(result.run_dir)
+        sys.stdout.write(f"plots  {plots[0].parent} ({', '.join(p.name for p in plots)})\n")
 
     _guard(body)
 

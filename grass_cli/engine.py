@@ -40,9 +40,9 @@ from grass_cli.data import (
     steps_per_epoch,
 )
 from grass_cli.errors import GrassError
-from grass_cli.evaluate import count_targets, eval_loss
+from grass_cli.evaluate import count_targets, eval_loss, run_eval
 from grass_cli.importance import ImportanceTracker
-from grass_cli.models import load_model_and_tokenizer, max_positions
+from grass_cli.models import load_model_and_tokenizer, max_positions, quiet_stderr
 from grass_cli.optim import BlockAdamW, build_store, lr_at
 from grass_cli.probing import forward_backward
 from grass_cli.probing import probe as probe_blocks
@@ -89,6 +89,7 @@ class TrainResult:
     elapsed_s: float = 0.0
     peak_rss: int = 0
     skipped: int = 0
+    task_eval: dict[str, Any] | None = None
 
 
 @dataclass
@@ -235,7 +236,17 @@ def materialize_run_dir(recipe: Recipe, overwrite: bool, resume: Path | None) ->
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for stale in ("metrics.jsonl", "summary.json", "final", CKPT_DIR, "offload"):
+            stale_files = (
+                "metrics.jsonl",
+                "summary.json",
+                "final",
+                CKPT_DIR,
+                "offload",
+                "eval",
+                "plots",
+                "tensorboard",
+            )
+            for stale in stale_files:
                 target = run_dir / stale
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -272,7 +283,15 @@ def setup(
     model.to(device)
     model.train()
 
-    # 3) data
+    # 3) data (the task-eval file too: a missing one must not cost a training run)
+    if recipe.eval is not None:
+        eval_file = recipe.eval.data or recipe.data.eval
+        if eval_file is None or not Path(eval_file).is_file():
+            raise GrassError(
+                "eval data file not found" if eval_file else "eval has no data file",
+                where=f"eval.data: {eval_file}",
+                hint="set eval.data (or data.eval) to an existing file",
+            )
     train_data = build_dataset(recipe.data, tokenizer, "train")
     eval_data = build_dataset(recipe.data, tokenizer, "eval") if recipe.data.eval else None
     batches = BatchIterator(
@@ -350,6 +369,7 @@ def _evaluate(run: Run, step: int) -> float | None:
     if run.eval_data is None:
         return None
     tc = run.recipe.training
+    run.telemetry.emit("eval_start", step=step, kind="loss")
     loss, n = eval_loss(
         run.model,
         eval_batches(
@@ -362,6 +382,27 @@ def _evaluate(run: Run, step: int) -> float | None:
         "eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)), eval_tokens=n
     )
     return loss
+
+
+def _task_eval(run: Run, step: int) -> dict[str, Any]:
+    """The recipe's `eval:` section (accuracy, choices, loss); per-item predictions
+    go to RUN_DIR/eval/step-N/."""
+    assert run.recipe.eval is not None
+    out = run.run_dir / "eval" / f"step-{step:07d}"
+    run.telemetry.emit("eval_start", step=step, kind="task")
+    res = run_eval(
+        run.model,
+        run.tokenizer,
+        run.recipe.eval,
+        run.recipe.data,
+        run.device,
+        out,
+        autocast=run.recipe.training.autocast,
+        step=step,
+    )
+    run.model.train()
+    run.telemetry.emit("task_eval", **{**res, "step": step, "dir": str(out)})
+    return res
 
 
 def probe(run: Run) -> None:
@@ -418,6 +459,29 @@ def _checkpoint(run: Run, step: int, result: TrainResult, active_names: set[str]
     return path
 
 
+def _run_facts(run: Run) -> dict[str, Any]:
+    """What a console needs to describe the run: sent with `start` and `resume`."""
+    rc, tc = run.recipe, run.recipe.training
+    return {
+        "model": rc.model.path,
+        "model_source": run.model_source,
+        "num_blocks": run.block_map.num_blocks,
+        "blocks_path": run.block_map.blocks_path,
+        "params": sum(g.numel for g in run.block_map.groups()),
+        "tied": run.block_map.tied,
+        "strategy": rc.sampler.strategy,
+        "gamma": rc.sampler.gamma,
+        "total_steps": run.total_steps,
+        "global_batch": tc.micro_batch_size * tc.grad_accum_steps,
+        "train_rows": run.train_data.rows,
+        "train_tokens": run.train_data.trainable_tokens,
+        "eval_rows": run.eval_data.rows if run.eval_data else 0,
+        "device": str(run.device),
+        "always_train": run.always_train,
+        "run_dir": str(run.run_dir),
+    }
+
+
 def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
     """The training loop, top to bottom.
 
@@ -438,29 +502,9 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
         result.tokens, result.peak_rss = trainer["tokens"], trainer["peak_rss"]
         result.skipped = trainer["skipped"]
         t_start -= trainer["elapsed_s"]
-        run.telemetry.emit(
-            "resume", step=start_step, path=str(run.resume_from), total_steps=run.total_steps
-        )
+        run.telemetry.emit("resume", step=start_step, path=str(run.resume_from), **_run_facts(run))
     else:
-        run.telemetry.emit(
-            "start",
-            model=rc.model.path,
-            model_source=run.model_source,
-            num_blocks=run.block_map.num_blocks,
-            blocks_path=run.block_map.blocks_path,
-            params=sum(g.numel for g in run.block_map.groups()),
-            tied=run.block_map.tied,
-            strategy=rc.sampler.strategy,
-            gamma=rc.sampler.gamma,
-            total_steps=run.total_steps,
-            global_batch=tc.micro_batch_size * tc.grad_accum_steps,
-            train_rows=run.train_data.rows,
-            train_tokens=run.train_data.trainable_tokens,
-            eval_rows=run.eval_data.rows if run.eval_data else 0,
-            device=str(run.device),
-            always_train=run.always_train,
-            run_dir=str(run.run_dir),
-        )
+        run.telemetry.emit("start", **_run_facts(run))
         first_eval = _evaluate(run, 0)
         if first_eval is not None:
             result.eval_losses[0] = first_eval
@@ -537,6 +581,9 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
             ev = _evaluate(run, done)
             if ev is not None:
                 result.eval_losses[done] = ev
+        task = rc.eval
+        if task and task.interval and done % task.interval == 0 and done < run.total_steps:
+            _task_eval(run, done)
         if stop is not None and stop.requested and done < run.total_steps:
             path = _checkpoint(run, done, result, active_names)
             raise Interrupted(stop.requested, done, path)
@@ -547,6 +594,8 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
     final_eval = _evaluate(run, run.total_steps)
     if final_eval is not None:
         result.eval_losses[run.total_steps] = final_eval
+    if rc.eval is not None:
+        result.task_eval = _task_eval(run, run.total_steps)
     if rc.checkpoint.at_end:
         _checkpoint(run, run.total_steps, result, active_names)
     if rc.output.save_model:
@@ -614,8 +663,9 @@ def save_model(run: Run) -> Path:
     tmp = run.run_dir / ".final.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    run.model.save_pretrained(tmp, safe_serialization=True)
-    run.tokenizer.save_pretrained(tmp)
+    with quiet_stderr():  # transformers' "Writing model shards" bar
+        run.model.save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,14 @@ def quiet_hf() -> None:
         ds_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - datasets is a dependency
         pass
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Swallow what transformers writes to stderr itself (tqdm bars no logging switch
+    reaches): the library never prints."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def cache_dir() -> Path:
@@ -90,7 +99,7 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         # transformers' GGUF reader has its own tqdm bar that no logging switch
         # silences; the library never prints, so swallow it.
-        with contextlib.redirect_stderr(io.StringIO()):
+        with quiet_stderr():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype="float32"

@@ -9,6 +9,7 @@ This module must not import torch: `grass validate` stays fast.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from grass_cli.errors import RecipeError
+from grass_cli.eval_config import EvalConfig
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 
@@ -206,6 +208,9 @@ class Recipe(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # Task evaluation (generation accuracy, multiple choice, loss) every
+    # eval.interval steps and at the end; null: eval loss on data.eval only.
+    eval: EvalConfig | None = None
 
     # Not part of the YAML: where the recipe came from, for error messages.
     _source: str = "<recipe>"
@@ -247,6 +252,10 @@ def all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
     keys: list[str] = []
     for name, field in _section_fields(model).items():
         ann = field.annotation
+        # `EvalConfig | None`: an optional section still has dotted keys.
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            ann = args[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys.extend(all_keys(ann, f"{prefix}{name}."))
         else:

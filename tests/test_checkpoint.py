@@ -292,3 +292,58 @@ def test_sigkill_while_writing_checkpoint_leaves_previous_valid(tiny_llama, tmp_
     )
     assert result.losses == straight.losses
     assert not (root / ".tmp-step-0000004").exists()
+
+
+def _spawn_train(recipe_file: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "grass_cli", "train", str(recipe_file), "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _wait_for_step(proc: subprocess.Popen, step: int) -> None:
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(f"step {step:>5}/"):
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError("training never reached the step")
+
+
+def test_sigterm_checkpoints_and_exits_143_then_resumes(tiny_llama, tmp_path):
+    rec = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": 200})
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(rec.to_yaml())
+    proc = _spawn_train(recipe_file)
+    _wait_for_step(proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM: finishing this step and saving a checkpoint" in err
+    assert f"Resume with: grass train {recipe_file} --resume auto" in err
+    ckpt = find_latest(tmp_path / "run")
+    step = verify(ckpt)["step"]
+    assert 2 <= step < 200
+    shorter = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": step + 2})
+    r = setup(shorter, Telemetry([]), resume="auto")
+    assert len(train(r).losses) == step + 2
+
+
+def test_second_sigint_aborts_at_once_without_damage(tiny_llama, tmp_path):
+    rec = make_recipe(
+        tiny_llama, tmp_path / "run", training={"max_steps": 200}, checkpoint={"interval": 1}
+    )
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(rec.to_yaml())
+    proc = _spawn_train(recipe_file)
+    _wait_for_step(proc, 3)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    verify(find_latest(tmp_path / "run"))  # the newest complete checkpoint is intact

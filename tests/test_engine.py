@@ -221,3 +221,40 @@ def test_quickstart_lowers_eval_loss_on_smollm2(tmp_path):
     first, last = result.eval_losses[0], result.eval_losses[12]
     assert last < first - 0.3, (first, last)
     assert len(sink.of("probe")) == 4
+
+
+def test_recipe_eval_section_runs_at_interval_and_end(tiny_factory, tmp_path):
+    rec = recipe_for(tiny_factory("llama", 4), tmp_path / "run")
+    rec = validate_dict(
+        {
+            **rec.model_dump(mode="json"),
+            "eval": {
+                "kind": ["generate"],
+                "scorer": "numeric",
+                "limit": 3,
+                "max_new_tokens": 3,
+                "interval": 3,
+            },
+        },
+        "test.yaml",
+    )
+    _, sink, result = run(rec)
+    evals = sink.of("task_eval")
+    assert [e["step"] for e in evals] == [3, 6]
+    for e in evals:
+        assert 0.0 <= e["accuracy"] <= 1.0 and e["scored"] == 3
+        preds = (Path(e["dir"]) / "predictions.jsonl").read_text().splitlines()
+        assert len(preds) == 3
+    assert result.task_eval["step"] == 6
+
+
+def test_recipe_eval_missing_file_fails_before_training(tiny_factory, tmp_path):
+    from grass_cli.errors import GrassError
+
+    rec = recipe_for(tiny_factory("llama", 4), tmp_path / "run")
+    rec = validate_dict(
+        {**rec.model_dump(mode="json"), "eval": {"data": str(tmp_path / "nope.jsonl")}}, "test.yaml"
+    )
+    with pytest.raises(GrassError, match="eval data file not found"):
+        setup(rec, Telemetry([]), overwrite=True)
+    assert not (tmp_path / "run").exists()
