@@ -42,7 +42,12 @@ from grass_cli.data import (
 from grass_cli.errors import GrassError
 from grass_cli.evaluate import count_targets, eval_loss, run_eval
 from grass_cli.importance import ImportanceTracker
-from grass_cli.models import load_model_and_tokenizer, max_positions, quiet_stderr
+from grass_cli.models import (
+    load_model_and_tokenizer,
+    max_positions,
+    quiet_stderr,
+    resolve_device,
+)
 from grass_cli.optim import BlockAdamW, build_store, lr_at
 from grass_cli.probing import forward_backward
 from grass_cli.probing import probe as probe_blocks
@@ -100,18 +105,6 @@ class StopRequest:
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GrassError(
-            "training.device is cuda but no CUDA device is available",
-            where="training.device",
-            hint="use training.device=auto or cpu, or install a CUDA build of torch",
-        )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

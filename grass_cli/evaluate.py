@@ -36,8 +36,9 @@ from grass_cli.data import (
     load_rows,
     tokenize_rows,
 )
-from grass_cli.errors import DataError, GrassError
+from grass_cli.errors import DataError
 from grass_cli.eval_config import EVAL_FIELDS, EvalConfig, EvalKind
+from grass_cli.models import resolve_device
 from grass_cli.recipe import DataConfig
 from grass_cli.scoring import Scorer, cut_at_stop
 
@@ -129,16 +130,8 @@ def perplexity(mean_loss: float) -> float:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` prefers CUDA; asking for CUDA without one is a user error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GrassError(
-            "device is cuda but no CUDA device is available",
-            where="--device",
-            hint="use --device auto or cpu, or install a CUDA build of torch",
-        )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The `--device` option of `grass eval` / `inspect-importance`."""
+    return resolve_device(name, where="--device")
 
 
 # --------------------------------------------------------------------- generation

@@ -238,3 +238,18 @@ def max_positions(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def resolve_device(name: str, where: str = "training.device") -> Any:
+    """`auto` prefers CUDA; asking for CUDA without one is a user error."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            "device is cuda but no CUDA device is available",
+            where=where,
+            hint=f"use {where}=auto or cpu, or install a CUDA build of torch",
+        )
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
