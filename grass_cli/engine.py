@@ -362,7 +362,7 @@ def _evaluate(run: Run, step: int) -> float | None:
     if run.eval_data is None:
         return None
     tc = run.recipe.training
-    run.telemetry.emit("eval_start", step=step, kind="loss")
+    run.telemetry.emit("eval_start", step=step, target="loss")
     loss, n = eval_loss(
         run.model,
         eval_batches(
@@ -382,7 +382,7 @@ def _task_eval(run: Run, step: int) -> dict[str, Any]:
     go to RUN_DIR/eval/step-N/."""
     assert run.recipe.eval is not None
     out = run.run_dir / "eval" / f"step-{step:07d}"
-    run.telemetry.emit("eval_start", step=step, kind="task")
+    run.telemetry.emit("eval_start", step=step, target="task")
     res = run_eval(
         run.model,
         run.tokenizer,
