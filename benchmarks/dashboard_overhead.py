@@ -14,7 +14,7 @@ moves by more than the 2% being measured, so two direct measures come with it:
 the time the dashboard spent drawing, and the wall time per step spent outside
 the engine's own timed step (`step_time`), with and without the dashboard.
 
-    python benchmarks/dashboard_overhead.py                 # 15 steps, 3 rounds
+    python benchmarks/dashboard_overhead.py                 # 15 steps, 3 rounds, 1 warm-up
     python benchmarks/dashboard_overhead.py --steps 30 --rounds 4
 """
 
@@ -105,6 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
+    # The process's first run is slower (cold allocator and caches): run it untimed.
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     args = parser.parse_args()
 
     import torch
@@ -116,6 +118,9 @@ def main() -> None:
     outside: dict[bool, list[float]] = {True: [], False: []}
     drawn_frac: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
+        for w in range(args.warmup):
+            one_run(args.steps, Path(tmp) / f"warmup{w}", False)
+            print(f"warm-up {w + 1}/{args.warmup} done (not timed)", flush=True)
         for i, with_dash in enumerate(order):
             timer, frames = one_run(args.steps, Path(tmp) / f"r{i}", with_dash)
             rate, window = timer.steps_per_s(), timer.window_s()
