@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ListSink
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -18,20 +19,6 @@ from grass_cli.telemetry import Telemetry
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "data/quickstart/train.jsonl")
 EVAL = str(ROOT / "data/quickstart/eval.jsonl")
-
-
-class ListSink:
-    def __init__(self):
-        self.events: list[dict] = []
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def close(self):
-        pass
-
-    def of(self, kind):
-        return [e for e in self.events if e["event"] == kind]
 
 
 def recipe_for(model_dir: Path, out: Path, **sections) -> object:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ListSink
 from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
@@ -24,17 +25,6 @@ GSM8K = str(ROOT / "data/gsm8k/test-50.jsonl")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 runner = CliRunner()
-
-
-class ListSink:
-    def __init__(self):
-        self.events: list[dict] = []
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def close(self):
-        pass
 
 
 def cells(table, column: int) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ListSink
 
 from grass_cli.engine import setup, train
 from grass_cli.errors import GrassError
@@ -15,17 +16,6 @@ from grass_cli.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "data/quickstart/train.jsonl")
-
-
-class ListSink:
-    def __init__(self):
-        self.events: list[dict] = []
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def close(self):
-        pass
 
 
 def make_recipe(model_dir: Path, out: Path, optimizer: dict, sampler: dict | None = None, **model):
