@@ -3,7 +3,9 @@
 A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNN/` holding:
 
 - the model as an HF folder (config, model.safetensors, tokenizer), so `grass eval`
-  and transformers load it as is;
+  and transformers load it as is; LoRA runs save it with the adapters merged and
+  add `adapter/` (peft's format), which is what a resume restores: their base
+  weights never change and are read again from `model.path`;
 - `optimizer.pt`: every group's AdamW state and fp32 masters, offloaded ones
   included (read back from the store);
 - `trainer.pt`: step, data position, sampler and importance state, the loss curve
@@ -15,6 +17,12 @@ It is written into a temporary sibling folder and renamed into place, then
 `checkpoints/latest` (a one-line pointer, itself replaced atomically) is updated,
 then older checkpoints beyond `keep_last` are removed. A crash or a full disk at
 any point leaves the previous checkpoint and pointer intact.
+
+Data-parallel runs: the model and optimizer state are replicated (every rank
+applies the same reduced gradients), so rank 0 writes them once; each rank adds
+`rank-NNNNN.pt` with its own RNG state, and on resume rebuilds its own offload
+store from `optimizer.pt`. The manifest records the world size, and a resume
+with a different one is refused. The run dir must be on storage every node sees.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from grass_cli.distributed import first_error
 from grass_cli.errors import GrassError
 from grass_cli.models import quiet_stderr
 
@@ -85,57 +94,94 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- save
 
 
+def _describe(e: OSError) -> str:
+    return "disk full" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e})"
+
+
 def save_checkpoint(run: Run, step: int, trainer: dict[str, Any], keep_last: int) -> Path:
-    """Write a checkpoint after `step` optimizer steps; returns its folder."""
+    """Write a checkpoint after `step` optimizer steps; returns its folder.
+
+    Every rank of a data-parallel run calls it; they agree on failure after each
+    phase, so a full disk stops all of them with the same message."""
     root = checkpoint_root(run.run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     final = root / name
     tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
-        with quiet_stderr():  # transformers' "Writing model shards" bar
-            run.model.save_pretrained(tmp, safe_serialization=True)
-            run.tokenizer.save_pretrained(tmp)
-        torch.save(run.optimizer.export_state(), tmp / "optimizer.pt")
-        torch.save(
-            {
-                **trainer,
-                "step": step,
-                "batches": run.batches.state_dict(),
-                "sampler": run.sampler.state_dict(),
-                "tracker": run.tracker.state_dict(),
-                "rng": rng_state(run.device),
-            },
-            tmp / "trainer.pt",
-        )
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "recipe": run.recipe.to_yaml(),
-            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
-        }
-        _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic_text(root / "latest", name + "\n")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    info = run.dist
+    error: str | None = None
+    if info.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            error = _describe(e)
+    error = first_error(error)
+    if error is None and info.enabled:
+        try:
+            torch.save({"rng": rng_state(run.device)}, tmp / f"rank-{info.rank:05d}.pt")
+        except OSError as e:
+            shared = "" if tmp.is_dir() else " (is output.dir on storage every node sees?)"
+            error = f"rank {info.rank}: {_describe(e)}{shared}"
+        error = first_error(error)
+    if error is None and info.is_main:
+        try:
+            _write_main(run, tmp, final, step, trainer)
+            _write_atomic_text(root / "latest", name + "\n")
+        except OSError as e:
+            error = _describe(e)
+    error = first_error(error)
+    if error is not None:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = find_latest(run.run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint"
-        what = "disk full" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e})"
         raise GrassError(
-            f"{what} while writing checkpoint {name}; {kept}",
+            f"{error} while writing checkpoint {name}; {kept}",
             where=str(root),
             hint="free space (or set checkpoint.keep_last lower), then continue with "
             "`grass train RECIPE --resume auto`",
-        ) from None
-    _prune(root, keep_last)
+        )
+    if info.is_main:
+        _prune(root, keep_last)
     return final
+
+
+def _write_main(run: Run, tmp: Path, final: Path, step: int, trainer: dict[str, Any]) -> None:
+    """Rank 0's part: model, optimizer, trainer state, manifest; then the rename."""
+    with quiet_stderr():  # transformers' "Writing model shards" bar
+        if run.peft_model is not None:  # merged HF model + adapter/
+            from grass_cli import lora
+
+            lora.save(run.peft_model, tmp)
+        else:
+            run.model.save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
+    torch.save(run.optimizer.export_state(), tmp / "optimizer.pt")
+    torch.save(
+        {
+            **trainer,
+            "step": step,
+            "batches": run.batches.state_dict(),
+            "sampler": run.sampler.state_dict(),
+            "tracker": run.tracker.state_dict(),
+            "rng": rng_state(run.device),
+        },
+        tmp / "trainer.pt",
+    )
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "world_size": run.dist.world,
+        "recipe": run.recipe.to_yaml(),
+        "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+    }
+    _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -145,6 +191,22 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 # --------------------------------------------------------------------------- load
+
+
+def _restore_weights(run: Run, path: Path) -> None:
+    """Every weight of the model from the checkpoint's model.safetensors."""
+    weights = load_file(path / "model.safetensors", device="cpu")
+    missing, unexpected = run.model.load_state_dict(weights, strict=False)
+    tied = {n for n, p in run.model.named_parameters(remove_duplicate=False)} - {
+        n for n, p in run.model.named_parameters()
+    }
+    if unexpected or set(missing) - tied:
+        raise GrassError(
+            f"checkpoint weights do not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})",
+            where=str(path),
+            hint="resume with the recipe the run was started with",
+        )
 
 
 def find_latest(run_dir: Path) -> Path | None:
@@ -194,18 +256,12 @@ def read_trainer(path: Path) -> dict[str, Any]:
 def restore(run: Run, path: Path) -> dict[str, Any]:
     """Load a verified checkpoint into a freshly built run; returns the trainer state."""
     trainer = read_trainer(path)
-    weights = load_file(path / "model.safetensors", device="cpu")
-    missing, unexpected = run.model.load_state_dict(weights, strict=False)
-    tied = {n for n, p in run.model.named_parameters(remove_duplicate=False)} - {
-        n for n, p in run.model.named_parameters()
-    }
-    if unexpected or set(missing) - tied:
-        raise GrassError(
-            f"checkpoint weights do not fit this model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})",
-            where=str(path),
-            hint="resume with the recipe the run was started with",
-        )
+    if run.peft_model is not None:
+        from grass_cli import lora
+
+        lora.load_adapter(run.peft_model, path / lora.ADAPTER_DIR, where=str(path))
+    else:
+        _restore_weights(run, path)
     run.optimizer.import_state(
         torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
         active=set(trainer["active_names"]),
@@ -213,5 +269,11 @@ def restore(run: Run, path: Path) -> dict[str, Any]:
     run.batches.load_state_dict(trainer["batches"])
     run.sampler.load_state_dict(trainer["sampler"])
     run.tracker.load_state_dict(trainer["tracker"])
-    set_rng_state(trainer["rng"])
+    if run.dist.enabled:  # each rank continues its own random streams
+        own = torch.load(
+            path / f"rank-{run.dist.rank:05d}.pt", map_location="cpu", weights_only=False
+        )
+        set_rng_state(own["rng"])
+    else:
+        set_rng_state(trainer["rng"])
     return trainer

@@ -50,6 +50,11 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _main_rank() -> bool:
+    """Under torchrun only rank 0 talks to the user; the others stay silent."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
 def _guard(fn: Callable[[], T]) -> T:
     """Run a command body: user errors become one message and exit code 2."""
     try:
@@ -57,6 +62,8 @@ def _guard(fn: Callable[[], T]) -> T:
     except GrassError as e:
         if os.environ.get("GRASS_DEBUG"):
             raise
+        if not _main_rank():
+            raise typer.Exit(e.exit_code) from None
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
@@ -73,10 +80,11 @@ def _stop_on_signals(stop: Any) -> Iterator[None]:
         if stop.requested:
             raise KeyboardInterrupt
         stop.requested = signal.Signals(signum).name
-        sys.stderr.write(
-            f"\n{stop.requested}: finishing this step and saving a checkpoint "
-            "(Ctrl-C again aborts now)\n"
-        )
+        if _main_rank():
+            sys.stderr.write(
+                f"\n{stop.requested}: finishing this step and saving a checkpoint "
+                "(Ctrl-C again aborts now)\n"
+            )
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -154,7 +162,8 @@ def train(
     """Fine-tune a model from a YAML recipe.
 
     Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits
-    130 / 143; a second Ctrl-C aborts at once.
+    130 / 143; a second Ctrl-C aborts at once. Several processes (data-parallel):
+    torchrun --nproc-per-node N -m grass_cli train RECIPE.
     """
 
     def body() -> None:
@@ -166,8 +175,9 @@ def train(
         from grass_cli.telemetry import Sink, Telemetry
         from grass_cli.telemetry.console import console_sinks
 
+        main = _main_rank()
         sinks: list[Sink] = []
-        if cfg.output.tensorboard:
+        if cfg.output.tensorboard and main:
             from grass_cli.telemetry.tensorboard import TensorBoardSink
 
             # a resumed run adds to the event files of the run it continues
@@ -175,12 +185,13 @@ def train(
             sinks.append(TensorBoardSink(tb_dir, append=resume is not None))
         # The dashboard draws from the moment it is built: console sinks go last,
         # right before run_training, which closes every sink whatever happens.
-        sinks += console_sinks(
-            sys.stdout,
-            live=not no_live,
-            every=log_every or cfg.output.log_interval,
-            quiet=quiet,
-        )
+        if main:
+            sinks += console_sinks(
+                sys.stdout,
+                live=not no_live,
+                every=log_every or cfg.output.log_interval,
+                quiet=quiet,
+            )
         stop = StopRequest()
         with _stop_on_signals(stop):
             try:
@@ -188,12 +199,17 @@ def train(
                     cfg, Telemetry(sinks), overwrite=overwrite, resume=resume, stop=stop
                 )
             except Interrupted as e:
+                code = 143 if e.signal_name == "SIGTERM" else 130
+                if not main:
+                    raise typer.Exit(code) from None
                 again = " ".join(["grass train", str(recipe), *(overrides or []), "--resume auto"])
                 sys.stderr.write(
                     f"Interrupted by {e.signal_name} after step {e.step}; checkpoint saved in "
                     f"{e.checkpoint}.\nResume with: {again}\n"
                 )
-                raise typer.Exit(143 if e.signal_name == "SIGTERM" else 130) from None
+                raise typer.Exit(code) from None
+        if not main:
+            return
         plots = write_run_plots(result.run_dir)
         sys.stdout.write(f"plots  {plots[0].parent} ({', '.join(p.name for p in plots)})\n")
 

@@ -658,6 +658,14 @@ class BatchIterator:
     and batches never straddle an epoch. (Loss normalization over uneven batches is
     the trainer's concern.) `next_indices` gives the row indices; iterating gives the
     collated tensors.
+
+    Data-parallel (`world` > 1): the *global* micro batch is `micro_batch_size x
+    world` consecutive rows of the epoch's order, and rank r takes every world-th of
+    them starting at r. Every rank walks the same order, so the ranks' shards are
+    disjoint, together they are exactly the rows one process would take with the
+    global batch size, and a resume needs nothing per rank. A rank whose share of an
+    epoch's short last batch is empty gets one fully masked row (no loss, zero
+    gradient), so that it still takes part in the step's collectives.
     """
 
     def __init__(
@@ -667,11 +675,16 @@ class BatchIterator:
         pad_id: int,
         seed: int = 0,
         shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
     ):
         if len(data) == 0:
             raise ValueError("BatchIterator needs at least one row")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        self.rank, self.world = rank, world
         self.data = data
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
@@ -688,7 +701,7 @@ class BatchIterator:
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.n_rows / self.micro_batch_size)
+        return math.ceil(self.n_rows / (self.micro_batch_size * self.world))
 
     def order(self, epoch: int) -> np.ndarray:
         """Row indices of `epoch` in visiting order (a pure function of seed and epoch)."""
@@ -705,10 +718,11 @@ class BatchIterator:
         return self._order
 
     def next_indices(self) -> list[int]:
-        """The next micro batch's row indices; moves to the next epoch after its last."""
+        """The next micro batch's row indices (this rank's share of the global micro
+        batch); moves to the next epoch after its last."""
         order = self._current_order()
-        end = min(self.position + self.micro_batch_size, self.n_rows)
-        batch = [int(i) for i in order[self.position : end]]
+        end = min(self.position + self.micro_batch_size * self.world, self.n_rows)
+        batch = [int(i) for i in order[self.position : end]][self.rank :: self.world]
         self.position = end
         if self.position >= self.n_rows:
             self.epoch += 1
@@ -716,6 +730,9 @@ class BatchIterator:
         return batch
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if not indices:  # an empty data-parallel share: one row that carries no loss
+            row = self.data.input_ids[0][:2]
+            return collate([row], [[IGNORE_INDEX] * len(row)], self.pad_id)
         return collate(
             [self.data.input_ids[i] for i in indices],
             [self.data.labels[i] for i in indices],

@@ -3,8 +3,9 @@
 recipe -> device -> model + tokenizer -> block map -> data -> importance tracker
 -> sampler -> state store + block-wise AdamW -> [probe] -> train loop -> save.
 
-Every strategy (full, lisa, grass, grass-static, cyclic) runs this same loop;
-they differ only in the sampler and the optimizer-state policy.
+Every strategy (full, lisa, grass, grass-static, cyclic, lora) runs this same loop;
+they differ only in the sampler and the optimizer-state policy (and, for lora,
+in what a block's group holds: its adapters, see grass_cli/lora.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from grass_cli import distributed
 from grass_cli.blocks import BlockMap, build_block_map
 from grass_cli.checkpoint import (
     CKPT_DIR,
@@ -39,6 +41,7 @@ from grass_cli.data import (
     eval_batches,
     steps_per_epoch,
 )
+from grass_cli.distributed import SINGLE, DistInfo, GradReducer, all_sum, any_rank, check_same
 from grass_cli.errors import GrassError
 from grass_cli.evaluate import count_targets, eval_loss, run_eval
 from grass_cli.importance import ImportanceTracker
@@ -79,8 +82,13 @@ class Run:
     total_steps: int
     always_train: list[str]
     telemetry: Telemetry
-    metrics_sink: JsonlSink
+    metrics_sink: JsonlSink | None  # rank 0 only
     resume_from: Path | None = None
+    dist: DistInfo = SINGLE
+    reducer: GradReducer | None = None  # data-parallel runs only
+    # strategy lora: peft's wrapper around `model` (which trains with the adapters
+    # injected), kept to save the merged model and the adapter.
+    peft_model: Any = None
 
 
 @dataclass
@@ -134,6 +142,7 @@ RESUME_FIXED = (
     "training.micro_batch_size",
     "training.grad_accum_steps",
     "training.seed",
+    "lora",
 )
 
 
@@ -166,7 +175,9 @@ def _check_writable(run_dir: Path) -> None:
         )
 
 
-def resolve_resume(recipe: Recipe, resume: str | None, overwrite: bool) -> Path | None:
+def resolve_resume(
+    recipe: Recipe, resume: str | None, overwrite: bool, world: int = 1
+) -> Path | None:
     """Check the run dir before anything loads; returns the checkpoint to resume from.
 
     A run dir that already holds a run is refused unless --resume or --overwrite;
@@ -212,6 +223,15 @@ def resolve_resume(recipe: Recipe, resume: str | None, overwrite: bool) -> Path 
     else:
         ckpt = Path(resume)
     manifest = verify(ckpt)
+    saved_world = int(manifest.get("world_size", 1))
+    if saved_world != world:
+        raise GrassError(
+            f"the checkpoint was written by {saved_world} process(es) but this run has {world}",
+            where=str(ckpt),
+            hint=f"resume with the same number of processes (torchrun --nproc-per-node "
+            f"x --nnodes = {saved_world}"
+            + (", or plain `grass train`)" if saved_world == 1 else ")"),
+        )
     fixed = [k for k in recipe_diff(manifest["recipe"], recipe) if k.startswith(RESUME_FIXED)]
     if fixed:
         raise GrassError(
@@ -256,22 +276,37 @@ def materialize_run_dir(recipe: Recipe, overwrite: bool, resume: Path | None) ->
 
 
 def setup(
-    recipe: Recipe, telemetry: Telemetry, overwrite: bool = False, resume: str | None = None
+    recipe: Recipe,
+    telemetry: Telemetry,
+    overwrite: bool = False,
+    resume: str | None = None,
+    dist_info: DistInfo | None = None,
 ) -> Run:
     """Build every part of a run, in dependency order; nothing trains yet.
 
     Everything a user can get wrong (run dir, checkpoint, model, data, gamma) is
-    checked before the run dir gets a single file.
+    checked before the run dir gets a single file. Under torchrun (`dist_info`
+    from the environment when not given) every rank builds the same run; rank 0
+    alone writes the run dir's files.
     """
+    info = dist_info if dist_info is not None else distributed.from_env()
     # 1) run dir and checkpoint: fail in a second, before minutes of loading
-    resume_from = resolve_resume(recipe, resume, overwrite)
+    resume_from = resolve_resume(recipe, resume, overwrite, info.world)
     tc = recipe.training
-    device = resolve_device(tc.device)
+    device = distributed.device_for(info, resolve_device(tc.device))
+    distributed.init(info, device)
     seed_everything(tc.seed)
 
     # 2) model and tokenizer, then the blocks, then checks that need the model
     model, tokenizer, source = load_model_and_tokenizer(recipe.model)
-    block_map = build_block_map(model, recipe.model.blocks_attr)
+    peft_model = None
+    if recipe.sampler.strategy == "lora":
+        from grass_cli import lora  # imports peft: only for LoRA runs
+
+        peft_model = lora.wrap(model, recipe.lora, recipe.model.blocks_attr)
+        block_map = lora.adapter_block_map(peft_model, recipe.model.blocks_attr)
+    else:
+        block_map = build_block_map(model, recipe.model.blocks_attr)
     recipe.check_against_model(block_map.num_blocks, max_positions(model))
     model.to(device)
     model.train()
@@ -288,27 +323,45 @@ def setup(
     train_data = build_dataset(recipe.data, tokenizer, "train")
     eval_data = build_dataset(recipe.data, tokenizer, "eval") if recipe.data.eval else None
     batches = BatchIterator(
-        train_data, tc.micro_batch_size, tokenizer.pad_token_id, seed=tc.seed, shuffle=True
+        train_data,
+        tc.micro_batch_size,
+        tokenizer.pad_token_id,
+        seed=tc.seed,
+        shuffle=True,
+        rank=info.rank,
+        world=info.world,
     )
     if tc.max_steps is not None:
         total_steps = tc.max_steps
     else:
-        per_epoch = steps_per_epoch(train_data.rows, tc.micro_batch_size, tc.grad_accum_steps)
+        per_epoch = steps_per_epoch(
+            train_data.rows, tc.micro_batch_size * info.world, tc.grad_accum_steps
+        )
         total_steps = max(1, math.ceil(float(tc.epochs or 1) * per_epoch))
 
-    # 4) the run dir's files; metrics.jsonl continues where the checkpoint left it
-    run_dir = materialize_run_dir(recipe, overwrite, resume_from)
-    metrics = run_dir / "metrics.jsonl"
-    if resume_from is not None:
-        offset = read_trainer(resume_from)["metrics_offset"]
-        with open(metrics, "a+b") as f:
-            f.truncate(offset)
-    metrics_sink = JsonlSink(metrics, append=resume_from is not None)
-    telemetry.add(metrics_sink)
+    # 4) the run dir's files (rank 0); metrics.jsonl continues where the checkpoint left it
+    run_dir = Path(recipe.output.dir)
+    metrics_sink = None
+    if info.is_main:
+        run_dir = materialize_run_dir(recipe, overwrite, resume_from)
+        metrics = run_dir / "metrics.jsonl"
+        if resume_from is not None:
+            offset = read_trainer(resume_from)["metrics_offset"]
+            with open(metrics, "a+b") as f:
+                f.truncate(offset)
+        metrics_sink = JsonlSink(metrics, append=resume_from is not None)
+        telemetry.add(metrics_sink)
+    distributed.barrier()  # the run dir exists (and stale files are gone) for every rank
 
     # 5) importance, sampler, optimizer (with its state policy and store)
     # Hooks can only be registered while parameters require grad: tracker first.
     tracker = ImportanceTracker(block_map.blocks, recipe.sampler.alpha, device)
+    reducer = None
+    if info.enabled:  # gradients summed across ranks; the tracker observes the sums
+        tracker.local_hooks = False
+        params = list({id(p): p for g in block_map.groups() for p in g.tensors}.values())
+        bucket = int(tc.allreduce_bucket_mb * 2**20)
+        reducer = GradReducer(params, bucket, observe=tracker.observe)
     for group in block_map.groups():
         group.set_trainable(False)
     sampler = build_sampler(recipe.sampler, block_map.num_blocks, tracker, seed=tc.seed + 1)
@@ -316,12 +369,17 @@ def setup(
     always = [
         g.name for g in block_map.always_train(s.train_embeddings, s.train_norm, s.train_head)
     ]
-    store = build_store(recipe.optimizer, device, run_dir)
+    if peft_model is not None:
+        always = []  # LoRA: only the adapters train; embeddings, norms and head stay frozen
+    store = build_store(
+        recipe.optimizer, device, run_dir, subdir=f"rank-{info.rank}" if info.enabled else None
+    )
     optimizer = BlockAdamW(block_map.groups(), recipe.optimizer, device, store)
+
     if isinstance(store, DiskStore):
         trainable = [b.name for b in block_map.blocks] + always
         DiskStore.check_space(store.folder, optimizer.offload_bytes_needed(trainable))
-    if block_map.tied and s.train_embeddings != s.train_head:
+    if block_map.tied and s.train_embeddings != s.train_head and peft_model is None:
         telemetry.emit(
             "warning",
             message="embeddings and LM head are tied (one weight): it trains because "
@@ -346,6 +404,9 @@ def setup(
         telemetry=telemetry,
         metrics_sink=metrics_sink,
         resume_from=resume_from,
+        dist=info,
+        reducer=reducer,
+        peft_model=peft_model,
     )
 
 
@@ -363,14 +424,16 @@ def _evaluate(run: Run, step: int) -> float | None:
         return None
     tc = run.recipe.training
     run.telemetry.emit("eval_start", step=step, target="loss")
-    loss, n = eval_loss(
-        run.model,
-        eval_batches(
-            run.eval_data, tc.eval_batch_size or tc.micro_batch_size, run.tokenizer.pad_token_id
-        ),
-        run.device,
-        tc.autocast,
+    batches = eval_batches(
+        run.eval_data, tc.eval_batch_size or tc.micro_batch_size, run.tokenizer.pad_token_id
     )
+    info = run.dist
+    if info.enabled:  # each rank a share of the batches; token-weighted sums reduced
+        batches = (b for i, b in enumerate(batches) if i % info.world == info.rank)
+    loss, n = eval_loss(run.model, batches, run.device, tc.autocast)
+    if info.enabled:
+        total, count = all_sum([loss * n if n else 0.0, float(n)], run.device)
+        loss, n = (total / count if count else math.nan), int(count)
     run.telemetry.emit(
         "eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)), eval_tokens=n
     )
@@ -379,9 +442,12 @@ def _evaluate(run: Run, step: int) -> float | None:
 
 def _task_eval(run: Run, step: int) -> dict[str, Any]:
     """The recipe's `eval:` section (accuracy, choices, loss); per-item predictions
-    go to RUN_DIR/eval/step-N/."""
+    go to RUN_DIR/eval/step-N/. Data-parallel: rank 0 evaluates, the others wait."""
     assert run.recipe.eval is not None
     out = run.run_dir / "eval" / f"step-{step:07d}"
+    if not run.dist.is_main:
+        distributed.barrier()
+        return {}
     run.telemetry.emit("eval_start", step=step, target="task")
     res = run_eval(
         run.model,
@@ -395,6 +461,7 @@ def _task_eval(run: Run, step: int) -> dict[str, Any]:
     )
     run.model.train()
     run.telemetry.emit("task_eval", **{**res, "step": step, "dir": str(out)})
+    distributed.barrier()
     return res
 
 
@@ -403,7 +470,13 @@ def probe(run: Run) -> None:
     steps = run.recipe.sampler.probe_steps
     batches = (_next_step_batches(run)[0] for _ in range(steps))
     probing = probe_blocks(
-        run.model, run.block_map, run.tracker, batches, run.device, run.recipe.training.autocast
+        run.model,
+        run.block_map,
+        run.tracker,
+        batches,
+        run.device,
+        run.recipe.training.autocast,
+        reducer=run.reducer,
     )
     for t, loss in enumerate(probing):
         run.telemetry.emit(
@@ -416,6 +489,8 @@ def probe(run: Run) -> None:
         importance=run.tracker.values(),
         ranking=ranking,
         probabilities=run.sampler.probabilities(),
+        # data-parallel: every block's gradient was reduced at every probing step
+        allreduce_bytes=run.reducer.take_bytes() if run.reducer is not None else 0,
     )
 
 
@@ -436,7 +511,8 @@ class NonFiniteError(GrassError):
 
 
 def _checkpoint(run: Run, step: int, result: TrainResult, active_names: set[str]) -> Path:
-    run.metrics_sink.flush()
+    if run.metrics_sink is not None:
+        run.metrics_sink.flush()
     trainer = {
         "losses": result.losses,
         "eval_losses": result.eval_losses,
@@ -445,7 +521,8 @@ def _checkpoint(run: Run, step: int, result: TrainResult, active_names: set[str]
         "elapsed_s": result.elapsed_s,
         "active_names": sorted(active_names),
         "skipped": result.skipped,
-        "metrics_offset": run.metrics_sink.tell(),
+        "metrics_offset": run.metrics_sink.tell() if run.metrics_sink is not None else 0,
+        "world_size": run.dist.world,
     }
     path = save_checkpoint(run, step, trainer, run.recipe.checkpoint.keep_last)
     run.telemetry.emit("checkpoint", step=step, path=str(path))
@@ -460,12 +537,17 @@ def _run_facts(run: Run) -> dict[str, Any]:
         "model_source": run.model_source,
         "num_blocks": run.block_map.num_blocks,
         "blocks_path": run.block_map.blocks_path,
-        "params": sum(g.numel for g in run.block_map.groups()),
+        # the model's parameters (the groups' for every strategy but lora, whose
+        # groups leave the frozen base weights of the blocks out)
+        "params": sum(p.numel() for p in run.model.parameters()),
         "tied": run.block_map.tied,
         "strategy": rc.sampler.strategy,
         "gamma": rc.sampler.gamma,
         "total_steps": run.total_steps,
-        "global_batch": tc.micro_batch_size * tc.grad_accum_steps,
+        "global_batch": tc.micro_batch_size * tc.grad_accum_steps * run.dist.world,
+        "micro_batch": tc.micro_batch_size,
+        "grad_accum": tc.grad_accum_steps,
+        "world_size": run.dist.world,
         "train_rows": run.train_data.rows,
         "train_tokens": run.train_data.trainable_tokens,
         "eval_rows": run.eval_data.rows if run.eval_data else 0,
@@ -505,6 +587,7 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
             probe(run)
 
     skipped_in_a_row = 0
+    reducer_names: set[str] | None = None  # what the reducer's buckets are laid out for
     for step in range(start_step, run.total_steps):
         t0 = time.perf_counter()
         # 1) which blocks train now; switch requires_grad and optimizer state
@@ -521,10 +604,18 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
                 frozen=frozen,
                 next_switch=run.sampler.next_switch(step),
             )
+        if run.reducer is not None and names != reducer_names:
+            # every rank must have drawn the same blocks, or they would diverge
+            check_same("the active blocks", active, run.device, step)
+            run.reducer.prepare(run.optimizer.trainable_params())
+            reducer_names = names
         lr = lr_at(step, run.total_steps, rc.optimizer.lr, tc)
-        # 2) forward / backward over the step's micro-batches
+        # 2) forward / backward over the step's micro-batches (data-parallel: the
+        #    trainable groups' gradients are summed across ranks during backward)
         micro, _ = _next_step_batches(run)
-        loss = forward_backward(run.model, run.tracker, micro, run.device, tc.autocast)
+        loss = forward_backward(
+            run.model, run.tracker, micro, run.device, tc.autocast, reducer=run.reducer
+        )
         # 3) clip and step the active groups only, unless something is NaN/inf
         params = run.optimizer.trainable_params()
         max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
@@ -543,6 +634,10 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
             torch.cuda.synchronize(run.device)
         dt = time.perf_counter() - t0
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        allreduce_bytes = 0
+        if run.reducer is not None:
+            tokens = round(all_sum([float(tokens)], run.device)[0])
+            allreduce_bytes = run.reducer.take_bytes()
         result.tokens += tokens
         result.losses.append(loss)
         mem = memory_stats(run.device)
@@ -565,6 +660,7 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
             importance=run.tracker.values(),
             probabilities=run.sampler.probabilities(),
             trainable_params=sum(p.numel() for p in params),
+            allreduce_bytes=allreduce_bytes,
             **memory_breakdown(run, params),
             next_switch=run.sampler.next_switch(step),
             **mem,
@@ -577,9 +673,12 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
         task = rc.eval
         if task and task.interval and done % task.interval == 0 and done < run.total_steps:
             _task_eval(run, done)
-        if stop is not None and stop.requested and done < run.total_steps:
+        stopping = stop is not None and stop.requested is not None
+        if run.dist.enabled:  # a signal may reach the ranks at different steps
+            stopping = any_rank(stopping, run.device)
+        if stopping and done < run.total_steps:
             path = _checkpoint(run, done, result, active_names)
-            raise Interrupted(stop.requested, done, path)
+            raise Interrupted((stop and stop.requested) or "SIGTERM", done, path)
         interval = rc.checkpoint.interval
         if interval and done % interval == 0 and done < run.total_steps:
             _checkpoint(run, done, result, active_names)
@@ -591,10 +690,13 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
         result.task_eval = _task_eval(run, run.total_steps)
     if rc.checkpoint.at_end:
         _checkpoint(run, run.total_steps, result, active_names)
-    if rc.output.save_model:
+    if rc.output.save_model and run.dist.is_main:
         result.model_dir = save_model(run)
         run.telemetry.emit("saved", path=str(result.model_dir))
     result.elapsed_s = time.perf_counter() - t_start
+    if not run.dist.is_main:
+        distributed.barrier()  # rank 0 writes the model and summary
+        return result
     evals = list(result.eval_losses.values())
     summary = {
         "steps": run.total_steps,
@@ -611,6 +713,7 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
     }
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     run.telemetry.emit("end", **summary)
+    distributed.barrier()
     return result
 
 
@@ -642,7 +745,7 @@ def _nonfinite(
 def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str, int]:
     """Bytes by kind: weights, gradients of the trained parameters, optimizer state
     on the device and in the offload store, fp32 master weights."""
-    weights = sum(g.numel * g.tensors[0].element_size() for g in run.block_map.groups())
+    weights = sum(p.numel() * p.element_size() for p in run.model.parameters())
     return {
         "weights_bytes": weights,
         "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
@@ -651,13 +754,21 @@ def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str,
 
 
 def save_model(run: Run) -> Path:
-    """HF folder (safetensors + tokenizer), written beside and renamed into place."""
+    """HF folder (safetensors + tokenizer), written beside and renamed into place.
+
+    LoRA runs save the adapters merged (a plain HF model, like every strategy's)
+    and the unmerged adapter in final/adapter/."""
     final = run.run_dir / "final"
     tmp = run.run_dir / ".final.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     with quiet_stderr():  # transformers' "Writing model shards" bar
-        run.model.save_pretrained(tmp, safe_serialization=True)
+        if run.peft_model is not None:  # merged HF model + final/adapter/
+            from grass_cli import lora
+
+            lora.save(run.peft_model, tmp)
+        else:
+            run.model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -671,13 +782,15 @@ def run_training(
     overwrite: bool = False,
     resume: str | None = None,
     stop: StopRequest | None = None,
+    dist_info: DistInfo | None = None,
 ) -> TrainResult:
     """Build and train; the store and sinks are always closed, even on error."""
     run = None
     try:
-        run = setup(recipe, telemetry, overwrite=overwrite, resume=resume)
+        run = setup(recipe, telemetry, overwrite=overwrite, resume=resume, dist_info=dist_info)
         return train(run, stop)
     finally:
         if run is not None and run.optimizer.store is not None:
             run.optimizer.store.close()
         telemetry.close()
+        distributed.shutdown()

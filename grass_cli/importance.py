@@ -62,18 +62,31 @@ class ImportanceTracker:
         # While probing, gradients are freed as soon as they are accumulated, so
         # probing never holds the whole model's gradients.
         self.free_grads = False
+        # Data-parallel runs observe the gradients summed across ranks (`observe`,
+        # called by the GradReducer), not each rank's local part in the hooks.
+        self.local_hooks = True
+        self._block_of: dict[int, int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for i, group in enumerate(blocks):
             for _, p in group.params:
+                self._block_of[id(p)] = i
                 self._handles.append(p.register_hook(self._make_hook(i)))
                 self._handles.append(p.register_post_accumulate_grad_hook(self._free))
 
     def _make_hook(self, index: int):
         def hook(grad: torch.Tensor) -> None:
-            self._micro_sq[index] += grad.detach().float().pow(2).sum().to(self.device)
-            self._touched.add(index)
+            if self.local_hooks:
+                self._micro_sq[index] += grad.detach().float().pow(2).sum().to(self.device)
+                self._touched.add(index)
 
         return hook
+
+    def observe(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add a (reduced) gradient of one parameter to the current observation."""
+        index = self._block_of.get(id(p))
+        if index is not None:
+            self._micro_sq[index] += grad.detach().float().pow(2).sum().to(self.device)
+            self._touched.add(index)
 
     def _free(self, p: torch.Tensor) -> None:
         if self.free_grads:

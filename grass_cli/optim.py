@@ -299,7 +299,11 @@ class BlockAdamW:
         return total
 
 
-def build_store(cfg: OptimizerConfig, device: torch.device, run_dir) -> Store | None:
+def build_store(
+    cfg: OptimizerConfig, device: torch.device, run_dir, subdir: str | None = None
+) -> Store | None:
+    """The offload store, if any. `subdir` separates the ranks of a data-parallel
+    run on disk (each rank has its own store)."""
     if cfg.state_policy != "offload":
         return None
     if cfg.offload.target == "cpu":
@@ -307,6 +311,8 @@ def build_store(cfg: OptimizerConfig, device: torch.device, run_dir) -> Store | 
     from pathlib import Path
 
     folder = Path(cfg.offload.path) if cfg.offload.path else Path(run_dir) / "offload"
+    if subdir:
+        folder = folder / subdir
     return DiskStore(folder, device, overlap=cfg.offload.overlap)
 
 

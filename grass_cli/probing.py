@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from grass_cli.blocks import BlockMap
+from grass_cli.distributed import GradReducer, all_sum
 from grass_cli.evaluate import autocast_ctx, count_targets, loss_sum
 from grass_cli.importance import ImportanceTracker
 
@@ -18,25 +19,56 @@ def forward_backward(
     micro: list[dict[str, torch.Tensor]],
     device: torch.device,
     autocast: str = "none",
+    reducer: GradReducer | None = None,
+    probing: bool = False,
 ) -> float:
     """Accumulate gradients of the step's token-mean loss over its micro-batches.
 
     Each micro-batch's summed loss is divided by the whole step's target-token
     count, so accumulation gives the gradient of one big batch. Returns the loss.
+
+    Data-parallel (`reducer` given): the token counts are summed across ranks
+    first, so each rank's loss is its share of the *global* mean and the summed
+    gradients equal one process's gradient on the global batch. Gradients are
+    reduced once per step, during the last micro-batch's backward (earlier ones
+    accumulate locally), and the tracker observes the reduced gradient: one MGN
+    observation per step instead of per micro-batch. While `probing`, every
+    micro-batch is reduced and observed on its own, as on one process.
     """
-    n_targets = sum(count_targets(b) for b in micro)
+    counts = [count_targets(b) for b in micro]
+    if reducer is not None:
+        counts = [round(c) for c in all_sum([float(c) for c in counts], device)]
+    n_targets = sum(counts)
+    last = max((i for i, c in enumerate(counts) if c), default=-1)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in micro:
-        n_micro = count_targets(batch)
-        if n_micro == 0:
+    for i, batch in enumerate(micro):
+        n_micro = counts[i]
+        if n_micro == 0:  # (the global count: every rank skips the same ones)
             continue
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast_ctx(device, autocast):
             loss = loss_sum(model, batch) / n_targets
-        tracker.begin_micro_batch(loss_scale=n_micro / n_targets)
-        loss.backward()
-        tracker.end_micro_batch()
+        if reducer is None:
+            tracker.begin_micro_batch(loss_scale=n_micro / n_targets)
+            loss.backward()
+            tracker.end_micro_batch()
+        elif probing:
+            tracker.begin_micro_batch(loss_scale=n_micro / n_targets)
+            reducer.arm(keep_grads=False)
+            loss.backward()
+            reducer.finish()
+            tracker.end_micro_batch()
+        else:
+            if i == last:
+                reducer.arm()
+            loss.backward()
+            if i == last:
+                tracker.begin_micro_batch(loss_scale=1.0)
+                reducer.finish()
+                tracker.end_micro_batch()
         total += loss.detach().double()
+    if reducer is not None:
+        return all_sum([float(total)], device)[0]
     return float(total)
 
 
@@ -47,6 +79,7 @@ def probe(
     steps: Iterable[list[dict[str, torch.Tensor]]],
     device: torch.device,
     autocast: str = "none",
+    reducer: GradReducer | None = None,
 ) -> Iterator[float]:
     """GRASS probing: forward + backward through every block with no update.
 
@@ -55,14 +88,21 @@ def probe(
     groups outside the blocks get none at all. When the generator is exhausted the
     tracker holds the probing MGN (`finish_probe` has run) and every block is
     frozen again.
+
+    Data-parallel (`reducer` given), each block's gradient is summed across ranks
+    bucket by bucket and observed, and the buckets are freed as backward goes on.
     """
     trainable_before = {id(p): p.requires_grad for p in model.parameters()}
     for group in block_map.groups():
         group.set_trainable(group.kind == "block")
-    tracker.free_grads = True
+    if reducer is not None:
+        reducer.prepare([p for b in block_map.blocks for p in b.tensors])
+    tracker.free_grads = reducer is None  # the reducer frees what it has reduced
     try:
         for micro in steps:
-            yield forward_backward(model, tracker, micro, device, autocast)
+            yield forward_backward(
+                model, tracker, micro, device, autocast, reducer=reducer, probing=True
+            )
         tracker.finish_probe()
     finally:
         tracker.free_grads = False

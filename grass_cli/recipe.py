@@ -14,14 +14,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from grass_cli.errors import RecipeError
 from grass_cli.eval_config import EvalConfig
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 
-Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic"]
+Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic", "lora"]
 # Strategies that pick a subset of blocks (everything but `full`).
 LAYERWISE = ("lisa", "grass", "grass-static", "cyclic")
 # Strategies that probe MGN before training.
@@ -136,6 +143,37 @@ class OptimizerConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA adapters for `sampler.strategy: lora` (the baseline GRASS is compared with).
+
+    Ignored by every other strategy. Adapters go on linear layers inside the
+    decoder blocks only, so each belongs to one block and the same telemetry
+    (per-block MGN, trainable parameters, optimizer state) describes both methods.
+    """
+
+    # Rank of each adapter: trainable parameters are r x (in + out) per adapted layer.
+    r: int = Field(16, ge=1)
+    # Scaling numerator: the adapter's update is (alpha / r) B A.
+    alpha: float = Field(32.0, gt=0)
+    # Dropout on the adapters' input (uses the torch RNG, which checkpoints restore).
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # `all-linear`: every linear layer in the blocks (never the LM head or
+    # embeddings); or names relative to a block, e.g. [q_proj, v_proj].
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        # One clear message instead of pydantic's two union branches.
+        if v == "all-linear":
+            return v
+        if not isinstance(v, list) or not v or not all(isinstance(t, str) and t.strip() for t in v):
+            raise ValueError(
+                "must be all-linear or a non-empty list of module names, e.g. [q_proj, v_proj]"
+            )
+        return v
+
+
 class TrainingConfig(Section):
     """Steps, batch, schedule, device."""
 
@@ -163,6 +201,9 @@ class TrainingConfig(Section):
     nonfinite: Literal["skip", "stop"] = "stop"
     # With nonfinite: skip, stop anyway after this many non-finite steps in a row.
     max_skipped_steps: int = Field(5, ge=1)
+    # Data-parallel (torchrun): gradients are summed across ranks in buckets of
+    # about this size, each launched as soon as backward has filled it.
+    allreduce_bucket_mb: float = Field(25.0, gt=0)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:
@@ -211,6 +252,8 @@ class Recipe(Section):
     # Task evaluation (generation accuracy, multiple choice, loss) every
     # eval.interval steps and at the end; null: eval loss on data.eval only.
     eval: EvalConfig | None = None
+    # LoRA adapters (sampler.strategy: lora only); null with lora: the defaults.
+    lora: LoraConfig | None = None
 
     # Not part of the YAML: where the recipe came from, for error messages.
     _source: str = "<recipe>"
@@ -218,6 +261,24 @@ class Recipe(Section):
     @property
     def source(self) -> str:
         return self._source
+
+    @model_validator(mode="after")
+    def _lora_strategy(self) -> Recipe:
+        if self.sampler.strategy != "lora":
+            return self
+        # Every block's adapters train at every step: nothing is ever frozen, so
+        # there is no state for drop or offload to act on; refusing beats a run
+        # that looks like it measured offloading.
+        if self.optimizer.state_policy != "keep":
+            raise ValueError(
+                f"optimizer.state_policy is {self.optimizer.state_policy} but "
+                "sampler.strategy lora trains every block's adapters at every step, so it "
+                "must be keep (there is never a frozen block whose state could be dropped "
+                "or offloaded)"
+            )
+        if self.lora is None:
+            self.lora = LoraConfig()  # resolved, so recipe.yaml shows what ran
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -133,6 +133,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "grass": GrassSampler,
     "grass-static": StaticGrassSampler,
     "cyclic": CyclicSampler,
+    # LoRA trains every block's adapters at every step: the full sampler, no probing.
+    "lora": FullSampler,
 }
 
 

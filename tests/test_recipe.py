@@ -123,8 +123,8 @@ def test_all_errors_reported_together(tmp_path):
     msg = error_of(p)
     assert "invalid recipe (4 errors)" in msg
     assert (
-        "sampler.strategy: Input should be 'full', 'lisa', 'grass', 'grass-static' or "
-        "'cyclic'; got 'lsa'" in msg
+        "sampler.strategy: Input should be 'full', 'lisa', 'grass', 'grass-static', "
+        "'cyclic' or 'lora'; got 'lsa'" in msg
     )
     assert "sampler.tau: Input should be greater than 0; got -1" in msg
     assert "sampler.gamma: Input should be greater than or equal to 1; got 0" in msg

@@ -113,6 +113,7 @@ class DashboardState:
             self._log(
                 f"started: {self.num_blocks} blocks, {self.strategy}, {self.total_steps} steps "
                 f"of {e.get('global_batch')} rows on {self.device}"
+                + (f" x {e['world_size']} processes" if int(e.get("world_size") or 1) > 1 else "")
             )
         elif kind == "resume":
             # RUN_DIR/checkpoints/step-N: the run's name is two folders up.

@@ -155,6 +155,19 @@ def _fmt_loss(value: float | None) -> str:
 # -------------------------------------------------------------------- plain lines
 
 
+def _batch_parts(e: Event) -> str:
+    """How the global batch is made, when it is more than one micro batch."""
+    world, accum = int(e.get("world_size") or 1), int(e.get("grad_accum") or 1)
+    if world == 1 and accum == 1:
+        return ""
+    parts = [str(e.get("micro_batch"))]
+    if accum > 1:
+        parts.append(f"{accum} accum")
+    if world > 1:
+        parts.append(f"{world} processes")
+    return f" ({' x '.join(parts)})"
+
+
 class PlainPrinter:
     """Log lines for pipes, files and `--no-live`: one line every `every` steps.
 
@@ -195,7 +208,7 @@ class PlainPrinter:
         if kind == "start":
             return (
                 f"start  model={e['model']} blocks={e['num_blocks']} strategy={e['strategy']} "
-                f"steps={e['total_steps']} batch={e['global_batch']} "
+                f"steps={e['total_steps']} batch={e['global_batch']}{_batch_parts(e)} "
                 f"train_rows={e['train_rows']} device={e['device']}"
             )
         if kind == "probe":
