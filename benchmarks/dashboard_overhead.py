@@ -1,26 +1,29 @@
 """Overhead of the live dashboard: training steps/s with it and without it.
 
-The same short SmolLM2 run (recipes/quickstart.yaml: N steps, no eval, no saved
-model) is trained alternately with the Rich dashboard sink and with only the
-metrics.jsonl sink the engine always adds, several times in this one process
-(order A B B A A B ..., so drift in machine load hits both sides alike). The
-dashboard draws into a terminal Console (force_terminal) of 120 x 50 writing to
-/dev/null, so it renders and emits every frame it would show on screen.
+One SmolLM2 training run (recipes/quickstart.yaml: N steps, no eval, no saved
+model) in which the Rich dashboard is switched on and off step by step, in the
+order on, off, off, on, on, off, off, on, ... (ABBA blocks of four steps). Steps of
+both kinds are interleaved within seconds of each other, so slow drift in machine
+load, allocator warm-up and thermal state hit both sides alike; measuring separate
+runs instead gave run-to-run differences of up to 9%, far above the 2% to detect.
 
-Steps/s is timed between the first and the last step event, seen by a sink placed
-after the dashboard: it includes the dashboard's own work on every step and
-excludes model loading and probing. On a machine shared with other work, steps/s
-moves by more than the 2% being measured, so two direct measures come with it:
-the time the dashboard spent drawing, and the wall time per step spent outside
-the engine's own timed step (`step_time`), with and without the dashboard.
+"On" steps: the step event goes to the dashboard, which updates its state and
+draws a frame (its rate limit lets it draw at every step when steps take longer
+than about a second, as SmolLM2 steps do on a CPU) into a 120 x 50 terminal console
+writing to /dev/null. "Off" steps: the event skips it. Every other event (start,
+probing, switches) always reaches the dashboard, so its state stays whole. A timer
+sink after the dashboard stamps each step event; a step's time is the gap to the
+previous stamp, which holds the engine's step and the dashboard's work for it. The
+first `--skip` steps (warm-up) are left out.
 
-    python benchmarks/dashboard_overhead.py                 # 15 steps, 3 rounds, 1 warm-up
-    python benchmarks/dashboard_overhead.py --steps 30 --rounds 4
+    python benchmarks/dashboard_overhead.py               # 100 steps
+    python benchmarks/dashboard_overhead.py --steps 200
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shlex
@@ -40,128 +43,135 @@ from grass_cli.recipe import load_recipe  # noqa: E402
 from grass_cli.telemetry import Event, Telemetry  # noqa: E402
 from grass_cli.telemetry.dashboard import Dashboard  # noqa: E402
 
+PATTERN = (True, False, False, True)  # ABBA: on, off, off, on
+
+
+def dashboard_on(step: int) -> bool:
+    return PATTERN[step % len(PATTERN)]
+
+
+class Gate:
+    """Forwards every event to the dashboard except the step events of "off" steps."""
+
+    def __init__(self, dashboard: Dashboard) -> None:
+        self.dashboard = dashboard
+
+    def emit(self, event: Event) -> None:
+        if event["event"] != "step" or dashboard_on(int(event["step"])):
+            self.dashboard.emit(event)
+
+    def close(self) -> None:
+        self.dashboard.close()
+
 
 class StepTimer:
-    """Wall-clock time of each step event, the engine's own step time, and the
-    dashboard's drawing time so far, as a sink placed after the dashboard sees them."""
+    """Stamps each step event after the dashboard has handled it."""
 
-    def __init__(self, dashboard: Dashboard | None) -> None:
+    def __init__(self, dashboard: Dashboard) -> None:
         self.dashboard = dashboard
-        self.times: list[float] = []
-        self.step_times: list[float] = []
-        self.drawn: list[float] = []
+        self.stamps: list[tuple[int, float, int, float]] = []  # step, time, tokens, drawn
 
     def emit(self, event: Event) -> None:
         if event["event"] == "step":
-            self.times.append(time.perf_counter())
-            self.step_times.append(float(event["step_time"]))
-            self.drawn.append(self.dashboard.render_time_s if self.dashboard else 0.0)
-
-    def outside_s(self) -> float:
-        """Mean wall time per step spent outside the engine's timed step: sinks,
-        sampler, switching. The dashboard's cost lands here, and unlike steps/s it
-        barely moves with how busy the machine is with other work."""
-        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
-        return statistics.mean(g - t for g, t in zip(gaps, self.step_times[1:], strict=True))
+            self.stamps.append(
+                (
+                    int(event["step"]),
+                    time.perf_counter(),
+                    int(event["tokens"]),
+                    self.dashboard.render_time_s,
+                )
+            )
 
     def close(self) -> None:
         pass
 
-    def window_s(self) -> float:
-        return self.times[-1] - self.times[0]
-
-    def steps_per_s(self) -> float:
-        return (len(self.times) - 1) / self.window_s()
-
-    def drawn_s(self) -> float:
-        return self.drawn[-1] - self.drawn[0]
-
-
-def one_run(steps: int, out: Path, with_dashboard: bool) -> tuple[StepTimer, int]:
-    """Train once; the step timer and the number of frames drawn."""
-    recipe = load_recipe(
-        ROOT / "recipes/quickstart.yaml",
-        [
-            f"training.max_steps={steps}",
-            "data.eval=null",
-            "output.save_model=false",
-            f"output.dir={out}",
-        ],
-    )
-    with open(os.devnull, "w") as null:
-        dash = None
-        if with_dashboard:
-            dash = Dashboard(Console(file=null, force_terminal=True, width=120, height=50))
-        timer = StepTimer(dash)
-        telemetry = Telemetry([dash, timer] if dash else [timer])
-        try:
-            train(setup(recipe, telemetry, overwrite=True))
-        finally:
-            telemetry.close()
-    return timer, dash.refreshes if dash else 0
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=3)
-    # The process's first run is slower (cold allocator and caches): run it untimed.
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--skip", type=int, default=4, help="warm-up steps left out")
     args = parser.parse_args()
 
     import torch
 
-    order: list[bool] = []
-    for r in range(args.rounds):
-        order += [True, False] if r % 2 == 0 else [False, True]
-    rates: dict[bool, list[float]] = {True: [], False: []}
-    outside: dict[bool, list[float]] = {True: [], False: []}
-    drawn_frac: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for w in range(args.warmup):
-            one_run(args.steps, Path(tmp) / f"warmup{w}", False)
-            print(f"warm-up {w + 1}/{args.warmup} done (not timed)", flush=True)
-        for i, with_dash in enumerate(order):
-            timer, frames = one_run(args.steps, Path(tmp) / f"r{i}", with_dash)
-            rate, window = timer.steps_per_s(), timer.window_s()
-            rates[with_dash].append(rate)
-            outside[with_dash].append(timer.outside_s())
-            label = "dashboard" if with_dash else "jsonl only"
-            extra = ""
-            if with_dash:
-                drawn_frac.append(timer.drawn_s() / window)
-                extra = (
-                    f"  ({frames} frames in all; {1000 * timer.drawn_s():.0f} ms drawing "
-                    f"in the {window:.1f} s timed window)"
-                )
-            print(
-                f"run {i + 1}/{len(order)} {label:<10}: {rate:.4f} steps/s, "
-                f"{1000 * timer.outside_s():.1f} ms/step outside the step{extra}",
-                flush=True,
-            )
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null:
+        recipe = load_recipe(
+            ROOT / "recipes/quickstart.yaml",
+            [
+                f"training.max_steps={args.steps}",
+                "data.eval=null",
+                "output.save_model=false",
+                f"output.dir={Path(tmp) / 'run'}",
+            ],
+        )
+        dash = Dashboard(Console(file=null, force_terminal=True, width=120, height=50))
+        timer = StepTimer(dash)
+        telemetry = Telemetry([Gate(dash), timer])
+        try:
+            train(setup(recipe, telemetry, overwrite=True))
+        finally:
+            telemetry.close()
 
-    dash, plain = statistics.mean(rates[True]), statistics.mean(rates[False])
+    # one record per step: (on?, seconds, tokens, seconds drawing, step)
+    rows = []
+    for (_, t0, _, d0), (step, t1, tokens, d1) in zip(timer.stamps, timer.stamps[1:], strict=False):
+        if step >= max(1, args.skip):
+            rows.append((dashboard_on(step), t1 - t0, tokens, d1 - d0, step))
+    on = [r for r in rows if r[0]]
+    off = [r for r in rows if not r[0]]
+    t_on = statistics.mean(r[1] for r in on)
+    t_off = statistics.mean(r[1] for r in off)
+    ratio = t_off / t_on  # steps/s with the dashboard / steps/s without
 
-    def runs(side: bool) -> str:
-        return ", ".join(f"{r:.4f}" for r in rates[side])
+    # ABBA blocks: each block's (mean on - mean off); their spread gives the error.
+    # Step times vary with the batch's token count (rows differ in length), so the
+    # same estimate on seconds per token is given too: it removes most of that noise.
+    def paired(per_step: list[tuple[bool, float, int]]) -> tuple[float, float, int]:
+        blocks: dict[int, dict[bool, list[float]]] = {}
+        for flag, value, step in per_step:
+            blocks.setdefault(step // len(PATTERN), {True: [], False: []})[flag].append(value)
+        diffs = [
+            statistics.mean(b[True]) - statistics.mean(b[False])
+            for b in blocks.values()
+            if b[True] and b[False]
+        ]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        return statistics.mean(diffs), se, len(diffs)
+
+    mean_diff, se, n_blocks = paired([(r[0], r[1], r[4]) for r in rows])
+    tok_diff, tok_se, _ = paired([(r[0], r[1] / r[2], r[4]) for r in rows])
+    # per-token time: the same comparison, robust to batches of different lengths
+    tok_on = sum(r[1] for r in on) / sum(r[2] for r in on)
+    tok_off = sum(r[1] for r in off) / sum(r[2] for r in off)
+    drawn = sum(r[3] for r in on)
 
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)"
     )
-    print()
-    print(f"machine                    : {machine}")
-    print(f"steps/s with the dashboard : {dash:.4f} (runs: {runs(True)})")
-    print(f"steps/s with jsonl only    : {plain:.4f} (runs: {runs(False)})")
-    print(f"ratio dashboard / jsonl    : {dash / plain:.4f} ({100 * (dash / plain - 1):+.2f}%)")
-    drawing = 100 * statistics.mean(drawn_frac)
-    print(f"time spent drawing         : {drawing:.3f}% of the timed window")
-    extra = statistics.mean(outside[True]) - statistics.mean(outside[False])
-    per_step = 1 / plain
+    print(f"machine                      : {machine}")
+    print(f"timed steps                  : {len(on)} with the dashboard, {len(off)} without "
+          f"(steps {args.skip}..{args.steps - 1}, ABBA order)")  # fmt: skip
+    print(f"steps/s with the dashboard   : {1 / t_on:.4f} ({t_on:.3f} s/step)")
+    print(f"steps/s without it           : {1 / t_off:.4f} ({t_off:.3f} s/step)")
+    print(f"ratio with / without         : {ratio:.4f} ({100 * (ratio - 1):+.2f}%)")
     print(
-        f"outside-step time per step : {1000 * statistics.mean(outside[True]):.1f} ms with the "
-        f"dashboard, {1000 * statistics.mean(outside[False]):.1f} ms without: "
-        f"{1000 * extra:+.1f} ms, {100 * extra / per_step:+.3f}% of a {per_step:.2f} s step"
+        f"paired ABBA blocks, per step : {1000 * mean_diff:+.1f} ms per step with the dashboard "
+        f"(standard error {1000 * se:.1f} ms, {n_blocks} blocks) = "
+        f"{100 * mean_diff / t_off:+.2f}% +- {100 * 1.96 * se / t_off:.2f}% (95%)"
+    )
+    print(
+        f"seconds per 1k tokens        : {1000 * tok_on:.3f} with, {1000 * tok_off:.3f} without "
+        f"(ratio {tok_off / tok_on:.4f})"
+    )
+    print(
+        f"paired ABBA blocks, per token: {100 * tok_diff / tok_off:+.2f}% +- "
+        f"{100 * 1.96 * tok_se / tok_off:.2f}% (95%) time per token with the dashboard"
+    )
+    print(
+        f"time spent drawing           : {1000 * drawn / len(on):.1f} ms per dashboard step, "
+        f"{100 * drawn / sum(r[1] for r in on):.3f}% of those steps' time "
+        f"({dash.refreshes} frames in all)"
     )
     print(f"command: python {shlex.join(['benchmarks/dashboard_overhead.py', *sys.argv[1:]])}")
 

@@ -6,8 +6,10 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNN/` holding:
   and transformers load it as is; LoRA runs save it with the adapters merged and
   add `adapter/` (peft's format), which is what a resume restores: their base
   weights never change and are read again from `model.path`;
-- `optimizer.pt`: every group's AdamW state and fp32 masters, offloaded ones
-  included (read back from the store);
+- `optimizer/`: one file per group with its AdamW state and fp32 masters,
+  offloaded ones included (read back from the store one group at a time, so
+  saving never holds every group's state in memory at once), and `index.pt`
+  (the group order and the active groups);
 - `trainer.pt`: step, data position, sampler and importance state, the loss curve
   so far, the metrics.jsonl offset, and the Python / NumPy / torch / CUDA RNG;
 - `manifest.json`: the SHA-256 of every file, so a damaged checkpoint is detected
@@ -21,7 +23,7 @@ any point leaves the previous checkpoint and pointer intact.
 Data-parallel runs: the model and optimizer state are replicated (every rank
 applies the same reduced gradients), so rank 0 writes them once; each rank adds
 `rank-NNNNN.pt` with its own RNG state, and on resume rebuilds its own offload
-store from `optimizer.pt`. The manifest records the world size, and a resume
+store from `optimizer/`. The manifest records the world size, and a resume
 with a different one is refused. The run dir must be on storage every node sees.
 """
 
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
+OPT_DIR = "optimizer"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -158,7 +161,13 @@ def _write_main(run: Run, tmp: Path, final: Path, step: int, trainer: dict[str, 
         else:
             run.model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
-    torch.save(run.optimizer.export_state(), tmp / "optimizer.pt")
+    opt_dir = tmp / OPT_DIR
+    opt_dir.mkdir()
+    names = []
+    for name, state in run.optimizer.export_groups():
+        torch.save(state, opt_dir / f"{name}.pt")
+        names.append(name)
+    torch.save({"groups": names, "active": sorted(run.optimizer.active)}, opt_dir / "index.pt")
     torch.save(
         {
             **trainer,
@@ -249,8 +258,12 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def read_trainer(path: Path) -> dict[str, Any]:
-    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    return _load(path / "trainer.pt")
 
 
 def restore(run: Run, path: Path) -> dict[str, Any]:
@@ -262,10 +275,13 @@ def restore(run: Run, path: Path) -> dict[str, Any]:
         lora.load_adapter(run.peft_model, path / lora.ADAPTER_DIR, where=str(path))
     else:
         _restore_weights(run, path)
-    run.optimizer.import_state(
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
-        active=set(trainer["active_names"]),
-    )
+    active = set(trainer["active_names"])
+    if (path / "optimizer.pt").exists():  # written before optimizer/ (one file)
+        run.optimizer.import_state(_load(path / "optimizer.pt"), active=active)
+    else:
+        index = _load(path / OPT_DIR / "index.pt")
+        groups = ((n, _load(path / OPT_DIR / f"{n}.pt")) for n in index["groups"])
+        run.optimizer.import_groups(groups, active=active)
     run.batches.load_state_dict(trainer["batches"])
     run.sampler.load_state_dict(trainer["sampler"])
     run.tracker.load_state_dict(trainer["tracker"])

@@ -134,10 +134,14 @@ def test_checkpoint_contents_manifest_and_keep_last(tiny_llama, tmp_path):
     assert {
         "model.safetensors",
         "config.json",
-        "optimizer.pt",
+        "optimizer/index.pt",
         "trainer.pt",
         "tokenizer.json",
     } <= set(manifest["files"])
+    # one optimizer file per group that has state, as the index lists them
+    index = torch.load(latest / "optimizer/index.pt", weights_only=False)
+    groups = index["groups"]
+    assert groups and all(f"optimizer/{n}.pt" in manifest["files"] for n in groups)
     # a checkpoint folder is a loadable HF model
     from transformers import AutoModelForCausalLM
 
@@ -148,12 +152,12 @@ def test_damaged_checkpoint_is_refused(tiny_llama, tmp_path):
     rec = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": 2})
     run_straight(rec)
     ckpt = find_latest(tmp_path / "run")
-    with open(ckpt / "optimizer.pt", "r+b") as f:
+    with open(ckpt / "optimizer/index.pt", "r+b") as f:
         f.seek(100)
         f.write(b"\x00garbage\x00")
     with pytest.raises(
         GrassError,
-        match="damaged checkpoint: optimizer.pt is missing or does not match its checksum",
+        match="damaged checkpoint: optimizer/index.pt is missing or does not match its checksum",
     ):
         setup(rec, Telemetry([]), resume=str(ckpt))
 
@@ -224,8 +228,9 @@ def test_disk_full_keeps_previous_checkpoint(tiny_llama, tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def full_disk(obj, f, *a, **k):
-        calls["n"] += 1
-        if calls["n"] >= 3:  # the second checkpoint's first file
+        if str(f).endswith("trainer.pt"):
+            calls["n"] += 1
+        if calls["n"] >= 2:  # the second checkpoint's trainer.pt
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
 
@@ -250,11 +255,12 @@ import grass_cli.checkpoint as ck
 real = torch.save
 count = {"n": 0}
 def slow(obj, f, *a, **k):
-    count["n"] += 1
+    if str(f).endswith("trainer.pt"):
+        count["n"] += 1
+        if count["n"] == 2:       # second checkpoint: optimizer/ written, trainer.pt not yet
+            print("WRITING", flush=True)
+            time.sleep(60)
     real(obj, f, *a, **k)
-    if count["n"] == 3:           # second checkpoint: optimizer.pt written, trainer.pt not yet
-        print("WRITING", flush=True)
-        time.sleep(60)
 ck.torch.save = slow
 from grass_cli.cli import main
 sys.argv = ["grass", "train", sys.argv[1], "--no-live", "--quiet"]

@@ -187,3 +187,35 @@ def test_unwritable_offload_path_fails_before_training(tiny_factory, tmp_path):
     )
     with pytest.raises(GrassError, match="cannot write the offload folder"):
         setup(rec, Telemetry([]), overwrite=True)
+
+
+def test_checkpoint_export_reads_one_offloaded_group_at_a_time(tiny_factory, tmp_path):
+    """A checkpoint of a disk-offloaded run must not bring every group's state into
+    memory at once: export_groups reads a group from the store only when its turn
+    comes, and nothing else is read meanwhile."""
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": "disk"}},
+    )
+    r, _, _ = run(rec, close=False)
+    store = r.optimizer.store
+    reads: list[str] = []
+    real = store.host_tensors
+
+    def counting(name):
+        reads.append(name)
+        return real(name)
+
+    store.host_tensors = counting
+    offloaded = [n for n, st in r.optimizer.states.items() if st.offloaded]
+    assert len(offloaded) >= 2
+    it = r.optimizer.export_groups()
+    seen = []
+    for name, state in it:
+        seen.append(name)
+        # at most the group being exported has been read so far
+        assert reads == [n for n in seen if n in offloaded]
+        assert state["opt"]["state"]
+    assert sorted(seen) == sorted(r.optimizer.states)
+    store.close()
