@@ -2,6 +2,7 @@
 
     python scripts/make_data.py                     # the committed quickstart data
     python scripts/make_data.py --task basic_arithmetic --out data/arith --train 2000
+    python scripts/make_data.py --task word_sequence_reversal --out data/reversal
 
 reasoning-gym derives item i from seed + i, so splits made from nearby seeds
 overlap. Each split here gets its own seed, a million apart, and the script
@@ -22,6 +23,8 @@ SPLIT_SEEDS = {"train": 1_000_000, "eval": 5_000_000, "test": 9_000_000}
 TASK_CONFIG = {
     "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
     "basic_arithmetic": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+    # string manipulation (copying words in reverse order), unlike the arithmetic ones
+    "word_sequence_reversal": dict(min_words=3, max_words=5),
 }
 
 

@@ -1,0 +1,529 @@
+"""Side by side: full fine-tuning, LoRA, LISA, GRASS, GRASS-static and cyclic.
+
+    python benchmarks/compare.py --quick      # reduced: under 30 minutes on a 2-core CPU
+    python benchmarks/compare.py              # full: lr tuned on validation, 3 seeds
+    python benchmarks/compare.py --gpu        # CUDA: bf16, larger batch and sequence
+
+Every method trains SmolLM2-135M-Instruct from its recipe in recipes/bench/ on the
+same task data, steps, batch (so the same token budget), schedule and seeds; only
+what is trained differs. For each task and method:
+
+1. Learning rate: one run per value of the method's grid (its recipe lr times
+   0.5, 1 and 2; only the recipe lr in --quick) with the first seed; the value
+   with the lowest loss on the task's *validation* split (eval.jsonl) wins. The
+   held-out split is not looked at.
+2. Seeds: the winning lr trains with the remaining seeds (the tuning run is the
+   first seed).
+3. Held-out accuracy: `grass eval RUN_DIR --data test.jsonl --kind generate`
+   (greedy, the task's scorer) on the first --test-limit items of the test split.
+
+Each training runs in its own child process, so peak RSS is that run's own
+high-water mark. Per method the table gives accuracy (mean and spread over seeds),
+final validation loss, peak RSS (CUDA peak with --gpu), optimizer state on the
+device, tokens/s, wall time, and ratios against LISA and full fine-tuning. Runs
+already done in --work are reused, so an interrupted benchmark continues where it
+stopped; results and plots go to benchmarks/results/ and docs/img/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("full", "lora", "lisa", "grass", "grass-static", "cyclic")
+LABELS = {
+    "full": "full FT",
+    "lora": "LoRA",
+    "lisa": "LISA",
+    "grass": "GRASS",
+    "grass-static": "GRASS-static",
+    "cyclic": "cyclic",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    data: str  # folder with train.jsonl, eval.jsonl (validation), test.jsonl (held out)
+    kind: str
+    scorer: str
+    max_new_tokens: int
+
+
+# Two reasoning-gym tasks of different kinds, generated with fixed seeds by
+# scripts/make_data.py (train, validation and test from seeds a million apart,
+# cross-split duplicates removed).
+TASKS = {
+    "chain_sum": Task("data/quickstart", "arithmetic", "numeric", 12),
+    "reversal": Task("data/reversal", "string manipulation", "exact", 32),
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    steps: int
+    micro_batch: int
+    seeds: tuple[int, ...]
+    lr_grid: tuple[float, ...]  # multipliers of each recipe's lr
+    val_limit: int
+    test_limit: int
+    max_length: int = 96
+    overrides: tuple[str, ...] = ()
+    extra_by_method: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+MODES = {
+    "quick": Mode(
+        steps=30, micro_batch=4, seeds=(0,), lr_grid=(1.0,), val_limit=50, test_limit=100
+    ),
+    "full": Mode(
+        steps=150,
+        micro_batch=8,
+        seeds=(0, 1, 2),
+        lr_grid=(0.5, 1.0, 2.0),
+        val_limit=200,
+        test_limit=300,
+    ),
+    "gpu": Mode(
+        steps=300,
+        micro_batch=32,
+        seeds=(0, 1, 2),
+        lr_grid=(0.5, 1.0, 2.0),
+        val_limit=300,
+        test_limit=300,
+        max_length=256,
+        overrides=("training.autocast=bf16", "training.device=cuda"),
+        # on a GPU the device is GPU memory: offload to host memory, not disk
+        extra_by_method={
+            m: ("optimizer.offload.target=cpu",) for m in ("grass", "grass-static", "cyclic")
+        },
+    ),
+}
+
+
+# ----------------------------------------------------------------------- one run
+
+
+def child(recipe_path: str, overrides: list[str]) -> None:
+    """Train once in this process; print one JSON line of what the parent needs."""
+    sys.path.insert(0, str(ROOT))
+    from grass_cli.engine import run_training
+    from grass_cli.recipe import load_recipe
+    from grass_cli.telemetry import Telemetry
+
+    recipe = load_recipe(Path(recipe_path), overrides)
+    result = run_training(recipe, Telemetry([]), overwrite=True)
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(x) for x in lines]
+    steps = [e for e in events if e["event"] == "step"]
+    timed = steps[2:] if len(steps) > 4 else steps
+    end = next(e for e in events if e["event"] == "end")
+    cuda_peak = max((e.get("cuda_peak") or 0) for e in steps)
+    print(
+        json.dumps(
+            {
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "cuda_peak": cuda_peak,
+                "state_bytes_device": max(
+                    e["optimizer_state_bytes"] + e.get("master_weight_bytes", 0) for e in steps
+                ),
+                "trainable_params": max(e["trainable_params"] for e in steps),
+                "tokens": sum(e["tokens"] for e in steps),
+                "tokens_per_s": sum(e["tokens"] for e in timed)
+                / sum(e["step_time"] for e in timed),
+                "train_s": sum(e["step_time"] for e in steps),
+                "wall_s": end["elapsed_s"],
+                "first_eval_loss": end["first_eval_loss"],
+                "val_loss": end["final_eval_loss"],
+                "losses": [e["loss"] for e in steps],
+            }
+        )
+    )
+
+
+def run_dir_for(work: Path, task: str, method: str, lr: float, seed: int) -> Path:
+    return work / task / method / f"lr{lr:.2e}-seed{seed}"
+
+
+def train_one(
+    work: Path, task: str, method: str, lr: float, seed: int, mode: Mode, log
+) -> dict[str, Any]:
+    """One training run (reused when its result.json exists)."""
+    out = run_dir_for(work, task, method, lr, seed)
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t = TASKS[task]
+    overrides = [
+        f"data.train={t.data}/train.jsonl",
+        f"data.eval={t.data}/eval.jsonl",
+        f"data.eval_limit={mode.val_limit}",
+        f"data.max_length={mode.max_length}",
+        f"training.max_steps={mode.steps}",
+        f"training.micro_batch_size={mode.micro_batch}",
+        f"training.seed={seed}",
+        f"optimizer.lr={lr}",
+        "checkpoint.at_end=false",
+        "output.save_model=true",
+        f"output.dir={out}",
+        *mode.overrides,
+        *mode.extra_by_method.get(method, ()),
+    ]
+    log(f"train {task:<9} {method:<12} lr={lr:.2e} seed={seed}")
+    t0 = time.perf_counter()
+    recipe = ROOT / f"recipes/bench/{method}.yaml"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(recipe), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        sys.exit(f"{task}/{method} lr={lr} seed={seed} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(task=task, method=method, lr=lr, seed=seed, run_dir=str(out))
+    log(
+        f"      val loss {result['val_loss']:.4f}, {result['tokens_per_s']:.0f} tok/s, "
+        f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB ({time.perf_counter() - t0:.0f} s)"
+    )
+    done.write_text(json.dumps(result))
+    return result
+
+
+def held_out(result: dict[str, Any], mode: Mode, log) -> dict[str, Any]:
+    """Accuracy of a trained run on the test split, through `grass eval`."""
+    out = Path(result["run_dir"])
+    done = out / "held_out.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t = TASKS[result["task"]]
+    cmd = [
+        sys.executable, "-m", "grass_cli", "eval", str(out),
+        "--data", f"{t.data}/test.jsonl", "--kind", "generate", "--scorer", t.scorer,
+        "--max-new-tokens", str(t.max_new_tokens), "--limit", str(mode.test_limit),
+        "--batch-size", "16", "--json", "--out", str(out / "held-out"),
+    ]  # fmt: skip
+    if "training.device=cuda" in mode.overrides:
+        cmd += ["--device", "cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"grass eval of {out} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout)
+    log(f"      held-out accuracy {res['accuracy']:.3f} ({res['correct']}/{res['scored']})")
+    done.write_text(json.dumps(res))
+    # the model has served its purpose: keep the run's metrics, free the disk
+    shutil.rmtree(out / "final", ignore_errors=True)
+    return res
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(rows: list[dict[str, Any]], use_cuda: bool) -> dict[str, dict[str, Any]]:
+    """Per method: accuracy per task (mean, sd over seeds) and the cost figures."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        per_task = {}
+        for task in TASKS:
+            accs = [r["accuracy"] for r in mine if r["task"] == task]
+            if accs:
+                per_task[task] = mean_sd([100 * a for a in accs])
+        seeds_mean = [
+            statistics.mean(100 * r["accuracy"] for r in mine if r["seed"] == s)
+            for s in sorted({r["seed"] for r in mine})
+        ]
+        out[method] = {
+            "accuracy": per_task,
+            "mean_accuracy": mean_sd(seeds_mean),
+            "val_loss": statistics.mean(r["val_loss"] for r in mine),
+            "memory": statistics.mean(r["cuda_peak" if use_cuda else "peak_rss"] for r in mine),
+            "state_bytes_device": statistics.mean(r["state_bytes_device"] for r in mine),
+            "trainable_params": statistics.mean(r["trainable_params"] for r in mine),
+            "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in mine),
+            "wall_s": statistics.mean(r["wall_s"] for r in mine),
+            "tokens": statistics.mean(r["tokens"] for r in mine),
+            "lr": {t: r["lr"] for t in TASKS for r in mine if r["task"] == t},
+            "runs": len(mine),
+        }
+    return out
+
+
+def table(agg: dict[str, dict[str, Any]], use_cuda: bool) -> str:
+    mem = "CUDA peak (GiB)" if use_cuda else "peak RSS (GiB)"
+    head = (
+        ["method", "trained params (M)"]
+        + [f"{t} acc. %" for t in TASKS]
+        + ["mean acc. %", "vs LISA (pts)", "vs full (pts)", "val. loss", mem, "x LISA", "x full"]
+        + ["opt. state on device (MiB)", "tokens/s", "x LISA", "x full", "wall (s)", "lr"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lisa, full = agg.get("lisa"), agg.get("full")
+
+    def ratio(a: float, b: dict | None, key: str) -> str:
+        return f"{a / b[key]:.2f}" if b else "-"
+
+    for method, a in agg.items():
+        acc = a["mean_accuracy"][0]
+        cells = [LABELS[method], f"{a['trainable_params'] / 1e6:.1f}"]
+        cells += [
+            f"{a['accuracy'][t][0]:.1f} ± {a['accuracy'][t][1]:.1f}" if t in a["accuracy"] else "-"
+            for t in TASKS
+        ]
+        cells += [
+            f"{acc:.1f} ± {a['mean_accuracy'][1]:.1f}",
+            f"{acc - lisa['mean_accuracy'][0]:+.1f}" if lisa else "-",
+            f"{acc - full['mean_accuracy'][0]:+.1f}" if full else "-",
+            f"{a['val_loss']:.4f}",
+            f"{a['memory'] / 2**30:.2f}",
+            ratio(a["memory"], lisa, "memory"),
+            ratio(a["memory"], full, "memory"),
+            f"{a['state_bytes_device'] / 2**20:.0f}",
+            f"{a['tokens_per_s']:.0f}",
+            ratio(a["tokens_per_s"], lisa, "tokens_per_s"),
+            ratio(a["tokens_per_s"], full, "tokens_per_s"),
+            f"{a['wall_s']:.0f}",
+            ", ".join(f"{lr:.0e}" for lr in a["lr"].values()),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(agg: dict[str, dict[str, Any]]) -> list[str]:
+    """The project's goal, judged by the numbers (GRASS vs LISA, LoRA and full)."""
+    g = agg.get("grass")
+    if g is None:
+        return []
+    acc = g["mean_accuracy"][0]
+    out = []
+
+    def check(ok: bool, text: str) -> None:
+        out.append(f"- [{'x' if ok else ' '}] {text}")
+
+    for other, name in (("lisa", "LISA"), ("lora", "LoRA")):
+        if other in agg:
+            o = agg[other]["mean_accuracy"][0]
+            check(acc >= o, f"GRASS at least as accurate as {name}: {acc:.1f} vs {o:.1f}")
+    if "full" in agg:
+        f = agg["full"]["mean_accuracy"][0]
+        check(acc >= f - 1.0, f"GRASS within 1 point of full FT: {acc:.1f} vs {f:.1f}")
+    if "lisa" in agg:
+        m = g["memory"] / agg["lisa"]["memory"]
+        check(m <= 0.80, f"GRASS peak memory at most 0.80x LISA-keep: {m:.2f}x")
+        t = g["tokens_per_s"] / agg["lisa"]["tokens_per_s"]
+        check(t >= 0.90, f"GRASS throughput at least 0.90x LISA: {t:.2f}x")
+    return out
+
+
+def plots(rows: list[dict[str, Any]], agg: dict, use_cuda: bool, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors, strict=False))
+    paths = []
+    # accuracy vs memory, one panel per task
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5.5 * len(TASKS), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], TASKS, strict=True):
+        for method, a in agg.items():
+            if task not in a["accuracy"]:
+                continue
+            m, sd = a["accuracy"][task]
+            ax.errorbar(
+                a["memory"] / 2**30, m, yerr=sd, fmt="o", color=colors[method],
+                label=LABELS[method], capsize=3, markersize=7,
+            )  # fmt: skip
+        ax.set_xlabel(("CUDA peak" if use_cuda else "peak RSS") + " (GiB)")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(f"{task} ({TASKS[task].kind})")
+        ax.grid(alpha=0.3)
+    _legend(axes[0])
+    fig.tight_layout()
+    paths.append(stem.with_name(stem.name + "-accuracy-memory.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # training loss curves, mean over seeds at the chosen lr
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5.5 * len(TASKS), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], TASKS, strict=True):
+        for method in agg:
+            curves = [r["losses"] for r in rows if r["method"] == method and r["task"] == task]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
+            k = max(1, n // 30)  # light smoothing: running mean over k steps
+            smooth = [statistics.mean(mean[max(0, i - k + 1) : i + 1]) for i in range(n)]
+            ax.plot(range(1, n + 1), smooth, color=colors[method], label=LABELS[method])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    _legend(axes[0])
+    fig.tight_layout()
+    paths.append(stem.with_name(stem.name + "-loss.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _legend(axes) -> None:
+    """One legend, on the first panel that has something to label."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+            return
+
+
+def machine(use_cuda: bool) -> str:
+    import peft
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = f", GPU {torch.cuda.get_device_name()}" if use_cuda else ", no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM{gpu}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, peft {peft.__version__}"
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced: 1 seed, no lr grid, 30 steps")
+    ap.add_argument("--gpu", action="store_true", help="CUDA variant: bf16, batch 32, seq 256")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--work", type=Path, help="run folder (default runs/compare-MODE)")
+    ap.add_argument("--steps", type=int, help="override the mode's steps (smoke tests)")
+    ap.add_argument("--test-limit", type=int, help="override the mode's held-out items")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1:])
+        return
+    if args.quick and args.gpu:
+        ap.error("--quick and --gpu are separate modes; pick one")
+    name = "quick" if args.quick else "gpu" if args.gpu else "full"
+    mode = MODES[name]
+    if args.steps or args.test_limit:
+        from dataclasses import replace
+
+        mode = replace(
+            mode, steps=args.steps or mode.steps, test_limit=args.test_limit or mode.test_limit
+        )
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--gpu needs a CUDA device; this machine has none")
+    work = args.work or ROOT / f"runs/compare-{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    log_file = open(work / "log.txt", "a", encoding="utf-8")  # noqa: SIM115
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    import yaml
+
+    t_start = time.perf_counter()
+    chosen: list[dict[str, Any]] = []
+    tuning: dict[str, dict[str, dict[float, float]]] = {}
+    for task in args.tasks:
+        for method in args.methods:
+            base_lr = yaml.safe_load((ROOT / f"recipes/bench/{method}.yaml").read_text())[
+                "optimizer"
+            ]["lr"]
+            first = mode.seeds[0]
+            grid = [base_lr * m for m in mode.lr_grid]
+            tried = {lr: train_one(work, task, method, lr, first, mode, log) for lr in grid}
+            best = min(grid, key=lambda lr: (tried[lr]["val_loss"], lr))
+            tuning.setdefault(task, {})[method] = {lr: r["val_loss"] for lr, r in tried.items()}
+            if len(grid) > 1:
+                log(f"      {task}/{method}: lr {best:.2e} chosen on validation loss")
+            for lr in grid:  # models of the lrs not chosen are not needed
+                if lr != best:
+                    shutil.rmtree(run_dir_for(work, task, method, lr, first) / "final", True)
+            for seed in mode.seeds:
+                r = tried[best] if seed == first else train_one(
+                    work, task, method, best, seed, mode, log
+                )  # fmt: skip
+                chosen.append({**r, **held_out(r, mode, log)})
+
+    use_cuda = args.gpu
+    agg = aggregate(chosen, use_cuda)
+    text = table(agg, use_cuda)
+    checks = goals(agg)
+    cmd = shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]])
+    desc = machine(use_cuda)
+    elapsed = time.perf_counter() - t_start
+    stem = ROOT / f"docs/img/compare-{name}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    images = plots(chosen, agg, use_cuda, stem)
+    settings = (
+        f"{mode.steps} steps x batch {mode.micro_batch} (max_length {mode.max_length}), "
+        f"seeds {list(mode.seeds)}, lr grid x{list(mode.lr_grid)} of each recipe's lr, "
+        f"validation: first {mode.val_limit} rows of eval.jsonl, held out: first "
+        f"{mode.test_limit} rows of test.jsonl"
+    )
+    md = (
+        f"{text}\n\n{chr(10).join(checks)}\n\ncommand: `{cmd}`\n\nsettings: {settings}\n\n"
+        f"machine: {desc}\n\nbenchmark wall time: {elapsed / 60:.1f} min (runs reused from "
+        f"{work} not counted)\n"
+    )
+    results = ROOT / "benchmarks/results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"compare-{name}.md").write_text(md)
+    (results / f"compare-{name}.json").write_text(
+        json.dumps(
+            {
+                "command": cmd,
+                "machine": desc,
+                "settings": settings,
+                "aggregate": agg,
+                "tuning": tuning,
+                "runs": [{k: v for k, v in r.items() if k != "losses"} for r in chosen],
+            },
+            indent=1,
+        )
+    )
+    print()
+    print(md)
+    print("plots: " + ", ".join(str(p.relative_to(ROOT)) for p in images))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""benchmarks/compare.py's bookkeeping: aggregation over seeds, ratios, goal checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks/compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(method, task, seed, acc, mem, tps):
+    return {
+        "method": method, "task": task, "seed": seed, "accuracy": acc, "peak_rss": mem,
+        "cuda_peak": 0, "val_loss": 1.0, "state_bytes_device": 2**20, "trainable_params": 1e6,
+        "tokens_per_s": tps, "wall_s": 10.0, "tokens": 100, "lr": 1e-4, "losses": [2.0, 1.0],
+    }  # fmt: skip
+
+
+def test_aggregate_ratios_and_goals(compare):
+    rows = [
+        # LISA: 40% / 60% on the two tasks, 10 GiB, 100 tok/s
+        row("lisa", "chain_sum", 0, 0.40, 10 * 2**30, 100.0),
+        row("lisa", "reversal", 0, 0.60, 10 * 2**30, 100.0),
+        # GRASS: two seeds, 45/55 and 55/65 -> 50 and 60 -> mean 55 (sd 7.07)
+        row("grass", "chain_sum", 0, 0.45, 7 * 2**30, 95.0),
+        row("grass", "reversal", 0, 0.55, 7 * 2**30, 95.0),
+        row("grass", "chain_sum", 1, 0.55, 9 * 2**30, 85.0),
+        row("grass", "reversal", 1, 0.65, 9 * 2**30, 85.0),
+    ]
+    agg = compare.aggregate(rows, use_cuda=False)
+    g = agg["grass"]
+    assert g["accuracy"]["chain_sum"] == pytest.approx((50.0, 7.0710678))
+    assert g["mean_accuracy"] == pytest.approx((55.0, 7.0710678))
+    assert g["memory"] == 8 * 2**30 and g["tokens_per_s"] == 90.0
+    text = compare.table(agg, use_cuda=False)
+    grass_line = next(x for x in text.splitlines() if x.startswith("| GRASS |"))
+    cells = [c.strip() for c in grass_line.strip("|").split("|")]
+    assert cells[4] == "55.0 ± 7.1"  # mean accuracy
+    assert cells[5] == "+5.0"  # vs LISA, points
+    assert cells[9] == "0.80"  # memory x LISA
+    assert cells[13] == "0.90"  # tokens/s x LISA
+    checks = compare.goals(agg)
+    assert checks == [
+        "- [x] GRASS at least as accurate as LISA: 55.0 vs 50.0",
+        "- [x] GRASS peak memory at most 0.80x LISA-keep: 0.80x",
+        "- [x] GRASS throughput at least 0.90x LISA: 0.90x",
+    ]
+    rows[2]["peak_rss"] = 11 * 2**30  # now GRASS uses 0.90x LISA's memory
+    assert "- [ ] GRASS peak memory at most 0.80x LISA-keep: 0.90x" in compare.goals(
+        compare.aggregate(rows, use_cuda=False)
+    )
