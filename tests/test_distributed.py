@@ -77,8 +77,10 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-def train_dp(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = torchrun("-m", "grass_cli", "train", str(recipe), "--no-live", *extra)
+def train_dp(recipe: Path, *extra: str, script: bool = False) -> subprocess.CompletedProcess:
+    """2 processes through `-m grass_cli`, or through the installed `grass` script."""
+    entry = [str(Path(sys.executable).with_name("grass"))] if script else ["-m", "grass_cli"]
+    proc = torchrun(*entry, "train", str(recipe), "--no-live", *extra)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -170,7 +172,7 @@ def test_resume_two_processes_and_refuse_a_different_world_size(dp_runs, tmp_pat
     recipe, straight_dir, _ = runs["grass-offload-disk"]
     out = tmp_path / "resumed"
     # stop after 3 steps (a checkpoint at the end), then continue to STEPS
-    train_dp(recipe, f"output.dir={out}", "training.max_steps=3")
+    train_dp(recipe, f"output.dir={out}", "training.max_steps=3", script=True)
     ckpt = out / "checkpoints/step-0000003"
     assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
     assert json.loads((ckpt / "manifest.json").read_text())["world_size"] == 2
