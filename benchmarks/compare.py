@@ -153,15 +153,17 @@ def child(recipe_path: str, overrides: list[str]) -> None:
     )
 
 
-def run_dir_for(work: Path, task: str, method: str, lr: float, seed: int) -> Path:
-    return work / task / method / f"lr{lr:.2e}-seed{seed}"
+def run_dir_for(work: Path, task: str, method: str, lr: float, seed: int, mode: Mode) -> Path:
+    """Named by everything that shapes the run, so a reused folder is the same run."""
+    shape = f"steps{mode.steps}-b{mode.micro_batch}-len{mode.max_length}"
+    return work / task / method / f"lr{lr:.2e}-seed{seed}-{shape}"
 
 
 def train_one(
     work: Path, task: str, method: str, lr: float, seed: int, mode: Mode, log
 ) -> dict[str, Any]:
     """One training run (reused when its result.json exists)."""
-    out = run_dir_for(work, task, method, lr, seed)
+    out = run_dir_for(work, task, method, lr, seed, mode)
     done = out / "result.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -205,7 +207,7 @@ def train_one(
 def held_out(result: dict[str, Any], mode: Mode, log) -> dict[str, Any]:
     """Accuracy of a trained run on the test split, through `grass eval`."""
     out = Path(result["run_dir"])
-    done = out / "held_out.json"
+    done = out / f"held_out-{mode.test_limit}.json"
     if done.exists():
         return json.loads(done.read_text())
     t = TASKS[result["task"]]
@@ -213,7 +215,7 @@ def held_out(result: dict[str, Any], mode: Mode, log) -> dict[str, Any]:
         sys.executable, "-m", "grass_cli", "eval", str(out),
         "--data", f"{t.data}/test.jsonl", "--kind", "generate", "--scorer", t.scorer,
         "--max-new-tokens", str(t.max_new_tokens), "--limit", str(mode.test_limit),
-        "--batch-size", "16", "--json", "--out", str(out / "held-out"),
+        "--batch-size", "16", "--json", "--out", str(out / f"held-out-{mode.test_limit}"),
     ]  # fmt: skip
     if "training.device=cuda" in mode.overrides:
         cmd += ["--device", "cuda"]
@@ -476,7 +478,7 @@ def main() -> None:
                 log(f"      {task}/{method}: lr {best:.2e} chosen on validation loss")
             for lr in grid:  # models of the lrs not chosen are not needed
                 if lr != best:
-                    shutil.rmtree(run_dir_for(work, task, method, lr, first) / "final", True)
+                    shutil.rmtree(run_dir_for(work, task, method, lr, first, mode) / "final", True)
             for seed in mode.seeds:
                 r = tried[best] if seed == first else train_one(
                     work, task, method, best, seed, mode, log
@@ -490,6 +492,10 @@ def main() -> None:
     cmd = shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]])
     desc = machine(use_cuda)
     elapsed = time.perf_counter() - t_start
+    # a partial or overridden run must not overwrite the mode's published results
+    subset = set(args.methods) != set(METHODS) or set(args.tasks) != set(TASKS)
+    if subset or args.steps or args.test_limit:
+        name += "-partial"
     stem = ROOT / f"docs/img/compare-{name}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     images = plots(chosen, agg, use_cuda, stem)
