@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
@@ -80,6 +79,7 @@ class Mode:
     val_limit: int
     test_limit: int
     max_length: int = 96
+    cuda: bool = False  # train and evaluate on CUDA; memory is the CUDA peak
     overrides: tuple[str, ...] = ()
     extra_by_method: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -104,7 +104,8 @@ MODES = {
         val_limit=300,
         test_limit=300,
         max_length=256,
-        overrides=("training.autocast=bf16", "training.device=cuda"),
+        cuda=True,
+        overrides=("training.autocast=bf16",),
         # on a GPU the device is GPU memory: offload to host memory, not disk
         extra_by_method={
             m: ("optimizer.offload.target=cpu",) for m in ("grass", "grass-static", "cyclic")
@@ -119,30 +120,19 @@ MODES = {
 def child(recipe_path: str, overrides: list[str]) -> None:
     """Train once in this process; print one JSON line of what the parent needs."""
     sys.path.insert(0, str(ROOT))
-    from grass_cli.engine import run_training
-    from grass_cli.recipe import load_recipe
-    from grass_cli.telemetry import Telemetry
+    from runstats import common_stats, train_child
 
-    recipe = load_recipe(Path(recipe_path), overrides)
-    result = run_training(recipe, Telemetry([]), overwrite=True)
-    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    events = [json.loads(x) for x in lines]
-    steps = [e for e in events if e["event"] == "step"]
-    timed = steps[2:] if len(steps) > 4 else steps
+    events, steps = train_child(Path(recipe_path), overrides)
     end = next(e for e in events if e["event"] == "end")
-    cuda_peak = max((e.get("cuda_peak") or 0) for e in steps)
     print(
         json.dumps(
             {
-                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "cuda_peak": cuda_peak,
+                **common_stats(steps),
+                "cuda_peak": max((e.get("cuda_peak") or 0) for e in steps),
                 "state_bytes_device": max(
                     e["optimizer_state_bytes"] + e.get("master_weight_bytes", 0) for e in steps
                 ),
                 "trainable_params": max(e["trainable_params"] for e in steps),
-                "tokens": sum(e["tokens"] for e in steps),
-                "tokens_per_s": sum(e["tokens"] for e in timed)
-                / sum(e["step_time"] for e in timed),
                 "train_s": sum(e["step_time"] for e in steps),
                 "wall_s": end["elapsed_s"],
                 "first_eval_loss": end["first_eval_loss"],
@@ -180,6 +170,7 @@ def train_one(
         "checkpoint.at_end=false",
         "output.save_model=true",
         f"output.dir={out}",
+        *(["training.device=cuda"] if mode.cuda else []),
         *mode.overrides,
         *mode.extra_by_method.get(method, ()),
     ]
@@ -217,7 +208,7 @@ def held_out(result: dict[str, Any], mode: Mode, log) -> dict[str, Any]:
         "--max-new-tokens", str(t.max_new_tokens), "--limit", str(mode.test_limit),
         "--batch-size", "16", "--json", "--out", str(out / f"held-out-{mode.test_limit}"),
     ]  # fmt: skip
-    if "training.device=cuda" in mode.overrides:
+    if mode.cuda:
         cmd += ["--device", "cuda"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -485,7 +476,7 @@ def main() -> None:
                 )  # fmt: skip
                 chosen.append({**r, **held_out(r, mode, log)})
 
-    use_cuda = args.gpu
+    use_cuda = mode.cuda
     agg = aggregate(chosen, use_cuda)
     text = table(agg, use_cuda)
     checks = goals(agg)

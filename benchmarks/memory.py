@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,23 +52,15 @@ METHODS: dict[str, list[str]] = {
 
 def child(overrides: list[str]) -> None:
     """Train once in this process and print one JSON line of results."""
-    from grass_cli.engine import run_training
-    from grass_cli.recipe import load_recipe
-    from grass_cli.telemetry import Telemetry
+    from runstats import common_stats, train_child
 
-    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", overrides)
-    result = run_training(recipe, Telemetry([]), overwrite=True)
-    events = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [e for e in events if e["event"] == "step"]
-    timed = steps[2:] if len(steps) > 4 else steps
+    events, steps = train_child(ROOT / "recipes/quickstart.yaml", overrides)
     visited = sorted({b for e in steps for b in e["active"]})
     num_blocks = next(e for e in events if e["event"] == "start")["num_blocks"]
     print(
         json.dumps(
             {
-                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "tokens_per_s": sum(e["tokens"] for e in timed)
-                / sum(e["step_time"] for e in timed),
+                **common_stats(steps),
                 "state_bytes_device_peak": max(e["optimizer_state_bytes"] for e in steps),
                 "state_bytes_store_end": steps[-1]["optimizer_state_offload_cpu_bytes"]
                 + steps[-1]["optimizer_state_offload_disk_bytes"],

@@ -51,7 +51,10 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _main_rank() -> bool:
-    """Under torchrun only rank 0 talks to the user; the others stay silent."""
+    """Under torchrun only rank 0 talks to the user; the others stay silent.
+
+    Reads RANK itself rather than through grass_cli.distributed, which imports torch
+    (this module must not, for a fast `grass --help`)."""
     return os.environ.get("RANK", "0") in ("0", "")
 
 

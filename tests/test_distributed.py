@@ -148,7 +148,7 @@ def dp_w_base(dp_runs) -> Path:
 
 
 def test_allreduce_bytes_are_the_active_groups_gradients(dp_runs):
-    model_dir, _, runs = dp_runs
+    _, _, runs = dp_runs
     _, dp_dir, _ = runs["grass-offload-disk"]
     full_bytes = sum(t.numel() * t.element_size() for t in load_file(dp_w_base(dp_runs)).values())
     steps = events(dp_dir, "step")

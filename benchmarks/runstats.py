@@ -1,0 +1,37 @@
+"""What every benchmark child reports about the training run it just did.
+
+Shared by memory.py and compare.py, so both measure a run the same way: peak RSS
+is this process's high-water mark (the child trains once), and throughput is
+trained tokens per second over the steps after the first two (allocator and
+cache warm-up), from the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+
+def train_child(recipe_path: Path, overrides: list[str]) -> tuple[list[dict], list[dict]]:
+    """Train once in this process; returns (all events, step events) of the run."""
+    from grass_cli.engine import run_training
+    from grass_cli.recipe import load_recipe
+    from grass_cli.telemetry import Telemetry
+
+    recipe = load_recipe(recipe_path, overrides)
+    result = run_training(recipe, Telemetry([]), overwrite=True)
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(x) for x in lines]
+    return events, [e for e in events if e["event"] == "step"]
+
+
+def common_stats(steps: list[dict]) -> dict[str, Any]:
+    """Peak RSS, tokens/s after warm-up, and the run's token count."""
+    timed = steps[2:] if len(steps) > 4 else steps
+    return {
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "tokens_per_s": sum(e["tokens"] for e in timed) / sum(e["step_time"] for e in timed),
+        "tokens": sum(e["tokens"] for e in steps),
+    }
