@@ -61,3 +61,37 @@ def test_aggregate_ratios_and_goals(compare):
     assert "- [ ] GRASS peak memory at most 0.80x LISA-keep: 0.90x" in compare.goals(
         compare.aggregate(rows, use_cuda=False)
     )
+
+
+def test_lr_tuner_picks_validation_minimum_once(compare, tmp_path):
+    """Tuning trains each grid lr once (first seed), keeps the lowest validation loss,
+    answers the ablations from GRASS's tuning, and honours the mode's tuning task."""
+    calls = []
+
+    def fake_train(work, task, method, lr, seed, mode, log):
+        calls.append((task, method, lr, seed))
+        # validation loss is lowest at 2x the recipe lr for LoRA, 0.5x for the others
+        best = {"lora": 2e-3}.get(method, 1e-4)
+        return {"val_loss": abs(lr - best) + (0.5 if task == "chain_sum" else 0.0)}
+
+    mode = compare.MODES["full"]
+    assert mode.seeds == (0, 1, 2) and mode.lr_grid == (0.5, 1.0, 2.0)
+    tuner = compare.LrTuner(tmp_path, mode, lambda msg: None, train=fake_train)
+    assert tuner.lr_for("chain_sum", "lora") == pytest.approx(2e-3)
+    assert tuner.lr_for("chain_sum", "grass") == pytest.approx(1e-4)
+    # the full CPU mode tunes on reversal only, with seed 0, three lrs per method
+    assert [c for c in calls if c[0] != "reversal" or c[3] != 0] == []
+    assert len(calls) == 6
+    # ablations take GRASS's lr; nothing new is trained for them or for reversal
+    assert tuner.lr_for("reversal", "cyclic") == pytest.approx(1e-4)
+    assert tuner.lr_for("chain_sum", "grass-static") == pytest.approx(1e-4)
+    assert tuner.lr_for("reversal", "lora") == pytest.approx(2e-3)
+    assert len(calls) == 6
+    assert sorted(tuner.tuning["reversal"]["lora"]) == pytest.approx([5e-4, 1e-3, 2e-3])
+
+    # the GPU mode tunes on each task's own validation split
+    calls.clear()
+    gpu = compare.LrTuner(tmp_path, compare.MODES["gpu"], lambda msg: None, train=fake_train)
+    gpu.lr_for("chain_sum", "full")
+    gpu.lr_for("reversal", "full")
+    assert sorted({c[0] for c in calls}) == ["chain_sum", "reversal"] and len(calls) == 6
