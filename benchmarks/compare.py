@@ -205,29 +205,50 @@ def train_one(
     return result
 
 
+def _grass_eval(model: str, task: str, mode: Mode, out: Path) -> dict[str, Any]:
+    """`grass eval MODEL` on the first test_limit held-out items of `task`, greedy."""
+    t = TASKS[task]
+    cmd = [
+        sys.executable, "-m", "grass_cli", "eval", model,
+        "--data", f"{t.data}/test.jsonl", "--kind", "generate", "--scorer", t.scorer,
+        "--max-new-tokens", str(t.max_new_tokens), "--limit", str(mode.test_limit),
+        "--batch-size", "16", "--json", "--out", str(out),
+    ]  # fmt: skip
+    if mode.cuda:
+        cmd += ["--device", "cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"grass eval of {model} on {task} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
 def held_out(result: dict[str, Any], mode: Mode, log) -> dict[str, Any]:
     """Accuracy of a trained run on the test split, through `grass eval`."""
     out = Path(result["run_dir"])
     done = out / f"held_out-{mode.test_limit}.json"
     if done.exists():
         return json.loads(done.read_text())
-    t = TASKS[result["task"]]
-    cmd = [
-        sys.executable, "-m", "grass_cli", "eval", str(out),
-        "--data", f"{t.data}/test.jsonl", "--kind", "generate", "--scorer", t.scorer,
-        "--max-new-tokens", str(t.max_new_tokens), "--limit", str(mode.test_limit),
-        "--batch-size", "16", "--json", "--out", str(out / f"held-out-{mode.test_limit}"),
-    ]  # fmt: skip
-    if mode.cuda:
-        cmd += ["--device", "cuda"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.exit(f"grass eval of {out} failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout)
+    res = _grass_eval(str(out), result["task"], mode, out / f"held-out-{mode.test_limit}")
     log(f"      held-out accuracy {res['accuracy']:.3f} ({res['correct']}/{res['scored']})")
     done.write_text(json.dumps(res))
     # the model has served its purpose: keep the run's metrics, free the disk
     shutil.rmtree(out / "final", ignore_errors=True)
+    return res
+
+
+def base_accuracy(work: Path, task: str, mode: Mode, log) -> dict[str, Any]:
+    """The untrained model on the same held-out items: what training has to beat."""
+    import yaml
+
+    out = work / task / "base"
+    done = out / f"held_out-{mode.test_limit}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    recipe = yaml.safe_load((ROOT / "recipes/bench/full.yaml").read_text())
+    log(f"eval  {task:<9} base model ({recipe['model']['path']})")
+    res = _grass_eval(recipe["model"]["path"], task, mode, out / f"held-out-{mode.test_limit}")
+    log(f"      held-out accuracy {res['accuracy']:.3f} ({res['correct']}/{res['scored']})")
+    done.write_text(json.dumps(res))
     return res
 
 
@@ -313,7 +334,10 @@ def aggregate(rows: list[dict[str, Any]], use_cuda: bool) -> dict[str, dict[str,
     return out
 
 
-def table(agg: dict[str, dict[str, Any]], use_cuda: bool) -> str:
+def table(
+    agg: dict[str, dict[str, Any]], use_cuda: bool, base: dict[str, float] | None = None
+) -> str:
+    """The Markdown table; `base` (task -> accuracy 0..1) adds the untrained model's row."""
     mem = "CUDA peak (GiB)" if use_cuda else "peak RSS (GiB)"
     head = (
         ["method", "trained params (M)"]
@@ -350,6 +374,19 @@ def table(agg: dict[str, dict[str, Any]], use_cuda: bool) -> str:
             ", ".join(f"{lr:.0e}" for lr in a["lr"].values()),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if base:
+        accs = [100 * base[t] if t in base else None for t in TASKS]
+        known = [a for a in accs if a is not None]
+        acc = statistics.mean(known)
+        cells = ["base model (no training)", "0.0"]
+        cells += [f"{a:.1f}" if a is not None else "-" for a in accs]
+        cells += [
+            f"{acc:.1f}",
+            f"{acc - lisa['mean_accuracy'][0]:+.1f}" if lisa else "-",
+            f"{acc - full['mean_accuracy'][0]:+.1f}" if full else "-",
+        ]
+        cells += ["-"] * (len(head) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -379,7 +416,13 @@ def goals(agg: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def plots(rows: list[dict[str, Any]], agg: dict, use_cuda: bool, stem: Path) -> list[Path]:
+def plots(
+    rows: list[dict[str, Any]],
+    agg: dict,
+    use_cuda: bool,
+    stem: Path,
+    base: dict[str, float] | None = None,
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,6 +441,8 @@ def plots(rows: list[dict[str, Any]], agg: dict, use_cuda: bool, stem: Path) -> 
                 a["memory"] / 2**30, m, yerr=sd, fmt="o", color=colors[method],
                 label=LABELS[method], capsize=3, markersize=7,
             )  # fmt: skip
+        if base and task in base:
+            ax.axhline(100 * base[task], color="gray", ls="--", lw=1, label="base model")
         ax.set_xlabel(("CUDA peak" if use_cuda else "peak RSS") + " (GiB)")
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_title(f"{task} ({TASKS[task].kind})")
@@ -513,10 +558,11 @@ def main() -> None:
                 r = train_one(work, task, method, lr, seed, mode, log)
                 chosen.append({**r, **held_out(r, mode, log)})
     tuning = tuner.tuning
+    base = {t: base_accuracy(work, t, mode, log)["accuracy"] for t in args.tasks}
 
     use_cuda = mode.cuda
     agg = aggregate(chosen, use_cuda)
-    text = table(agg, use_cuda)
+    text = table(agg, use_cuda, base)
     checks = goals(agg)
     cmd = shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]])
     desc = machine(use_cuda)
@@ -527,7 +573,7 @@ def main() -> None:
         name += "-partial"
     stem = ROOT / f"docs/img/compare-{name}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    images = plots(chosen, agg, use_cuda, stem)
+    images = plots(chosen, agg, use_cuda, stem, base)
     settings = (
         f"{mode.steps} steps x batch {mode.micro_batch} (max_length {mode.max_length}), "
         f"seeds {list(mode.seeds)}, lr grid x{list(mode.lr_grid)} of each recipe's lr "
@@ -552,6 +598,7 @@ def main() -> None:
                 "settings": settings,
                 "aggregate": agg,
                 "tuning": tuning,
+                "base_accuracy": base,
                 "runs": [{k: v for k, v in r.items() if k != "losses"} for r in chosen],
             },
             indent=1,

@@ -95,3 +95,19 @@ def test_lr_tuner_picks_validation_minimum_once(compare, tmp_path):
     gpu.lr_for("chain_sum", "full")
     gpu.lr_for("reversal", "full")
     assert sorted({c[0] for c in calls}) == ["chain_sum", "reversal"] and len(calls) == 6
+
+
+def test_table_base_model_row(compare):
+    rows = [
+        row("lisa", "chain_sum", 0, 0.40, 10 * 2**30, 100.0),
+        row("lisa", "reversal", 0, 0.60, 10 * 2**30, 100.0),
+    ]
+    agg = compare.aggregate(rows, use_cuda=False)
+    text = compare.table(agg, use_cuda=False, base={"chain_sum": 0.08, "reversal": 0.12})
+    lines = text.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert len(cells) == len(head)
+    assert cells[:7] == ["base model (no training)", "0.0", "8.0", "12.0", "10.0", "-40.0", "-"]
+    assert set(cells[7:]) == {"-"}
+    assert "base model" not in compare.table(agg, use_cuda=False)
