@@ -390,6 +390,24 @@ def table(
     return "\n".join(lines)
 
 
+def tuning_table(tuning: dict[str, dict[str, dict[float, float]]]) -> str:
+    """Validation loss of every lr tried, the chosen one in bold; a choice at the edge
+    of the grid is flagged, since a wider grid might have done better."""
+    if not any(len(by_lr) > 1 for per in tuning.values() for by_lr in per.values()):
+        return ""
+    lines = ["| task | method | validation loss by lr | chosen |", "|---|---|---|---|"]
+    for task, per in tuning.items():
+        for method, by_lr in per.items():
+            best = min(by_lr, key=lambda lr: (by_lr[lr], lr))
+            cells = [
+                f"**{lr:.1e}: {loss:.4f}**" if lr == best else f"{lr:.1e}: {loss:.4f}"
+                for lr, loss in sorted(by_lr.items())
+            ]
+            edge = " (edge of the grid)" if best in (min(by_lr), max(by_lr)) else ""
+            lines.append(f"| {task} | {LABELS[method]} | {', '.join(cells)} | {best:.1e}{edge} |")
+    return "\n".join(lines)
+
+
 def goals(agg: dict[str, dict[str, Any]]) -> list[str]:
     """The project's goal, judged by the numbers (GRASS vs LISA, LoRA and full)."""
     g = agg.get("grass")
@@ -582,9 +600,11 @@ def main() -> None:
         f"validation: first {mode.val_limit} rows of eval.jsonl, held out: first "
         f"{mode.test_limit} rows of test.jsonl"
     )
+    tuned = tuning_table(tuning)
     md = (
         f"{text}\n\n{chr(10).join(checks)}\n\ncommand: `{cmd}`\n\nsettings: {settings}\n\n"
-        f"machine: {desc}\n\nbenchmark wall time: {elapsed / 60:.1f} min (runs reused from "
+        + (f"lr tuning:\n\n{tuned}\n\n" if tuned else "")
+        + f"machine: {desc}\n\nbenchmark wall time: {elapsed / 60:.1f} min (runs reused from "
         f"{work} not counted)\n"
     )
     results = ROOT / "benchmarks/results"

@@ -111,3 +111,15 @@ def test_table_base_model_row(compare):
     assert cells[:7] == ["base model (no training)", "0.0", "8.0", "12.0", "10.0", "-40.0", "-"]
     assert set(cells[7:]) == {"-"}
     assert "base model" not in compare.table(agg, use_cuda=False)
+
+
+def test_tuning_table_marks_choice_and_grid_edge(compare):
+    tuning = {"reversal": {"full": {2.5e-5: 0.24, 5e-5: 0.14, 1e-4: 0.07},
+                           "lora": {5e-4: 0.20, 1e-3: 0.10, 2e-3: 0.15}}}  # fmt: skip
+    lines = compare.tuning_table(tuning).splitlines()
+    assert lines[2] == (
+        "| reversal | full FT | 2.5e-05: 0.2400, 5.0e-05: 0.1400, **1.0e-04: 0.0700** "
+        "| 1.0e-04 (edge of the grid) |"
+    )
+    assert lines[3].endswith("| 1.0e-03 |") and "**1.0e-03: 0.1000**" in lines[3]
+    assert compare.tuning_table({"reversal": {"full": {5e-5: 0.1}}}) == ""  # no grid: no table
