@@ -27,6 +27,13 @@ def train_child(recipe_path: Path, overrides: list[str]) -> tuple[list[dict], li
     return events, [e for e in events if e["event"] == "step"]
 
 
+def training_peak_rss(steps: list[dict]) -> int:
+    """The process's RSS high-water mark at its last training step: model load, the
+    first validation pass, probing and every step, but not the final evaluation and
+    the model save that follow training (the same work for every method)."""
+    return max(e.get("rss_peak") or e["rss"] for e in steps)
+
+
 def common_stats(steps: list[dict]) -> dict[str, Any]:
     """Peak RSS, tokens/s after warm-up, and the run's token count."""
     timed = steps[2:] if len(steps) > 4 else steps

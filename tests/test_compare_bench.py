@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def compare():
 
 def row(method, task, seed, acc, mem, tps):
     return {
-        "method": method, "task": task, "seed": seed, "accuracy": acc, "peak_rss": mem,
+        "method": method, "task": task, "seed": seed, "accuracy": acc, "peak_rss": mem + 2**30,
+        "train_peak_rss": mem,
         "cuda_peak": 0, "val_loss": 1.0, "state_bytes_device": 2**20, "trainable_params": 1e6,
         "tokens_per_s": tps, "wall_s": 10.0, "tokens": 100, "lr": 1e-4, "losses": [2.0, 1.0],
     }  # fmt: skip
@@ -57,7 +59,9 @@ def test_aggregate_ratios_and_goals(compare):
         "- [x] GRASS peak memory at most 0.80x LISA-keep: 0.80x",
         "- [x] GRASS throughput at least 0.90x LISA: 0.90x",
     ]
-    rows[2]["peak_rss"] = 11 * 2**30  # now GRASS uses 0.90x LISA's memory
+    assert g["run_peak_rss"] == 9 * 2**30  # the whole run's peak, kept for the JSON
+    rows[2]["peak_rss"] = 40 * 2**30  # the final eval's peak does not count
+    rows[2]["train_peak_rss"] = 11 * 2**30  # training's does: GRASS now 0.90x LISA
     assert "- [ ] GRASS peak memory at most 0.80x LISA-keep: 0.90x" in compare.goals(
         compare.aggregate(rows, use_cuda=False)
     )
@@ -123,3 +127,21 @@ def test_tuning_table_marks_choice_and_grid_edge(compare):
     )
     assert lines[3].endswith("| 1.0e-03 |") and "**1.0e-03: 0.1000**" in lines[3]
     assert compare.tuning_table({"reversal": {"full": {5e-5: 0.1}}}) == ""  # no grid: no table
+
+
+def test_cached_run_gets_training_peak_from_its_metrics(compare, tmp_path):
+    """A run finished before `train_peak_rss` existed is read back with it, from the
+    high-water mark of its last training step (not the final eval's)."""
+    mode = compare.MODES["quick"]
+    out = compare.run_dir_for(tmp_path, "reversal", "grass", 2e-4, 0, mode)
+    out.mkdir(parents=True)
+    (out / "result.json").write_text('{"peak_rss": 3000, "val_loss": 0.5}')
+    events = [
+        {"event": "start"},
+        {"event": "step", "rss": 900, "rss_peak": 1500},
+        {"event": "step", "rss": 1000, "rss_peak": 1700},
+        {"event": "end"},
+    ]
+    (out / "metrics.jsonl").write_text("\n".join(map(json.dumps, events)))
+    r = compare.train_one(tmp_path, "reversal", "grass", 2e-4, 0, mode, lambda m: None)
+    assert r["train_peak_rss"] == 1700 and r["peak_rss"] == 3000
