@@ -49,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # runstats, also when loaded by the tests
+import runstats  # noqa: E402  (light: grass_cli is imported inside train_child)
+
 METHODS = ("full", "lora", "lisa", "grass", "grass-static", "cyclic")
 LABELS = {
     "full": "full FT",
@@ -132,16 +135,14 @@ MODES = {
 def child(recipe_path: str, overrides: list[str]) -> None:
     """Train once in this process; print one JSON line of what the parent needs."""
     sys.path.insert(0, str(ROOT))
-    from runstats import common_stats, train_child, training_peak_rss
-
-    events, steps = train_child(Path(recipe_path), overrides)
+    events, steps = runstats.train_child(Path(recipe_path), overrides)
     end = next(e for e in events if e["event"] == "end")
     print(
         json.dumps(
             {
-                **common_stats(steps),
+                **runstats.common_stats(steps),
                 "cuda_peak": max((e.get("cuda_peak") or 0) for e in steps),
-                "train_peak_rss": training_peak_rss(steps),
+                "train_peak_rss": runstats.training_peak_rss(steps),
                 "state_bytes_device": max(
                     e["optimizer_state_bytes"] + e.get("master_weight_bytes", 0) for e in steps
                 ),
@@ -171,12 +172,7 @@ def train_one(
     if done.exists():
         result = json.loads(done.read_text())
         if "train_peak_rss" not in result:  # a run from before the field existed
-            sys.path.insert(0, str(ROOT / "benchmarks"))
-            from runstats import training_peak_rss
-
-            lines = (out / "metrics.jsonl").read_text().splitlines()
-            steps = [e for e in map(json.loads, lines) if e["event"] == "step"]
-            result["train_peak_rss"] = training_peak_rss(steps)
+            result["train_peak_rss"] = runstats.training_peak_rss(runstats.read_events(out)[1])
         return result
     t = TASKS[task]
     overrides = [
@@ -218,32 +214,40 @@ def train_one(
     return result
 
 
-def _grass_eval(model: str, task: str, mode: Mode, out: Path) -> dict[str, Any]:
-    """`grass eval MODEL` on the first test_limit held-out items of `task`, greedy."""
+def _recipe(method: str) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((ROOT / f"recipes/bench/{method}.yaml").read_text())
+
+
+def _held_out_eval(model: str, task: str, mode: Mode, out: Path, log) -> dict[str, Any]:
+    """`grass eval MODEL` on the first test_limit held-out items of `task`, greedy;
+    the result is kept in OUT and reused."""
+    done = out / f"held_out-{mode.test_limit}.json"
+    if done.exists():
+        return json.loads(done.read_text())
     t = TASKS[task]
     cmd = [
         sys.executable, "-m", "grass_cli", "eval", model,
         "--data", f"{t.data}/test.jsonl", "--kind", "generate", "--scorer", t.scorer,
         "--max-new-tokens", str(t.max_new_tokens), "--limit", str(mode.test_limit),
-        "--batch-size", "16", "--json", "--out", str(out),
+        "--batch-size", "16", "--json", "--out", str(out / f"held-out-{mode.test_limit}"),
     ]  # fmt: skip
     if mode.cuda:
         cmd += ["--device", "cuda"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"grass eval of {model} on {task} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
+    res = json.loads(proc.stdout)
+    log(f"      held-out accuracy {res['accuracy']:.3f} ({res['correct']}/{res['scored']})")
+    done.write_text(json.dumps(res))
+    return res
 
 
 def held_out(result: dict[str, Any], mode: Mode, log) -> dict[str, Any]:
     """Accuracy of a trained run on the test split, through `grass eval`."""
     out = Path(result["run_dir"])
-    done = out / f"held_out-{mode.test_limit}.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    res = _grass_eval(str(out), result["task"], mode, out / f"held-out-{mode.test_limit}")
-    log(f"      held-out accuracy {res['accuracy']:.3f} ({res['correct']}/{res['scored']})")
-    done.write_text(json.dumps(res))
+    res = _held_out_eval(str(out), result["task"], mode, out, log)
     # the model has served its purpose: keep the run's metrics, free the disk
     shutil.rmtree(out / "final", ignore_errors=True)
     return res
@@ -251,18 +255,11 @@ def held_out(result: dict[str, Any], mode: Mode, log) -> dict[str, Any]:
 
 def base_accuracy(work: Path, task: str, mode: Mode, log) -> dict[str, Any]:
     """The untrained model on the same held-out items: what training has to beat."""
-    import yaml
-
+    model = _recipe("full")["model"]["path"]
     out = work / task / "base"
-    done = out / f"held_out-{mode.test_limit}.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    recipe = yaml.safe_load((ROOT / "recipes/bench/full.yaml").read_text())
-    log(f"eval  {task:<9} base model ({recipe['model']['path']})")
-    res = _grass_eval(recipe["model"]["path"], task, mode, out / f"held-out-{mode.test_limit}")
-    log(f"      held-out accuracy {res['accuracy']:.3f} ({res['correct']}/{res['scored']})")
-    done.write_text(json.dumps(res))
-    return res
+    if not (out / f"held_out-{mode.test_limit}.json").exists():
+        log(f"eval  {task:<9} base model ({model})")
+    return _held_out_eval(model, task, mode, out, log)
 
 
 class LrTuner:
@@ -280,10 +277,7 @@ class LrTuner:
         self.tuning: dict[str, dict[str, dict[float, float]]] = {}  # task -> method -> lr -> loss
 
     def grid(self, method: str) -> list[float]:
-        import yaml
-
-        recipe = yaml.safe_load((ROOT / f"recipes/bench/{method}.yaml").read_text())
-        return [recipe["optimizer"]["lr"] * m for m in self.mode.lr_grid]
+        return [_recipe(method)["optimizer"]["lr"] * m for m in self.mode.lr_grid]
 
     def lr_for(self, task: str, method: str) -> float:
         return self.tune(self.mode.tune_task or task, LR_FROM.get(method, method))

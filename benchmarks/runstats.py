@@ -22,8 +22,12 @@ def train_child(recipe_path: Path, overrides: list[str]) -> tuple[list[dict], li
 
     recipe = load_recipe(recipe_path, overrides)
     result = run_training(recipe, Telemetry([]), overwrite=True)
-    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    events = [json.loads(x) for x in lines]
+    return read_events(result.run_dir)
+
+
+def read_events(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(all events, step events) of a run dir's metrics.jsonl."""
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return events, [e for e in events if e["event"] == "step"]
 
 
