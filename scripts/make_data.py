@@ -3,6 +3,7 @@
     python scripts/make_data.py                     # the committed quickstart data
     python scripts/make_data.py --task basic_arithmetic --out data/arith --train 2000
     python scripts/make_data.py --task word_sequence_reversal --out data/reversal
+    python scripts/make_data.py --task family_relationships --out data/family --train 1000
 
 reasoning-gym derives item i from seed + i, so splits made from nearby seeds
 overlap. Each split here gets its own seed, a million apart, and the script

@@ -33,17 +33,17 @@ def row(method, task, seed, acc, mem, tps):
 def test_aggregate_ratios_and_goals(compare):
     rows = [
         # LISA: 40% / 60% on the two tasks, 10 GiB, 100 tok/s
-        row("lisa", "chain_sum", 0, 0.40, 10 * 2**30, 100.0),
+        row("lisa", "family", 0, 0.40, 10 * 2**30, 100.0),
         row("lisa", "reversal", 0, 0.60, 10 * 2**30, 100.0),
         # GRASS: two seeds, 45/55 and 55/65 -> 50 and 60 -> mean 55 (sd 7.07)
-        row("grass", "chain_sum", 0, 0.45, 7 * 2**30, 95.0),
+        row("grass", "family", 0, 0.45, 7 * 2**30, 95.0),
         row("grass", "reversal", 0, 0.55, 7 * 2**30, 95.0),
-        row("grass", "chain_sum", 1, 0.55, 9 * 2**30, 85.0),
+        row("grass", "family", 1, 0.55, 9 * 2**30, 85.0),
         row("grass", "reversal", 1, 0.65, 9 * 2**30, 85.0),
     ]
     agg = compare.aggregate(rows, use_cuda=False)
     g = agg["grass"]
-    assert g["accuracy"]["chain_sum"] == pytest.approx((50.0, 7.0710678))
+    assert g["accuracy"]["family"] == pytest.approx((50.0, 7.0710678))
     assert g["mean_accuracy"] == pytest.approx((55.0, 7.0710678))
     assert g["memory"] == 8 * 2**30 and g["tokens_per_s"] == 90.0
     text = compare.table(agg, use_cuda=False)
@@ -74,40 +74,40 @@ def test_lr_tuner_picks_validation_minimum_once(compare, tmp_path):
 
     def fake_train(work, task, method, lr, seed, mode, log):
         calls.append((task, method, lr, seed))
-        # validation loss is lowest at 2x the recipe lr for LoRA, 0.5x for the others
-        best = {"lora": 2e-3}.get(method, 1e-4)
-        return {"val_loss": abs(lr - best) + (0.5 if task == "chain_sum" else 0.0)}
+        # validation loss is lowest at 2x the recipe lr for LoRA and GRASS
+        best = {"lora": 2e-3}.get(method, 4e-4)
+        return {"val_loss": abs(lr - best) + (0.5 if task == "family" else 0.0)}
 
     mode = compare.MODES["full"]
-    assert mode.seeds == (0, 1, 2) and mode.lr_grid == (0.5, 1.0, 2.0)
+    assert mode.seeds == (0, 1, 2) and mode.lr_grid == (1.0, 2.0, 4.0)
     tuner = compare.LrTuner(tmp_path, mode, lambda msg: None, train=fake_train)
-    assert tuner.lr_for("chain_sum", "lora") == pytest.approx(2e-3)
-    assert tuner.lr_for("chain_sum", "grass") == pytest.approx(1e-4)
+    assert tuner.lr_for("family", "lora") == pytest.approx(2e-3)
+    assert tuner.lr_for("family", "grass") == pytest.approx(4e-4)
     # the full CPU mode tunes on reversal only, with seed 0, three lrs per method
     assert [c for c in calls if c[0] != "reversal" or c[3] != 0] == []
     assert len(calls) == 6
     # ablations take GRASS's lr; nothing new is trained for them or for reversal
-    assert tuner.lr_for("reversal", "cyclic") == pytest.approx(1e-4)
-    assert tuner.lr_for("chain_sum", "grass-static") == pytest.approx(1e-4)
+    assert tuner.lr_for("reversal", "cyclic") == pytest.approx(4e-4)
+    assert tuner.lr_for("family", "grass-static") == pytest.approx(4e-4)
     assert tuner.lr_for("reversal", "lora") == pytest.approx(2e-3)
     assert len(calls) == 6
-    assert sorted(tuner.tuning["reversal"]["lora"]) == pytest.approx([5e-4, 1e-3, 2e-3])
+    assert sorted(tuner.tuning["reversal"]["lora"]) == pytest.approx([1e-3, 2e-3, 4e-3])
 
     # the GPU mode tunes on each task's own validation split
     calls.clear()
     gpu = compare.LrTuner(tmp_path, compare.MODES["gpu"], lambda msg: None, train=fake_train)
-    gpu.lr_for("chain_sum", "full")
+    gpu.lr_for("family", "full")
     gpu.lr_for("reversal", "full")
-    assert sorted({c[0] for c in calls}) == ["chain_sum", "reversal"] and len(calls) == 6
+    assert sorted({c[0] for c in calls}) == ["family", "reversal"] and len(calls) == 6
 
 
 def test_table_base_model_row(compare):
     rows = [
-        row("lisa", "chain_sum", 0, 0.40, 10 * 2**30, 100.0),
+        row("lisa", "family", 0, 0.40, 10 * 2**30, 100.0),
         row("lisa", "reversal", 0, 0.60, 10 * 2**30, 100.0),
     ]
     agg = compare.aggregate(rows, use_cuda=False)
-    text = compare.table(agg, use_cuda=False, base={"chain_sum": 0.08, "reversal": 0.12})
+    text = compare.table(agg, use_cuda=False, base={"family": 0.08, "reversal": 0.12})
     lines = text.splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     cells = [c.strip() for c in lines[-1].strip("|").split("|")]
