@@ -14,7 +14,7 @@ what is trained differs. For each task and method:
    with the lowest loss on the *validation* split (eval.jsonl) wins. The held-out
    split is not looked at. The full CPU mode tunes on one task (reversal, where
    the methods differ most) and uses that lr for both, which keeps it to about
-   two hours on a 2-core CPU; --gpu tunes on each task. GRASS-static and cyclic
+   2.5 hours on a 2-core CPU; --gpu tunes on each task. GRASS-static and cyclic
    are ablations of GRASS's sampler, so they take GRASS's lr: only the sampler
    differs between the three.
 2. Seeds: the chosen lr trains with every seed (a tuning run at that lr is reused
@@ -102,7 +102,7 @@ MODES = {
     "quick": Mode(
         steps=30, micro_batch=4, seeds=(0,), lr_grid=(1.0,), val_limit=50, test_limit=100
     ),
-    # sized to finish in about two hours on a 2-core CPU: 44 trainings, 36 evaluations.
+    # sized to finish in about 2.5 hours on a 2-core CPU: 44 trainings, 36 evaluations.
     # At 60 steps every method's best lr sat at 2x its recipe lr (a x0.5-2 grid put
     # all four at the top edge), so the grid reaches up to 4x.
     "full": Mode(
