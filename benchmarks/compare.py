@@ -540,6 +540,22 @@ def machine(use_cuda: bool) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def describe(mode: Mode) -> str:
+    """The mode's settings in one line, for the results Markdown and JSON."""
+    lr = (
+        f"lr grid x{list(mode.lr_grid)} of each recipe's lr (tuned on "
+        f"{mode.tune_task or 'each task'}'s validation loss; GRASS-static and cyclic use "
+        "GRASS's)"
+        if len(mode.lr_grid) > 1
+        else "each recipe's lr (no tuning)"
+    )
+    return (
+        f"{mode.steps} steps x batch {mode.micro_batch} (max_length {mode.max_length}), "
+        f"seeds {list(mode.seeds)}, {lr}, validation: first {mode.val_limit} rows of "
+        f"eval.jsonl, held out: first {mode.test_limit} rows of test.jsonl"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced: 1 seed, no lr grid, 30 steps")
@@ -605,14 +621,7 @@ def main() -> None:
     stem = ROOT / f"docs/img/compare-{name}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     images = plots(chosen, agg, use_cuda, stem, base)
-    settings = (
-        f"{mode.steps} steps x batch {mode.micro_batch} (max_length {mode.max_length}), "
-        f"seeds {list(mode.seeds)}, lr grid x{list(mode.lr_grid)} of each recipe's lr "
-        f"(tuned on {mode.tune_task or 'each task'}'s validation loss; GRASS-static and "
-        "cyclic use GRASS's), "
-        f"validation: first {mode.val_limit} rows of eval.jsonl, held out: first "
-        f"{mode.test_limit} rows of test.jsonl"
-    )
+    settings = describe(mode)
     tuned = tuning_table(tuning)
     md = (
         f"{text}\n\n{chr(10).join(checks)}\n\ncommand: `{cmd}`\n\nsettings: {settings}\n\n"

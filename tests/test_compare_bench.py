@@ -145,3 +145,11 @@ def test_cached_run_gets_training_peak_from_its_metrics(compare, tmp_path):
     (out / "metrics.jsonl").write_text("\n".join(map(json.dumps, events)))
     r = compare.train_one(tmp_path, "reversal", "grass", 2e-4, 0, mode, lambda m: None)
     assert r["train_peak_rss"] == 1700 and r["peak_rss"] == 3000
+
+
+def test_describe_says_whether_lrs_were_tuned(compare):
+    full = compare.describe(compare.MODES["full"])
+    assert "lr grid x[1.0, 2.0, 4.0] of each recipe's lr (tuned on reversal's" in full
+    quick = compare.describe(compare.MODES["quick"])
+    assert "each recipe's lr (no tuning)" in quick and "tuned" not in quick.replace("no tuning", "")
+    assert "tuned on each task's" in compare.describe(compare.MODES["gpu"])
