@@ -10,8 +10,8 @@ what is trained differs. For each task and method:
 
 1. Learning rate: one run per value of the method's grid (its recipe lr times
    1, 2 and 4 in the full CPU mode, 0.5, 1 and 2 with --gpu; only the recipe lr
-   in --quick) with the first seed; the value
-   with the lowest loss on the *validation* split (eval.jsonl) wins. The held-out
+   in --quick) with the first seed; the value with the lowest loss on the
+   *validation* split (eval.jsonl) wins. The held-out
    split is not looked at. The full CPU mode tunes on one task (reversal, where
    the methods differ most) and uses that lr for both, which keeps it to about
    2.5 hours on a 2-core CPU; --gpu tunes on each task. GRASS-static and cyclic
@@ -104,7 +104,8 @@ MODES = {
     ),
     # sized to finish in about 2.5 hours on a 2-core CPU: 44 trainings, 36 evaluations.
     # At 60 steps every method's best lr sat at 2x its recipe lr (a x0.5-2 grid put
-    # all four at the top edge), so the grid reaches up to 4x.
+    # all four at the top edge), so the grid reaches up to 4x; LoRA and LISA now pick
+    # inside it, full FT and GRASS still at 4x (see docs/benchmarks.md).
     "full": Mode(
         steps=60,
         micro_batch=4,
