@@ -11,12 +11,11 @@ what is trained differs. For each task and method:
 1. Learning rate: one run per value of the method's grid (its recipe lr times
    1, 2 and 4 in the full CPU mode, 0.5, 1 and 2 with --gpu; only the recipe lr
    in --quick) with the first seed; the value with the lowest loss on the
-   *validation* split (eval.jsonl) wins. The held-out
-   split is not looked at. The full CPU mode tunes on one task (reversal, where
-   the methods differ most) and uses that lr for both, which keeps it to about
-   2.5 hours on a 2-core CPU; --gpu tunes on each task. GRASS-static and cyclic
-   are ablations of GRASS's sampler, so they take GRASS's lr: only the sampler
-   differs between the three.
+   *validation* split (eval.jsonl) wins. The held-out split is not looked at.
+   The full CPU mode tunes on one task (reversal, where the methods differ most)
+   and uses that lr for both, which keeps it to about 2.5 hours on a 2-core CPU;
+   --gpu tunes on each task. GRASS-static and cyclic are ablations of GRASS's
+   sampler, so they take GRASS's lr: only the sampler differs between the three.
 2. Seeds: the chosen lr trains with every seed (a tuning run at that lr is reused
    as the first seed's run).
 3. Held-out accuracy: `grass eval RUN_DIR --data test.jsonl --kind generate`
@@ -224,10 +223,14 @@ def _recipe(method: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / f"recipes/bench/{method}.yaml").read_text())
 
 
+def _held_out_file(out: Path, mode: Mode) -> Path:
+    return out / f"held_out-{mode.test_limit}.json"
+
+
 def _held_out_eval(model: str, task: str, mode: Mode, out: Path, log) -> dict[str, Any]:
     """`grass eval MODEL` on the first test_limit held-out items of `task`, greedy;
     the result is kept in OUT and reused."""
-    done = out / f"held_out-{mode.test_limit}.json"
+    done = _held_out_file(out, mode)
     if done.exists():
         return json.loads(done.read_text())
     t = TASKS[task]
@@ -261,7 +264,7 @@ def base_accuracy(work: Path, task: str, mode: Mode, log) -> dict[str, Any]:
     """The untrained model on the same held-out items: what training has to beat."""
     model = _recipe("full")["model"]["path"]
     out = work / task / "base"
-    if not (out / f"held_out-{mode.test_limit}.json").exists():
+    if not _held_out_file(out, mode).exists():
         log(f"eval  {task:<9} base model ({model})")
     return _held_out_eval(model, task, mode, out, log)
 
