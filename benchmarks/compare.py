@@ -23,18 +23,22 @@ what is trained differs. For each task and method:
 
 Each training runs in its own child process, so peak RSS is that run's own
 high-water mark, read at its last training step (model load, the first validation
-pass, probing and training; the final evaluation and model save come after and are
+pass, at the training micro-batch so that it stays below the training steps' peak,
+probing and training; the final evaluation and model save come after and are
 the same for every method, so the whole run's peak is kept in the JSON only; CUDA
 peak, with --gpu, is also over the training steps). Per method the table gives
 accuracy (mean and spread over seeds), final validation loss, that peak, optimizer
 state on the device, tokens/s, wall time, and ratios against LISA and full FT. Runs
-already done in --work are reused, so an interrupted benchmark continues where it
-stopped; results and plots go to benchmarks/results/ and docs/img/.
+already done in --work with the same recipe and overrides are reused, so an
+interrupted benchmark continues where it stopped (a run redone over one made with
+other settings keeps its held-out score only if its training losses are bitwise the
+same); results and plots go to benchmarks/results/ and docs/img/.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -169,20 +173,21 @@ def run_dir_for(work: Path, task: str, method: str, lr: float, seed: int, mode: 
 def train_one(
     work: Path, task: str, method: str, lr: float, seed: int, mode: Mode, log
 ) -> dict[str, Any]:
-    """One training run (reused when its result.json exists)."""
+    """One training run, reused when its result.json was made with the same recipe and
+    overrides. A run redone over an older one keeps the older held-out score only if
+    every training loss is bitwise the same: then it trained the same model."""
     out = run_dir_for(work, task, method, lr, seed, mode)
     done = out / "result.json"
-    if done.exists():
-        result = json.loads(done.read_text())
-        if "train_peak_rss" not in result:  # a run from before the field existed
-            result["train_peak_rss"] = runstats.training_peak_rss(runstats.read_events(out)[1])
-        return result
     t = TASKS[task]
+    recipe = ROOT / f"recipes/bench/{method}.yaml"
     overrides = [
         f"data.train={t.data}/train.jsonl",
         f"data.eval={t.data}/eval.jsonl",
         f"data.eval_limit={mode.val_limit}",
-        "training.eval_batch_size=16",
+        # validate at the training micro-batch: a wider validation batch would set the
+        # process's RSS high-water mark before step 1 and hide the smaller methods'
+        # training peaks under it
+        f"training.eval_batch_size={mode.micro_batch}",
         f"data.max_length={mode.max_length}",
         f"training.max_steps={mode.steps}",
         f"training.micro_batch_size={mode.micro_batch}",
@@ -195,9 +200,12 @@ def train_one(
         *mode.overrides,
         *mode.extra_by_method.get(method, ()),
     ]
+    key = {"recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(), "overrides": overrides}
+    before = json.loads(done.read_text()) if done.exists() else None
+    if before is not None and before.get("key") == key:
+        return before
     log(f"train {task:<9} {method:<12} lr={lr:.2e} seed={seed}")
     t0 = time.perf_counter()
-    recipe = ROOT / f"recipes/bench/{method}.yaml"
     proc = subprocess.run(
         [sys.executable, __file__, "--child", str(recipe), *overrides],
         capture_output=True,
@@ -213,6 +221,13 @@ def train_one(
         f"peak RSS {result['train_peak_rss'] / 2**30:.2f} GiB in training, "
         f"{result['peak_rss'] / 2**30:.2f} GiB in all ({time.perf_counter() - t0:.0f} s)"
     )
+    if before is not None and before.get("losses") != result["losses"]:
+        for stale in out.glob("held*out-*"):  # scores of the model this run replaced
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+    result["key"] = key
     done.write_text(json.dumps(result))
     return result
 

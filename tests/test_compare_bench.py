@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -129,22 +130,42 @@ def test_tuning_table_marks_choice_and_grid_edge(compare):
     assert compare.tuning_table({"reversal": {"full": {5e-5: 0.1}}}) == ""  # no grid: no table
 
 
-def test_cached_run_gets_training_peak_from_its_metrics(compare, tmp_path):
-    """A run finished before `train_peak_rss` existed is read back with it, from the
-    high-water mark of its last training step (not the final eval's)."""
-    mode = compare.MODES["quick"]
-    out = compare.run_dir_for(tmp_path, "reversal", "grass", 2e-4, 0, mode)
-    out.mkdir(parents=True)
-    (out / "result.json").write_text('{"peak_rss": 3000, "val_loss": 0.5}')
-    events = [
-        {"event": "start"},
-        {"event": "step", "rss": 900, "rss_peak": 1500},
-        {"event": "step", "rss": 1000, "rss_peak": 1700},
-        {"event": "end"},
-    ]
-    (out / "metrics.jsonl").write_text("\n".join(map(json.dumps, events)))
-    r = compare.train_one(tmp_path, "reversal", "grass", 2e-4, 0, mode, lambda m: None)
-    assert r["train_peak_rss"] == 1700 and r["peak_rss"] == 3000
+def test_runs_are_reused_only_with_the_same_settings(compare, tmp_path, monkeypatch):
+    """A finished run is reused when recipe and overrides match; a redone run keeps the
+    older held-out score only if its training losses are bitwise the same."""
+    children = []
+    losses = [2.0, 1.0]
+
+    def fake_child(cmd, **kwargs):
+        children.append(cmd)
+        out = next(x.split("=", 1)[1] for x in cmd if x.startswith("output.dir="))
+        Path(out).mkdir(parents=True, exist_ok=True)  # as the training child does
+        line = json.dumps({**row("grass", "reversal", 0, 0.0, 1, 1.0), "losses": list(losses)})
+        return compare.subprocess.CompletedProcess(cmd, 0, stdout=line + "\n", stderr="")
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_child)
+    quick = compare.MODES["quick"]
+
+    def train(mode):
+        return compare.train_one(tmp_path, "reversal", "grass", 2e-4, 0, mode, lambda m: None)
+
+    first = train(quick)
+    overrides = children[0][children[0].index("--child") + 2 :]
+    assert "training.eval_batch_size=4" in overrides  # validation at the micro-batch
+    assert first["key"]["overrides"] == overrides
+    assert train(quick) == first and len(children) == 1  # same settings: reused
+
+    out = Path(first["run_dir"])
+    score = out / "held_out-100.json"
+    score.write_text("{}")
+    (out / "held-out-100").mkdir()
+    wider = dataclasses.replace(quick, val_limit=60)  # same folder, other settings
+    train(wider)
+    assert len(children) == 2 and score.exists()  # same losses: the same model, score kept
+    losses[1] = 0.999
+    train(quick)
+    assert len(children) == 3
+    assert not score.exists() and not (out / "held-out-100").exists()  # another model
 
 
 def test_describe_says_whether_lrs_were_tuned(compare):
