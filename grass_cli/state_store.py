@@ -7,8 +7,9 @@ store only keeps lists of tensors by group name and moves them:
 - `prefetch(name, device)`: start bringing them back (asynchronously if it can).
 - `get(name, device)`: the tensors on the device, ready to use.
 
-`CpuStore` keeps one reusable host buffer per tensor: pinned memory when the device
-is CUDA, with copies on a side stream ordered by events, so they overlap compute.
+`CpuStore` keeps one reusable host slab per stored name (one flat allocation of
+exactly the bytes it holds, pinned by registration when the device is CUDA), with
+copies on a side stream ordered by events, so they overlap compute.
 `DiskStore` writes one file per group under a folder and reads it back through a
 memory map, so host RAM holds only the groups in use; a single background thread
 does the I/O in submission order, so a read never overtakes the write before it.
@@ -41,6 +42,57 @@ class _Slot:
     nbytes: int
 
 
+class _Slab:
+    """One group's host copy: a single flat allocation, tensors are views into it.
+
+    One allocation of exactly the bytes needed (each tensor 64-byte aligned), not
+    one per tensor: PyTorch's pinned-memory allocator rounds every allocation up to
+    a power of two, which for a 7B model's fp32 state wastes about a third of the
+    host memory. On CUDA the slab is pinned by registering an ordinary allocation
+    with `cudaHostRegister`, which pins exactly the bytes asked for.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, tensors: list[torch.Tensor], pin: bool):
+        self.layout: list[tuple[torch.Size, torch.dtype]] = [(t.shape, t.dtype) for t in tensors]
+        offsets, total = [], 0
+        for t in tensors:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // self.ALIGN) * self.ALIGN
+        self.nbytes = total
+        self.data_bytes = tensor_bytes(tensors)
+        self.raw = torch.empty(max(total, 1), dtype=torch.uint8)
+        self.registered = False
+        self.pinned = False
+        if pin:
+            self._pin()
+        self.views = [
+            self.raw[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for o, t in zip(offsets, tensors, strict=True)
+        ]
+
+    def _pin(self) -> None:
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(self.raw.data_ptr(), self.raw.numel(), 0)
+            self.registered = int(err) == 0
+        except (AttributeError, RuntimeError):
+            self.registered = False
+        if not self.registered:  # fall back to the caching pinned allocator
+            self.raw = self.raw.pin_memory()
+        self.pinned = True
+
+    def fits(self, tensors: list[torch.Tensor]) -> bool:
+        return self.layout == [(t.shape, t.dtype) for t in tensors]
+
+    def free(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.raw.data_ptr())
+            self.registered = False
+        self.views = []
+        self.raw = torch.empty(0, dtype=torch.uint8)
+
+
 class CpuStore:
     """Host-memory store with asynchronous device<->host copies on CUDA."""
 
@@ -51,22 +103,32 @@ class CpuStore:
         self.cuda = device.type == "cuda"
         self.overlap = overlap and self.cuda
         self.stream = torch.cuda.Stream(device) if self.overlap else None
-        self._host: dict[str, list[torch.Tensor]] = {}
+        self._host: dict[str, _Slab] = {}
         self._pending: dict[str, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self._ready: dict[str, torch.cuda.Event] = {}  # host buffer fully written
 
     def __contains__(self, name: str) -> bool:
         return name in self._host
 
+    def names(self) -> list[str]:
+        return list(self._host)
+
     def _buffers(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        bufs = self._host.get(name)
-        if bufs is None or [b.shape for b in bufs] != [t.shape for t in tensors]:
-            bufs = [
-                torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
-                for t in tensors
-            ]
-            self._host[name] = bufs
-        return bufs
+        """The name's slab, reused when the layout is the same (it always is for a
+        parameter's state), so the host memory is allocated once per chunk."""
+        slab = self._host.get(name)
+        if slab is None or not slab.fits(tensors):
+            if slab is not None:
+                self._wait_written(name)
+                slab.free()
+            slab = _Slab(tensors, pin=self.cuda)
+            self._host[name] = slab
+        return slab.views
+
+    def _wait_written(self, name: str) -> None:
+        event = self._ready.pop(name, None)
+        if event is not None:
+            event.synchronize()
 
     def put(self, name: str, tensors: list[torch.Tensor]) -> None:
         self._pending.pop(name, None)
@@ -88,7 +150,7 @@ class CpuStore:
     def prefetch(self, name: str, device: torch.device) -> None:
         if name not in self._host or name in self._pending:
             return
-        bufs = self._host[name]
+        bufs = self._host[name].views
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
                 out = [b.to(device, non_blocking=True) for b in bufs]
@@ -116,16 +178,27 @@ class CpuStore:
         event = self._ready.get(name)
         if event is not None:
             event.synchronize()
-        return self._host[name]
+        return self._host[name].views
 
     def bytes(self) -> int:
-        return sum(tensor_bytes(b) for b in self._host.values())
+        """Bytes of state held (what the host buffers store)."""
+        return sum(s.data_bytes for s in self._host.values())
+
+    def host_bytes(self) -> int:
+        """Bytes the host buffers occupy (alignment included)."""
+        return sum(s.nbytes for s in self._host.values())
+
+    def pinned_bytes(self) -> int:
+        """Page-locked host bytes (CUDA only): at most 1.05x `bytes()`."""
+        return sum(s.raw.numel() for s in self._host.values() if s.pinned)
 
     def close(self, keep: bool = False) -> None:
         if self.stream is not None:
             self.stream.synchronize()
-        self._host.clear()
         self._pending.clear()
+        for slab in self._host.values():
+            slab.free()
+        self._host.clear()
 
 
 class DiskStore:
@@ -154,6 +227,9 @@ class DiskStore:
 
     def __contains__(self, name: str) -> bool:
         return name in self._slots
+
+    def names(self) -> list[str]:
+        return list(self._slots)
 
     def _file(self, name: str) -> Path:
         return self.folder / f"{name}.bin"
@@ -234,6 +310,12 @@ class DiskStore:
 
     def bytes(self) -> int:
         return sum(s.nbytes for slots in self._slots.values() for s in slots)
+
+    def host_bytes(self) -> int:
+        return 0  # memory-mapped files: the page cache, not the process, holds them
+
+    def pinned_bytes(self) -> int:
+        return 0
 
     def close(self, keep: bool = False) -> None:
         if self._io is not None:

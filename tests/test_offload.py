@@ -11,7 +11,9 @@ from helpers import ListSink
 
 from grass_cli.engine import setup, train
 from grass_cli.errors import GrassError
+from grass_cli.optim import GroupState
 from grass_cli.recipe import validate_dict
+from grass_cli.state_store import CpuStore, DiskStore
 from grass_cli.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,8 +129,10 @@ def test_device_state_holds_only_active_groups(tiny_factory, tmp_path):
     keep_last = [x for x in keep_sink.events if x["event"] == "step"][-1]
     last = [x for x in sink.events if x["event"] == "step"][-1]
     assert last["optimizer_state_bytes"] < keep_last["optimizer_state_bytes"]
-    # The host keeps one reusable buffer per group ever offloaded (re-pinning costs).
-    stored = [n for n in r.block_map.by_name() if n in r.optimizer.store]
+    # The host keeps one reusable buffer per chunk ever offloaded (re-pinning costs).
+    chunks = r.optimizer.store.names()
+    stored = sorted({c.split("@")[0] for c in chunks})
+    assert stored and set(r.optimizer.stored_groups()) <= set(stored)
     assert last["optimizer_state_offload_cpu_bytes"] == 8 * sum(
         r.block_map.by_name()[n].numel for n in stored
     )
@@ -214,8 +218,90 @@ def test_checkpoint_export_reads_one_offloaded_group_at_a_time(tiny_factory, tmp
     seen = []
     for name, state in it:
         seen.append(name)
-        # at most the group being exported has been read so far
-        assert reads == [n for n in seen if n in offloaded]
+        # at most the group being exported has been read so far (chunk by chunk)
+        assert sorted({c.split("@")[0] for c in reads}) == sorted(n for n in seen if n in offloaded)
         assert state["opt"]["state"]
     assert sorted(seen) == sorted(r.optimizer.states)
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_store_holds_a_copy_not_the_live_tensor(kind, tmp_path):
+    """A store that kept references instead of copies would pass every equality test
+    above (nothing changes the tensor after it is put); this one changes it."""
+    device = torch.device("cpu")
+    store = CpuStore(device) if kind == "cpu" else DiskStore(tmp_path / "s", device)
+    live = [
+        torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        torch.ones(5, dtype=torch.bfloat16),
+    ]
+    expect = [t.clone() for t in live]
+    store.put("g@0", live)
+    held = store.host_tensors("g@0")
+    for h, t in zip(held, live, strict=True):
+        assert h.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+    for t in live:
+        t.add_(100)  # the optimizer reuses its memory after a put
+    back = store.get("g@0", device)
+    for b, e in zip(back, expect, strict=True):
+        assert b.dtype == e.dtype and torch.equal(b, e)
+    back[0].zero_()  # and what comes back is the caller's, not the store's
+    again = store.get("g@0", device)
+    assert torch.equal(again[0], expect[0])
+    store.close()
+
+
+def test_cpu_store_reuses_one_exact_buffer_per_chunk():
+    store = CpuStore(torch.device("cpu"))
+    tensors = [torch.randn(1000, 3), torch.randn(7), torch.randn(33, 5)]
+    store.put("a@0", tensors)
+    first = store.host_tensors("a@0")[0].data_ptr()
+    for _ in range(3):
+        store.put("a@0", [t * 2 for t in tensors])
+    assert store.host_tensors("a@0")[0].data_ptr() == first  # reused, not reallocated
+    held = sum(t.numel() * t.element_size() for t in tensors)
+    assert store.bytes() == held
+    assert held <= store.host_bytes() <= held * 1.05 + 3 * 64  # 64-byte alignment only
+    assert store.pinned_bytes() == 0  # pinning is for CUDA only
+    store.close()
+
+
+def test_streamed_step_holds_at_most_two_chunks_on_the_device(tiny_factory, tmp_path):
+    """Residency step streams one parameter at a time: between steps nothing is on
+    the device, and during a step at most two parameters' state (this one and the
+    prefetched next one)."""
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": "cpu", "residency": "step"}},
+        dtype="bfloat16",
+    )
+    sink = ListSink()
+    r = setup(rec, Telemetry([sink]), overwrite=True)
+    opt = r.optimizer
+    peak = {"chunks": 0}
+    real_step = GroupState.step_chunk
+
+    def watching(self, j):
+        on_device = sum(
+            1
+            for st in opt.states.values()
+            for i, p in enumerate(st.opt_params)
+            if i not in st.out
+            and (st.master is None or p.numel() > 0)
+            and st.optimizer.state.get(p)
+        )
+        peak["chunks"] = max(peak["chunks"], on_device)
+        real_step(self, j)
+
+    GroupState.step_chunk = watching
+    try:
+        train(r)
+    finally:
+        GroupState.step_chunk = real_step
+    # the chunk being stepped, plus at most the one prefetched (fetched on the CPU at get)
+    assert 1 <= peak["chunks"] <= 2
+    for e in (x for x in sink.events if x["event"] == "step"):
+        assert e["optimizer_state_bytes"] == 0 and e["master_weight_bytes"] == 0
+        assert e["optimizer_state_offload_cpu_bytes"] > 0
+    opt.store.close()
