@@ -3,7 +3,9 @@
 A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNN/` holding:
 
 - the model as an HF folder (config, model.safetensors, tokenizer), so `grass eval`
-  and transformers load it as is; LoRA runs save it with the adapters merged and
+  and transformers load it as is (a model larger than `MODEL_SHARD_SIZE` is split
+  into `model-0000i-of-0000N.safetensors` shards and `model.safetensors.index.json`;
+  restore reads either layout); LoRA runs save it with the adapters merged and
   add `adapter/` (peft's format), which is what a resume restores: their base
   weights never change and are read again from `model.path`;
 - `optimizer/`: one file per group with its AdamW state and fp32 masters,
@@ -52,6 +54,12 @@ if TYPE_CHECKING:
 FORMAT = 1
 CKPT_DIR = "checkpoints"
 OPT_DIR = "optimizer"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Largest model shard in a checkpoint (transformers' `max_shard_size`: "5GB" or a
+# byte count); None: transformers' own default. A module constant so tests can
+# force a sharded checkpoint with a tiny model.
+MODEL_SHARD_SIZE: int | str | None = None
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -159,7 +167,8 @@ def _write_main(run: Run, tmp: Path, final: Path, step: int, trainer: dict[str, 
 
             lora.save(run.peft_model, tmp)
         else:
-            run.model.save_pretrained(tmp, safe_serialization=True)
+            shard = {} if MODEL_SHARD_SIZE is None else {"max_shard_size": MODEL_SHARD_SIZE}
+            run.model.save_pretrained(tmp, safe_serialization=True, **shard)
         run.tokenizer.save_pretrained(tmp)
     opt_dir = tmp / OPT_DIR
     opt_dir.mkdir()
@@ -202,14 +211,54 @@ def _prune(root: Path, keep_last: int) -> None:
 # --------------------------------------------------------------------------- load
 
 
+def _damaged(what: str, path: Path) -> GrassError:
+    return GrassError(
+        f"damaged checkpoint: {what}",
+        where=str(path),
+        hint="resume from an earlier checkpoint in the same folder",
+    )
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files: model.safetensors, or the shards its
+    index names (transformers' layout for a model above `max_shard_size`)."""
+    index = path / WEIGHTS_INDEX
+    if not index.is_file():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise _damaged(f"it holds neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}", path)
+        return [path / WEIGHTS_FILE]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise _damaged(f"{WEIGHTS_INDEX} is unreadable or has no weight_map", path) from None
+    for shard in shards:
+        if not isinstance(shard, str) or not (path / shard).is_file():
+            raise _damaged(f"model shard {shard} (named in {WEIGHTS_INDEX}) is missing", path)
+    return [path / shard for shard in shards]
+
+
 def _restore_weights(run: Run, path: Path) -> None:
-    """Every weight of the model from the checkpoint's model.safetensors."""
-    weights = load_file(path / "model.safetensors", device="cpu")
-    missing, unexpected = run.model.load_state_dict(weights, strict=False)
+    """Every weight of the model from the checkpoint, one safetensors file at a time.
+
+    A shard is copied into the model and dropped before the next is read, so
+    restoring never holds more than one shard beside the model. Afterwards every
+    tensor of the model's state dict must have come from some file (tied weights
+    are saved once), so a shard that lost tensors is refused, not half-loaded.
+    """
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in weight_files(path):
+        weights = load_file(file, device="cpu")
+        result = run.model.load_state_dict(weights, strict=False)
+        unexpected.extend(result.unexpected_keys)
+        loaded.update(set(weights) - set(result.unexpected_keys))
+        del weights
     tied = {n for n, p in run.model.named_parameters(remove_duplicate=False)} - {
         n for n, p in run.model.named_parameters()
     }
-    if unexpected or set(missing) - tied:
+    missing = set(run.model.state_dict()) - loaded - tied
+    if unexpected or missing:
         raise GrassError(
             f"checkpoint weights do not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})",
@@ -242,19 +291,13 @@ def verify(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
     except (OSError, ValueError, KeyError):
-        raise GrassError(
-            "damaged checkpoint: manifest.json is missing or unreadable",
-            where=str(path),
-            hint="resume from an earlier checkpoint in the same folder",
-        ) from None
+        raise _damaged("manifest.json is missing or unreadable", path) from None
+    # Every file the checkpoint was written with, model shards and their index
+    # included: the manifest lists whatever the folder held when it was written.
     for rel, digest in files.items():
         f = path / rel
         if not f.is_file() or _sha256(f) != digest:
-            raise GrassError(
-                f"damaged checkpoint: {rel} is missing or does not match its checksum",
-                where=str(path),
-                hint="resume from an earlier checkpoint in the same folder",
-            )
+            raise _damaged(f"{rel} is missing or does not match its checksum", path)
     return manifest
 
 

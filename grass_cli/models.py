@@ -225,13 +225,32 @@ def load_model_and_tokenizer(
     if getattr(model, "hf_quantizer", None) is not None:
         _strip_quantizer(model)
     if cfg.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     return model, tokenizer, source
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in backward, with torch's non-reentrant checkpoint.
+
+    Non-reentrant, because the reentrant variant yields no parameter gradients at all
+    for a block whose input does not require grad (frozen embeddings and frozen
+    blocks below it, the usual case in layer-wise training).
+
+    transformers then also registers a hook that makes the embedding output require
+    grad (a workaround only the reentrant variant needs). That hook is removed:
+    with it, backward runs through every block below the lowest trainable one
+    (recomputing their forward and computing activation gradients nobody uses),
+    which throws away what layer-wise training saves when the active blocks are
+    high in the stack. Gradients are the same either way (tested).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    model.config.use_cache = False
 
 
 def max_positions(model: Any) -> int | None:

