@@ -46,6 +46,7 @@ from grass_cli.errors import GrassError
 from grass_cli.evaluate import count_targets, eval_loss, run_eval
 from grass_cli.importance import ImportanceTracker
 from grass_cli.models import (
+    checkpointed,
     load_model_and_tokenizer,
     max_positions,
     quiet_stderr,
@@ -469,19 +470,22 @@ def probe(run: Run) -> None:
     """GRASS probing phase: T_p steps of forward+backward, no update; emits the MGN."""
     steps = run.recipe.sampler.probe_steps
     batches = (_next_step_batches(run)[0] for _ in range(steps))
-    probing = probe_blocks(
-        run.model,
-        run.block_map,
-        run.tracker,
-        batches,
-        run.device,
-        run.recipe.training.autocast,
-        reducer=run.reducer,
-    )
-    for t, loss in enumerate(probing):
-        run.telemetry.emit(
-            "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
+    # Probing runs backward through every block: always with activation
+    # checkpointing, so its peak stays far below full fine-tuning's.
+    with checkpointed(run.model):
+        probing = probe_blocks(
+            run.model,
+            run.block_map,
+            run.tracker,
+            batches,
+            run.device,
+            run.recipe.training.autocast,
+            reducer=run.reducer,
         )
+        for t, loss in enumerate(probing):
+            run.telemetry.emit(
+                "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
+            )
     mgn = run.tracker.mgn
     ranking = sorted(range(len(mgn)), key=lambda i: -float(mgn[i]))
     run.telemetry.emit(
