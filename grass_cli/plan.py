@@ -23,10 +23,11 @@ intermediate i, query and key/value widths), counting what autograd saves for a
 Llama-style block: fp32 RMSNorm inputs, q/k/v/output for attention, and the MLP's
 gate, up and product; a frozen layer between the lowest trained block and the loss
 saves only what the input gradient needs (no matmul inputs). The logits cost
-(8 + a) bytes per token and vocabulary entry at their peak (the model's logits, the
-fp32 copy and log-softmax output of the loss). Layers below the lowest trained
-block save nothing, which is why layer-wise training with frozen embeddings is
-cheap; the planner assumes the worst draw (the lowest block among the active ones).
+12 bytes per token and vocabulary entry at their peak (the logits, the copy of the
+shifted logits, the fp32 copy and the log-softmax output of the loss). Layers
+below the lowest trained block save nothing, which is why layer-wise training
+with frozen embeddings is cheap; the planner assumes the worst draw (the lowest
+block among the active ones).
 
 Numbers are bytes. Python, the CUDA context and allocator slack are not modelled:
 `benchmarks/plan_accuracy.py` measures how close the prediction is.
@@ -269,8 +270,7 @@ def recipe_scenario(recipe: Recipe) -> Scenario:
 def _layer_act(lay: Layout, a: int, trainable: bool) -> int:
     """Bytes per token that autograd saves in one decoder layer."""
     h, i, q, kv = lay.hidden, lay.intermediate, lay.q_width, lay.kv_width
-    kv_rep = q if kv != q else kv  # grouped-query attention repeats k/v to the query width
-    attention = a * (q + 2 * kv_rep + q)  # sdpa saves q, k, v and its output
+    attention = a * (q + 2 * kv + q)  # sdpa saves q, k, v (grouped, not repeated), output
     if trainable:
         norms = 2 * (4 * h + a * h)  # fp32 input + normed output (the matmuls' input)
         return norms + attention + a * q + 4 * a * i  # o_proj input; gate, silu, up, product
@@ -278,8 +278,9 @@ def _layer_act(lay: Layout, a: int, trainable: bool) -> int:
 
 
 def _logits_peak(lay: Layout, a: int) -> int:
-    """Logits (model dtype), their fp32 copy and the log-softmax output, per token."""
-    return (8 + a) * lay.vocab
+    """Bytes per token at the loss: the logits, the contiguous copy of the shifted
+    logits, their fp32 copy (when not fp32 already) and the log-softmax output."""
+    return (2 * a + 4 + (4 if a < 4 else 0)) * lay.vocab
 
 
 # ------------------------------------------------------------------------------ plan
@@ -376,7 +377,8 @@ def plan(
     head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
     block_grads = [grads_of.get(b, 0) for b in lay.blocks]
     accum = tc.grad_accum_steps > 1
-    base = weights + device_state
+    # streamed state exists only inside the step: nothing of it during backward
+    base = weights + (0 if streaming else device_state)
     g_before = grads if accum else 0
     peak_bwd = base + sum(saved[lowest:]) + logits + max(g_before, head_grads)
     for k in range(L - 1, lowest - 1, -1):

@@ -15,6 +15,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where there is no CUDA device (so the default
+    `pytest -q` passes on a CPU machine); `pytest -m cuda` selects only them."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in marked:
+        item.add_marker(skip)
+
+
 # Tiny configs: 4 blocks, hidden 32, the SmolLM2 vocabulary (49152 tokens).
 TINY_CONFIGS = {
     "llama": (

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, in under 8 minutes on one H200:
+#
+#   scripts/gpu_check.sh                # from anywhere; runs in the repo root
+#   PYTHON=/opt/venv/bin/python scripts/gpu_check.sh
+#
+# Needs a CUDA build of torch in the active Python environment, or in .venv (set
+# PYTHON to choose another). Steps, each under `timeout` and all together under
+# GPU_CHECK_BUDGET_S (default 450 s):
+#
+#   1. environment: nvidia-smi, torch / CUDA versions  -> benchmarks/results/gpu-check.txt
+#   2. pytest -m cuda -q -rA                           -> benchmarks/results/gpu-pytest.txt
+#   3. benchmarks/gpu_offload.py, short setting        -> benchmarks/results/gpu_offload.{json,md}
+#   4. benchmarks/memory.py --model-1b --device cuda   (only if memory.py has --model-1b)
+#   5. benchmarks/plan_accuracy.py --device cuda       (only if that file exists)
+#
+# A failing or timed-out step does not stop the later ones: each step's exit status
+# (124: timed out) is written to gpu-check.txt, with a summary at the end, and the
+# script exits non-zero if any step failed. Without CUDA everything degrades to
+# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-5
+# are not run (they would measure the CPU, or fail).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ -n "${PYTHON:-}" ]]; then
+    PY=$PYTHON
+elif [[ -n "${VIRTUAL_ENV:-}" ]] || [[ ! -x .venv/bin/python ]]; then
+    PY=$(command -v python || command -v python3)
+else
+    PY=.venv/bin/python
+fi
+
+RESULTS=benchmarks/results
+LOG=$RESULTS/gpu-check.txt
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+mkdir -p "$RESULTS"
+: >"$LOG"
+START=$SECONDS
+export PYTHONUNBUFFERED=1  # live output through tee
+STATUS=()
+FAILED=0
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# step NAME SECONDS OUTFILE CMD...: run CMD under `timeout` (capped by what is left
+# of the budget), its output to the terminal and appended to OUTFILE, its exit status
+# recorded; never aborts the script.
+step() {
+    local name=$1 limit=$2 out=$3
+    shift 3
+    local left=$((BUDGET - (SECONDS - START)))
+    if ((left < 15)); then
+        log "== $name: not run (the ${BUDGET} s budget is spent)"
+        STATUS+=("$name: not run (no time left)")
+        FAILED=1
+        return
+    fi
+    if ((limit > left)); then
+        limit=$left
+    fi
+    local cmd="$*"
+    [[ $cmd == *$'\n'* ]] && cmd="${cmd%%$'\n'*} ..."  # a multi-line script: its first line
+    log "== $name (timeout ${limit} s): $cmd"
+    local t0=$SECONDS rc=0
+    set +e
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$out"
+    rc=${PIPESTATUS[0]}
+    set -e
+    local why=""
+    if ((rc == 124 || rc == 137)); then
+        why=" (timed out)"
+    fi
+    log "== $name: exit $rc$why after $((SECONDS - t0)) s"
+    STATUS+=("$name: exit $rc$why")
+    if ((rc != 0)); then
+        FAILED=1
+    fi
+}
+
+log "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+if REV=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet HEAD 2>/dev/null || REV="$REV (with uncommitted changes)"
+    log "# git $REV"
+fi
+log "# python: $PY"
+
+# 1) environment
+if command -v nvidia-smi >/dev/null; then
+    step nvidia-smi 20 "$LOG" nvidia-smi
+else
+    log "== nvidia-smi: not found (no NVIDIA driver here)"
+    STATUS+=("nvidia-smi: not found")
+fi
+step versions 60 "$LOG" "$PY" -c '
+import sys, torch
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "| CUDA build", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version())
+print("cuda available:", torch.cuda.is_available())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"  cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
+'
+
+HAVE_CUDA=0
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    HAVE_CUDA=1
+else
+    log "# no CUDA device visible to torch: the cuda tests skip, the CUDA benchmarks are not run"
+fi
+
+# 2) the CUDA tests (they skip without CUDA)
+: >"$RESULTS/gpu-pytest.txt"
+# -rA: the captured output of passed tests too (the plan test prints its numbers)
+step "pytest -m cuda" 150 "$RESULTS/gpu-pytest.txt" "$PY" -m pytest -m cuda -q -rA
+
+# 3) keep vs offload, overlap on/off: a short setting (5 trainings in child processes)
+step gpu_offload 150 "$LOG" "$PY" benchmarks/gpu_offload.py \
+    --steps 12 --switch-interval 3 --micro-batch 8 --max-length 256
+
+# 4) the memory benchmark on a ~1B model, once memory.py has the option
+if ((!HAVE_CUDA)); then
+    log "== memory --model-1b: skipped (no CUDA)"
+    STATUS+=("memory --model-1b: skipped (no CUDA)")
+elif grep -q -- --model-1b benchmarks/memory.py 2>/dev/null; then
+    step "memory --model-1b" 120 "$LOG" "$PY" benchmarks/memory.py --model-1b --device cuda \
+        --out "$RESULTS/memory-1b-cuda.json"
+else
+    log "== memory --model-1b: skipped (benchmarks/memory.py has no --model-1b)"
+    STATUS+=("memory --model-1b: skipped (no such option yet)")
+fi
+
+# 5) grass plan's predictions against measured peaks
+if ((!HAVE_CUDA)); then
+    log "== plan_accuracy: skipped (no CUDA)"
+    STATUS+=("plan_accuracy: skipped (no CUDA)")
+elif [[ -f benchmarks/plan_accuracy.py ]]; then
+    step plan_accuracy 180 "$LOG" "$PY" benchmarks/plan_accuracy.py --device cuda
+else
+    log "== plan_accuracy: skipped (no benchmarks/plan_accuracy.py)"
+    STATUS+=("plan_accuracy: skipped (no such file yet)")
+fi
+
+log ""
+log "# summary ($((SECONDS - START)) s of ${BUDGET} s)"
+for s in "${STATUS[@]}"; do
+    log "  $s"
+done
+exit "$FAILED"
