@@ -281,6 +281,16 @@ class DiskStore:
         self._slots[name] = slots
         host = [t.detach().to("cpu").contiguous() for t in tensors]
         if self._io is not None:
+            # A pending write holds its tensors: wait for all but the newest before
+            # queueing another, or a streamed step (one put per weight matrix, faster
+            # than the disk) would keep the whole active set's state alive in the queue.
+            in_flight = [f for f in self._writes.values() if not f.done()]
+            for f in in_flight[:-1]:
+                f.result()
+            for f in self._writes.values():
+                if f.done():
+                    f.result()  # a failed write surfaces here, not never
+            self._writes = {k: f for k, f in self._writes.items() if not f.done()}
             self._writes[name] = self._io.submit(self._write, name, host, slots)
         else:
             self._write(name, host, slots)
