@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from runstats import run_child  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,15 +99,10 @@ def main() -> None:
                 f"output.dir={tmp}/{name}",
             ]
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", *overrides],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            )
-            if proc.returncode != 0:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            row, err = run_child(__file__, overrides)
+            if row is None:
+                sys.exit(f"{name} failed ({err})")
+            rows[name] = row
             r = rows[name]
             if r["blocks_visited"] < r["num_blocks"]:
                 print(

@@ -36,10 +36,11 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from runstats import run_child  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +106,7 @@ def bench_model_1b() -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from grass_cli.plan import SHAPES_DIR
+    from grass_cli.model_shape import SHAPES_DIR
 
     smol = resolve_model_path("embedded:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(smol)
@@ -239,7 +240,8 @@ def child(overrides: list[str]) -> None:
 
 
 def predict(overrides: list[str], visited: int, device: str) -> dict:
-    from grass_cli.plan import build_layout, load_config, plan, recipe_scenario
+    from grass_cli.model_shape import build_layout, load_config
+    from grass_cli.plan import plan, recipe_scenario
     from grass_cli.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes/quickstart.yaml", overrides)
@@ -260,7 +262,6 @@ def main() -> None:
     if args.child is not None:
         child(args.child)
         return
-    sys.path.insert(0, str(ROOT))
     out = args.out or ROOT / f"benchmarks/results/plan_accuracy-{args.device}.json"
     table = methods(args.device)
     chosen = args.methods or list(table)
@@ -289,17 +290,11 @@ def main() -> None:
                     *table[method],
                 ]
                 print(f"running {model} {method} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--child", *overrides],
-                    capture_output=True,
-                    text=True,
-                    cwd=ROOT,
-                )
-                if proc.returncode != 0:  # (e.g. out of memory): say so, go on
-                    print(f"  failed:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
-                    rows.append({"model": model, "method": method, "failed": proc.returncode})
+                m, err = run_child(__file__, overrides)
+                if m is None:  # (e.g. out of memory): say so, go on
+                    print(f"  failed ({err})", file=sys.stderr, flush=True)
+                    rows.append({"model": model, "method": method, "failed": err.split(":")[0]})
                     continue
-                m = json.loads(proc.stdout.strip().splitlines()[-1])
                 p = predict(overrides, m["visited"], args.device)
                 err = p["device_peak_bytes"] / m["measured"] - 1
                 rows.append({"model": model, "method": method, **m, "plan": p, "error": err})
@@ -316,9 +311,7 @@ def main() -> None:
     ]
     for r in rows:
         if "failed" in r:
-            lines.append(
-                f"| {r['model']} | {r['method']} | - | failed (exit {r['failed']}) |||||||"
-            )
+            lines.append(f"| {r['model']} | {r['method']} | - | failed ({r['failed']}) |||||||")
             continue
         k = r["plan"]["kinds"]
         lines.append(

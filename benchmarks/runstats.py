@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,20 @@ def train_child(recipe_path: Path, overrides: list[str]) -> tuple[list[dict], li
     recipe = load_recipe(recipe_path, overrides)
     result = run_training(recipe, Telemetry([]), overwrite=True)
     return read_events(result.run_dir)
+
+
+def run_child(script: str | Path, overrides: list[str]) -> tuple[dict | None, str]:
+    """Run `script --child OVERRIDES` in a fresh process (its peak memory is its own);
+    returns the JSON object of its last stdout line, or None and the end of stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(script), "--child", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if proc.returncode != 0:
+        return None, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
 def read_events(run_dir: Path) -> tuple[list[dict], list[dict]]:

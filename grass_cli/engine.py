@@ -52,12 +52,13 @@ from grass_cli.models import (
     quiet_stderr,
     resolve_device,
 )
-from grass_cli.optim import BlockAdamW, build_store, lr_at
+from grass_cli.optim import BlockAdamW
 from grass_cli.probing import forward_backward
 from grass_cli.probing import probe as probe_blocks
 from grass_cli.recipe import PROBING, Recipe
 from grass_cli.sampling import Sampler, build_sampler
-from grass_cli.state_store import DiskStore
+from grass_cli.schedule import lr_at
+from grass_cli.state_store import DiskStore, build_store
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.memory import memory_stats
 from grass_cli.telemetry.sinks import JsonlSink

@@ -18,15 +18,14 @@ active groups only; the masters live and move with the group's optimizer state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from grass_cli.blocks import ParamGroup
-from grass_cli.recipe import OptimizerConfig, TrainingConfig
-from grass_cli.state_store import CpuStore, DiskStore, Store, tensor_bytes
+from grass_cli.recipe import OptimizerConfig
+from grass_cli.state_store import Store, tensor_bytes
 
 _EMPTY = torch.empty(0)
 
@@ -211,8 +210,9 @@ class BlockAdamW:
         if st is None:
             self.states[name] = self._make(self.groups[name])
             return
-        if st.master is not None and st.master_tensors() == [] and not st.offloaded:
-            # dropped: fresh masters from the current weights
+        if self.policy == "drop" and st.master is not None and st.master_tensors() == []:
+            # dropped: fresh masters from the current weights (a streamed run makes
+            # them one matrix at a time in the step instead)
             for m, p in zip(st.master, st.params, strict=True):
                 m.data = p.detach().float().clone()
         if self.policy == "offload" and st.offloaded and self.residency == "interval":
@@ -388,37 +388,3 @@ class BlockAdamW:
                 per = 8 if p.dtype == torch.float32 else 12  # 2 fp32 moments (+ master)
                 total += p.numel() * per
         return total
-
-
-def build_store(
-    cfg: OptimizerConfig, device: torch.device, run_dir, subdir: str | None = None
-) -> Store | None:
-    """The offload store, if any. `subdir` separates the ranks of a data-parallel
-    run on disk (each rank has its own store)."""
-    if cfg.state_policy != "offload":
-        return None
-    if cfg.offload.target == "cpu":
-        return CpuStore(device, overlap=cfg.offload.overlap)
-    from pathlib import Path
-
-    folder = Path(cfg.offload.path) if cfg.offload.path else Path(run_dir) / "offload"
-    if subdir:
-        folder = folder / subdir
-    return DiskStore(folder, device, overlap=cfg.offload.overlap)
-
-
-def lr_at(step: int, total_steps: int, base_lr: float, cfg: TrainingConfig) -> float:
-    """Learning rate at optimizer step `step` (0-based), nanoGPT-style."""
-    # 1) linear warmup from base_lr / warmup to base_lr
-    if step < cfg.warmup_steps:
-        return base_lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_scheduler == "constant":
-        return base_lr
-    # 2) decay from base_lr to min_lr over the remaining steps
-    min_lr = base_lr * cfg.min_lr_ratio
-    span = max(1, total_steps - cfg.warmup_steps)
-    ratio = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.lr_scheduler == "linear":
-        return base_lr - (base_lr - min_lr) * ratio
-    # 3) cosine
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (base_lr - min_lr)

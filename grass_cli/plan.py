@@ -35,162 +35,11 @@ Numbers are bytes. Python, the CUDA context and allocator slack are not modelled
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from grass_cli.errors import GrassError
+from grass_cli.model_shape import GroupShape, Layout, build_layout, load_config
 from grass_cli.recipe import LAYERWISE, PROBING, Recipe
-
-SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
-GIB = 2**30
-
-
-def shipped_shapes() -> list[str]:
-    """Model shapes shipped with grass (public configs, no weights)."""
-    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
-
-
-# ----------------------------------------------------------------------------- model
-
-
-@dataclass
-class GroupShape:
-    name: str
-    kind: str  # embed | norm | head | block | lora
-    params: list[int]  # numel of each parameter, in the engine's order
-    tied: bool = False
-
-    @property
-    def numel(self) -> int:
-        return sum(self.params)
-
-
-@dataclass
-class Layout:
-    """What the planner needs of a model: its groups and its activation shapes."""
-
-    name: str
-    groups: dict[str, GroupShape]
-    blocks: list[str]
-    hidden: int
-    intermediate: int
-    q_width: int  # heads x head_dim
-    kv_width: int  # kv heads x head_dim
-    vocab: int
-    weight_bytes: int  # per parameter, from model.dtype
-    params: int
-    lora: dict[str, GroupShape] = field(default_factory=dict)  # block name -> adapters
-
-
-def load_config(recipe: Recipe, model_config: str | None = None) -> tuple[Any, str]:
-    """The transformers config of `model.path` (or of a shipped shape / config.json
-    given as `model_config`), read without loading any weight."""
-    from transformers import AutoConfig
-
-    from grass_cli.models import EMBEDDED, _gguf_cache_folder, embedded_gguf, quiet_hf
-
-    quiet_hf()
-    if model_config is not None:
-        path = Path(model_config).expanduser()
-        if not path.is_file():
-            if model_config not in shipped_shapes():
-                raise GrassError(
-                    f"unknown model config {model_config!r}",
-                    where="--model-config",
-                    hint="give a config.json file or one of: " + ", ".join(shipped_shapes()),
-                )
-            path = SHAPES_DIR / f"{model_config}.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return AutoConfig.for_model(**data), path.stem
-        except (ValueError, KeyError, TypeError) as e:
-            raise GrassError(f"not a model config: {e}", where=str(path)) from None
-    src = recipe.model.path
-    try:
-        if src in EMBEDDED:
-            gguf = embedded_gguf(src)
-            cached = _gguf_cache_folder(gguf)
-            if (cached / "config.json").exists():
-                return AutoConfig.from_pretrained(cached), src
-            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name), src
-        p = Path(src).expanduser()
-        if p.suffix == ".gguf":
-            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name), src
-        return AutoConfig.from_pretrained(
-            str(p) if p.is_dir() else src, trust_remote_code=recipe.model.trust_remote_code
-        ), src
-    except (OSError, ValueError) as e:
-        raise GrassError(
-            f"cannot read the model's config ({str(e).splitlines()[0]})",
-            where=f"model.path: {src}",
-            hint="point model.path at a model folder or cached hub id, or pass "
-            "--model-config with a config.json or one of: " + ", ".join(shipped_shapes()),
-        ) from None
-
-
-def _weight_bytes(recipe: Recipe, config: Any) -> int:
-    name = recipe.model.dtype
-    if name == "auto":
-        name = str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", "float32"))
-    return 2 if ("bfloat16" in name or "float16" in name) else 4
-
-
-def build_layout(recipe: Recipe, config: Any, name: str) -> Layout:
-    """The model's groups, from a model built on the meta device (no weights)."""
-    import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
-    from grass_cli.blocks import build_block_map, find_blocks
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    bm = build_block_map(model, recipe.model.blocks_attr)
-    groups = {
-        g.name: GroupShape(g.name, g.kind, [p.numel() for p in g.tensors], g.tied)
-        for g in bm.groups()
-    }
-    lora: dict[str, GroupShape] = {}
-    if recipe.sampler.strategy == "lora":
-        from grass_cli.recipe import LoraConfig
-
-        lc = recipe.lora or LoraConfig()
-        layers, _ = find_blocks(model, recipe.model.blocks_attr)
-        for block, layer in zip(bm.blocks, layers, strict=True):
-            adapters: list[int] = []
-            for mod_name, mod in layer.named_modules():
-                if not isinstance(mod, nn.Linear):
-                    continue
-                if (
-                    lc.target_modules == "all-linear"
-                    or mod_name.split(".")[-1] in lc.target_modules
-                ):
-                    adapters += [lc.r * mod.in_features, lc.r * mod.out_features]
-            lora[block.name] = GroupShape(block.name, "lora", adapters)
-    text = getattr(config, "text_config", None) or config
-    hidden = int(getattr(text, "hidden_size", None) or text.n_embd)
-    heads = int(getattr(text, "num_attention_heads", None) or text.n_head)
-    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    inter = int(
-        getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
-    )
-    return Layout(
-        name=name,
-        groups=groups,
-        blocks=[b.name for b in bm.blocks],
-        hidden=hidden,
-        intermediate=inter,
-        q_width=heads * head_dim,
-        kv_width=kv_heads * head_dim,
-        vocab=int(text.vocab_size),
-        weight_bytes=_weight_bytes(recipe, config),
-        params=sum(p.numel() for p in model.parameters()),
-        lora=lora,
-    )
-
 
 # ------------------------------------------------------------------------- scenario
 
@@ -357,21 +206,13 @@ def plan(
         fp32_grads = 0
     step_transient = fp32_grads + unit * 4
 
-    # activations and the backward sweep (head first, down to the lowest trained block)
-    lowest = 0  # worst draw: the lowest block is active
-    in_range = L - lowest
-    trains_embed = any(g.kind == "embed" for g in trained)
+    # activations and the backward sweep (head first, down to block 0: the worst draw
+    # has the lowest block active, so every block is in the gradient range)
     logits = _logits_peak(lay, a) * tokens
     layer_t = _layer_act(lay, a, True) * tokens
     layer_f = _layer_act(lay, a, False) * tokens
     layer_in = a * lay.hidden * tokens
-    kinds_trained = [
-        sc.strategy in ("full", "lora") or k < active_blocks for k in range(L)
-    ]  # block k trains
-    per_layer = [
-        (layer_t if kinds_trained[k] else layer_f) if k >= lowest or trains_embed else 0
-        for k in range(L)
-    ]
+    per_layer = [layer_t if k < active_blocks else layer_f for k in range(L)]
     saved = [layer_in if ckpt else per_layer[k] for k in range(L)]
     work = a * tokens * (2 * lay.hidden + 2 * lay.intermediate)  # grads in flight in a layer
     head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
@@ -380,18 +221,18 @@ def plan(
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
     g_before = grads if accum else 0
-    peak_bwd = base + sum(saved[lowest:]) + logits + max(g_before, head_grads)
-    for k in range(L - 1, lowest - 1, -1):
-        live = sum(saved[lowest:k]) + (per_layer[k] if ckpt else saved[k]) + work
+    peak_bwd = base + sum(saved) + logits + max(g_before, head_grads)
+    for k in range(L - 1, -1, -1):
+        live = sum(saved[:k]) + (per_layer[k] if ckpt else saved[k]) + work
         produced = head_grads + sum(block_grads[k:])
         peak_bwd = max(peak_bwd, base + live + max(g_before, produced))
-    act_peak = sum(saved[lowest:]) + logits
+    act_peak = sum(saved) + logits
     peak_step = weights + grads + device_state + step_transient
 
     phases = {"backward": peak_bwd, "step": peak_step}
     if sc.strategy in PROBING:
         # all blocks in the gradient range, checkpointed; one gradient at a time
-        probe_live = in_range * layer_in + max(logits, layer_t + work)
+        probe_live = L * layer_in + max(logits, layer_t + work)
         largest_block_param = max(n for b in lay.blocks for n in groups[b].params)
         phases["probe"] = weights + probe_live + largest_block_param * (w + 8)
     phase = max(phases, key=lambda k: phases[k])
@@ -478,38 +319,8 @@ def plan_recipe(
         device = "cpu" if recipe.training.device == "cpu" else "cuda"
     budget = None if device_memory_gb is None else int(device_memory_gb * 1e9)
     chosen = scenarios(recipe) if all_scenarios else [recipe_scenario(recipe)]
-    plans = []
-    for sc in chosen:
-        if sc.strategy == "lora" and not lay.lora:
-            r2 = recipe.model_copy(deep=True)
-            r2.sampler.strategy = "lora"
-            lay_l = build_layout(r2, config, name)
-            plans.append(judge(plan(r2, lay_l, sc, device), budget))
-            continue
-        plans.append(judge(plan(recipe, lay, sc, device), budget))
-    return lay, plans
-
-
-def gib(n: int) -> float:
-    return n / GIB
+    return lay, [judge(plan(recipe, lay, sc, device), budget) for sc in chosen]
 
 
 def gb(n: int) -> float:
     return n / 1e9
-
-
-__all__ = [
-    "recipe_scenario",
-    "Layout",
-    "Plan",
-    "Scenario",
-    "build_layout",
-    "gb",
-    "gib",
-    "judge",
-    "load_config",
-    "plan",
-    "plan_recipe",
-    "scenarios",
-    "shipped_shapes",
-]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from grass_cli.errors import GrassError
+from grass_cli.recipe import OptimizerConfig
 
 
 def tensor_bytes(tensors: list[torch.Tensor]) -> int:
@@ -321,9 +322,6 @@ class DiskStore:
     def bytes(self) -> int:
         return sum(s.nbytes for slots in self._slots.values() for s in slots)
 
-    def host_bytes(self) -> int:
-        return 0  # memory-mapped files: the page cache, not the process, holds them
-
     def pinned_bytes(self) -> int:
         return 0
 
@@ -339,3 +337,18 @@ class DiskStore:
 
 
 Store = CpuStore | DiskStore
+
+
+def build_store(
+    cfg: OptimizerConfig, device: torch.device, run_dir, subdir: str | None = None
+) -> Store | None:
+    """The offload store, if any. `subdir` separates the ranks of a data-parallel
+    run on disk (each rank has its own store)."""
+    if cfg.state_policy != "offload":
+        return None
+    if cfg.offload.target == "cpu":
+        return CpuStore(device, overlap=cfg.offload.overlap)
+    folder = Path(cfg.offload.path) if cfg.offload.path else Path(run_dir) / "offload"
+    if subdir:
+        folder = folder / subdir
+    return DiskStore(folder, device, overlap=cfg.offload.overlap)

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from grass_cli.cli import app
-from grass_cli.plan import Scenario, build_layout, load_config, plan, plan_recipe
+from grass_cli.model_shape import build_layout, load_config
+from grass_cli.plan import Scenario, plan, plan_recipe
 from grass_cli.recipe import validate_dict
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         # a table of ten columns: do not squeeze it to 80 columns in a pipe or log
         console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
         console.print(render(layout, plans, own, device_memory), soft_wrap=True)
-        if device_memory is not None and own is not None and not own.fits:
+        if device_memory is not None and not own.fits:
             raise typer.Exit(1)
 
 
@@ -81,11 +81,7 @@ def _plan(recipe: Path, overrides: list[str], model_config, device, device_memor
     r = load_recipe(recipe, overrides)
     layout, plans = plan_recipe(r, model_config, device, device_memory)
     label = recipe_scenario(r).label
-    own = next((p for p in plans if p.label == label), None)
-    if own is None:
-        _, mine = plan_recipe(r, model_config, device, device_memory, all_scenarios=False)
-        own = mine[0]
-        plans.append(own)
+    own = next(p for p in plans if p.label == label)  # scenarios() covers every recipe
     return layout, plans, own
 
 
@@ -128,20 +124,17 @@ def render(layout, plans, own, device_memory):
         if device_memory is not None:
             row.append("yes" if p.fits else "no")
         table.add_row(*row, style="bold" if p is own else None)
-    lines = [table]
-    if own is not None:
-        verdict = (
-            f"* the recipe ({own.label}): {gb(own.device_peak_bytes):.2f} GB peak in "
-            f"{own.peak_phase}"
+    verdict = (
+        f"* the recipe ({own.label}): {gb(own.device_peak_bytes):.2f} GB peak in "
+        f"{own.peak_phase}, largest part: {own.dominant}"
+    )
+    if own.fits is not None:
+        verdict += (
+            f"; fits {device_memory:g} GB"
+            if own.fits
+            else f"; does NOT fit {device_memory:g} GB: {own.advice}"
         )
-        verdict += f", largest part: {own.dominant}"
-        if own.fits is not None:
-            verdict += (
-                f"; fits {device_memory:g} GB"
-                if own.fits
-                else f"; does NOT fit {device_memory:g} GB: {own.advice}"
-            )
-        lines.append(Text(verdict))
+    lines = [table, Text(verdict)]
     lines.append(
         Text(
             "keep: the state of every block visited (a long run's worst case). Python, the "

@@ -1,0 +1,153 @@
+"""A model's shape for the memory planner: its parameter groups (the same block map
+training uses, built on the meta device, so no weight is read), its LoRA adapters,
+and the widths its activations have. Configs come from `model.path` or from the
+public shapes shipped in grass_cli/shapes/."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grass_cli.errors import GrassError
+from grass_cli.recipe import LoraConfig, Recipe
+
+SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
+
+
+def shipped_shapes() -> list[str]:
+    """Model shapes shipped with grass (public configs, no weights)."""
+    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
+
+
+@dataclass
+class GroupShape:
+    name: str
+    kind: str  # embed | norm | head | block | lora
+    params: list[int]  # numel of each parameter, in the engine's order
+    tied: bool = False
+
+    @property
+    def numel(self) -> int:
+        return sum(self.params)
+
+
+@dataclass
+class Layout:
+    """What the planner needs of a model: its groups and its activation shapes."""
+
+    name: str
+    groups: dict[str, GroupShape]
+    blocks: list[str]
+    hidden: int
+    intermediate: int
+    q_width: int  # heads x head_dim
+    kv_width: int  # kv heads x head_dim
+    vocab: int
+    weight_bytes: int  # per parameter, from model.dtype
+    params: int
+    lora: dict[str, GroupShape] = field(default_factory=dict)  # block name -> adapters
+
+
+def load_config(recipe: Recipe, model_config: str | None = None) -> tuple[Any, str]:
+    """The transformers config of `model.path` (or of a shipped shape / config.json
+    given as `model_config`), read without loading any weight."""
+    from transformers import AutoConfig
+
+    from grass_cli.models import EMBEDDED, _gguf_cache_folder, embedded_gguf, quiet_hf
+
+    quiet_hf()
+    if model_config is not None:
+        path = Path(model_config).expanduser()
+        if not path.is_file():
+            if model_config not in shipped_shapes():
+                raise GrassError(
+                    f"unknown model config {model_config!r}",
+                    where="--model-config",
+                    hint="give a config.json file or one of: " + ", ".join(shipped_shapes()),
+                )
+            path = SHAPES_DIR / f"{model_config}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return AutoConfig.for_model(**data), path.stem
+        except (ValueError, KeyError, TypeError) as e:
+            raise GrassError(f"not a model config: {e}", where=str(path)) from None
+    src = recipe.model.path
+    try:
+        if src in EMBEDDED:
+            gguf = embedded_gguf(src)
+            cached = _gguf_cache_folder(gguf)
+            if (cached / "config.json").exists():
+                return AutoConfig.from_pretrained(cached), src
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name), src
+        p = Path(src).expanduser()
+        if p.suffix == ".gguf":
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name), src
+        return AutoConfig.from_pretrained(
+            str(p) if p.is_dir() else src, trust_remote_code=recipe.model.trust_remote_code
+        ), src
+    except (OSError, ValueError) as e:
+        raise GrassError(
+            f"cannot read the model's config ({str(e).splitlines()[0]})",
+            where=f"model.path: {src}",
+            hint="point model.path at a model folder or cached hub id, or pass "
+            "--model-config with a config.json or one of: " + ", ".join(shipped_shapes()),
+        ) from None
+
+
+def _weight_bytes(recipe: Recipe, config: Any) -> int:
+    name = recipe.model.dtype
+    if name == "auto":
+        name = str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", "float32"))
+    return 2 if ("bfloat16" in name or "float16" in name) else 4
+
+
+def build_layout(recipe: Recipe, config: Any, name: str) -> Layout:
+    """The model's groups, from a model built on the meta device (no weights)."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from grass_cli.blocks import build_block_map, find_blocks
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    bm = build_block_map(model, recipe.model.blocks_attr)
+    groups = {
+        g.name: GroupShape(g.name, g.kind, [p.numel() for p in g.tensors], g.tied)
+        for g in bm.groups()
+    }
+    # LoRA adapters, for the lora strategy's plan: cheap to count, so always counted
+    lc = recipe.lora or LoraConfig()
+    lora: dict[str, GroupShape] = {}
+    layers, _ = find_blocks(model, recipe.model.blocks_attr)
+    for block, layer in zip(bm.blocks, layers, strict=True):
+        adapters: list[int] = []
+        for mod_name, mod in layer.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            if lc.target_modules == "all-linear" or mod_name.split(".")[-1] in lc.target_modules:
+                adapters += [lc.r * mod.in_features, lc.r * mod.out_features]
+        lora[block.name] = GroupShape(block.name, "lora", adapters)
+    text = getattr(config, "text_config", None) or config
+    hidden = int(getattr(text, "hidden_size", None) or text.n_embd)
+    heads = int(getattr(text, "num_attention_heads", None) or text.n_head)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    inter = int(
+        getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    )
+    return Layout(
+        name=name,
+        groups=groups,
+        blocks=[b.name for b in bm.blocks],
+        hidden=hidden,
+        intermediate=inter,
+        q_width=heads * head_dim,
+        kv_width=kv_heads * head_dim,
+        vocab=int(text.vocab_size),
+        weight_bytes=_weight_bytes(recipe, config),
+        params=sum(p.numel() for p in model.parameters()),
+        lora=lora,
+    )
