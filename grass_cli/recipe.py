@@ -415,7 +415,7 @@ def _format_error(err: dict[str, Any]) -> str:
     if loc:
         given = err.get("input")
         if isinstance(given, dict):
-            return f"{loc}: {msg}; got a section with keys {sorted(given)}"
+            return f"{loc}: {msg}; got a section with keys {sorted(str(k) for k in given)}"
         return f"{loc}: {msg}; got {given!r}"
     return msg
 

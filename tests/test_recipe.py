@@ -227,3 +227,11 @@ def test_recipe_reference_documents_every_key():
     text = (ROOT / "docs/recipes.md").read_text()
     missing = [k for k in all_keys() if f"`{k}`" not in text]
     assert not missing, f"docs/recipes.md lacks {missing}"
+
+
+def test_section_given_where_a_value_belongs_with_null_and_int_keys(tmp_path):
+    # YAML allows null and integer keys; the message must list them, not crash sorting them.
+    p = write(tmp_path, "data:\n  train: t\noptimizer:\n  state_policy: {null: 1, b: 2, 3: 4}\n")
+    msg = error_of(p)
+    assert "optimizer.state_policy: Input should be 'keep', 'drop' or 'offload'" in msg
+    assert "got a section with keys ['3', 'None', 'b']" in msg
