@@ -2,6 +2,16 @@
 
     python benchmarks/memory.py                    # all six methods, 200 steps each
     python benchmarks/memory.py --steps 20 --methods lisa-keep grass-offload-disk
+    python benchmarks/memory.py --model 1b         # ~1.2B bf16, checkpointing (~6 min)
+
+`--model 1b` measures the largest model this machine trains: plan_accuracy.py's
+~1.2B Llama-shaped model with random weights in bfloat16 (built once and cached),
+gradient checkpointing, micro-batch 1 x 256, a few steps each of full fine-tuning,
+LoRA r16, LISA-keep and GRASS-offload (streamed per step; to disk on the CPU, to
+pinned host memory on CUDA), and reports each peak as a ratio to full fine-tuning's
+and LoRA's. The peak is the one plan_accuracy.py measures (CPU: live tensor bytes,
+the analogue of CUDA's max_memory_allocated; CUDA: max_memory_allocated), next to
+the process's peak RSS above its resident size before the model loaded.
 
 The default (200 steps, a switch every 2 steps, micro batch 2) is long enough for
 every block to have been active at least once under each sampler, so `keep` holds
@@ -73,18 +83,76 @@ def child(overrides: list[str]) -> None:
     )
 
 
+def main_1b(steps: int, device: str, out: Path) -> None:
+    """The ~1.2B model: each method in its own plan_accuracy.py child, ratios to full
+    fine-tuning and to LoRA, and the issue's goals checked on the measured numbers."""
+    import plan_accuracy as pa
+
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "long.jsonl"
+        pa.long_rows(data, 64)
+        for name in ("full", "lora", "lisa-keep", "grass-offload"):
+            overrides = pa.run_overrides("1b", name, data, device, f"{tmp}/{name}")
+            overrides.append(f"training.max_steps={steps}")
+            print(f"running 1b {name} ...", file=sys.stderr, flush=True)
+            row, err = run_child(pa.__file__, overrides)
+            if row is None:
+                sys.exit(f"{name} failed ({err})")
+            rows[name] = row
+    full, lora = rows["full"]["measured"], rows["lora"]["measured"]
+    lines = [
+        "| method | peak (GiB) | x full | x LoRA | peak RSS over pre-load (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        rss = r.get("rss_peak_over_before_load")
+        lines.append(
+            f"| {name} | {r['measured'] / 2**30:.2f} | {r['measured'] / full:.2f} | "
+            f"{r['measured'] / lora:.2f} | {'-' if rss is None else f'{rss / 2**30:.2f}'} |"
+        )
+    g = rows["grass-offload"]["measured"]
+    verdict = (
+        f"GRASS-offload: {g / full:.2f}x full (goal <= 0.30: "
+        f"{'met' if g / full <= 0.30 else 'NOT met'}), {g / lora:.2f}x LoRA (goal <= 1.15: "
+        f"{'met' if g / lora <= 1.15 else 'NOT met'})"
+    )
+    cmd = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    machine = pa.machine_line(device)
+    text = "\n".join(lines) + f"\n\n{verdict}\n\ncommand: `{cmd.strip()}`\n\nmachine: {machine}\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"command": cmd.strip(), "machine": machine, "steps": steps, "rows": rows}, indent=2
+        )
+    )
+    out.with_suffix(".md").write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--model", default="135m", choices=["135m", "1b"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(--model 1b)")
+    ap.add_argument("--steps", type=int, default=None, help="default: 200 (135m), 3 (1b)")
     ap.add_argument("--switch-interval", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/memory.json")
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         child(args.child)
         return
+    if args.model == "1b":
+        name = "memory-1b" + ("-cuda" if args.device == "cuda" else "")
+        out = args.out or ROOT / f"benchmarks/results/{name}.json"
+        main_1b(args.steps or 3, args.device, out)
+        return
+    if args.device != "cpu":
+        sys.exit("--device cuda is for --model 1b; the 135M table is the CPU's")
+    args.steps = args.steps or 200
+    args.out = args.out or ROOT / "benchmarks/results/memory.json"
 
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -123,6 +123,40 @@ def bench_model_1b() -> Path:
     return folder
 
 
+def run_overrides(model: str, method: str, data: Path, device: str, out_dir: str) -> list[str]:
+    """The overrides of one measured run (shared with memory.py --model 1b)."""
+    spec = MODELS[model]
+    path = spec["path"] or str(bench_model_1b())
+    return [
+        f"model.path={path}",
+        f"data.train={data}",
+        "data.format=text",
+        "data.eval=null",
+        "data.limit=null",
+        f"training.device={device}",
+        "training.autocast=none",
+        "training.grad_accum_steps=1",
+        "checkpoint.at_end=false",
+        "checkpoint.interval=null",
+        "output.save_model=false",
+        f"output.dir={out_dir}",
+        *spec["overrides"],
+        *methods(device)[method],
+    ]
+
+
+def machine_line(device: str) -> str:
+    import torch
+
+    machine = (
+        f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+    if device == "cuda":
+        machine += f", {torch.cuda.get_device_name()}"
+    return machine
+
+
 def long_rows(path: Path, rows: int, seed: int = 0) -> None:
     """Text rows longer than any max_length here, so every batch is full."""
     rng = random.Random(seed)
@@ -263,32 +297,16 @@ def main() -> None:
         child(args.child)
         return
     out = args.out or ROOT / f"benchmarks/results/plan_accuracy-{args.device}.json"
-    table = methods(args.device)
-    chosen = args.methods or list(table)
+    chosen = args.methods or list(methods(args.device))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "long.jsonl"
         long_rows(data, 64)
         for model in args.models:
-            spec = MODELS[model]
-            path = spec["path"] or str(bench_model_1b())
             for method in chosen:
-                overrides = [
-                    f"model.path={path}",
-                    f"data.train={data}",
-                    "data.format=text",
-                    "data.eval=null",
-                    "data.limit=null",
-                    f"training.device={args.device}",
-                    "training.autocast=none",
-                    "training.grad_accum_steps=1",
-                    "checkpoint.at_end=false",
-                    "checkpoint.interval=null",
-                    "output.save_model=false",
-                    f"output.dir={tmp}/{model}-{method}",
-                    *spec["overrides"],
-                    *table[method],
-                ]
+                overrides = run_overrides(
+                    model, method, data, args.device, f"{tmp}/{model}-{method}"
+                )
                 print(f"running {model} {method} ...", file=sys.stderr, flush=True)
                 m, err = run_child(__file__, overrides)
                 if m is None:  # (e.g. out of memory): say so, go on
@@ -323,15 +341,8 @@ def main() -> None:
             )
             + " |"
         )
-    import torch
-
     cmd = "python benchmarks/plan_accuracy.py " + " ".join(sys.argv[1:])
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
-    )
-    if args.device == "cuda":
-        machine += f", {torch.cuda.get_device_name()}"
+    machine = machine_line(args.device)
     worst = max((abs(r["error"]) for r in rows if "error" in r), default=float("nan"))
     text = "\n".join(lines) + f"\n\nworst error: {worst:.1%}\n\ncommand: `{cmd.strip()}`\n\n"
     text += f"machine: {machine}\n"

@@ -8,9 +8,11 @@ the state policy works on:
 - keep: a frozen group's state stays where it is (on the device).
 - drop: it is discarded; a re-activated group starts with fresh moments.
 - offload: it moves to a store (host memory or disk) and comes back intact when
-  the group is sampled again. With residency `interval` it moves once per switch;
-  with `step` only the group being stepped, and the next one (prefetched while this
-  one steps), are on the device.
+  the group is sampled again. With residency `interval` it moves once per switch:
+  an activated group's copies start at the switch and are waited for at its first
+  step, so they overlap that step's forward and backward. With `step` only the
+  parameter being stepped, and the next one (prefetched while this one steps), are
+  on the device.
 
 Reduced-precision models (bf16/fp16 weights) get fp32 master weights for the
 active groups only; the masters live and move with the group's optimizer state.
@@ -202,6 +204,8 @@ class BlockAdamW:
             self.groups[name].set_trainable(True)
             self._acquire(name)
         self.active = set(names)
+        if self.store is not None:
+            self.store.settle()
         return activated, frozen
 
     def _acquire(self, name: str) -> None:
@@ -216,11 +220,14 @@ class BlockAdamW:
             for m, p in zip(st.master, st.params, strict=True):
                 m.data = p.detach().float().clone()
         if self.policy == "offload" and st.offloaded and self.residency == "interval":
-            self._bring_back(st)
+            # Started now, waited for only when the step needs it: the copies run
+            # during the interval's first forward and backward, not before them.
+            for j in sorted(st.out):
+                self.store.prefetch(chunk_name(st.name, j), self.device)
 
     def _bring_back(self, st: GroupState) -> None:
-        """Every chunk of a group back on the device: all copies are started before
-        the first is waited for, so they run back to back."""
+        """Every chunk of a group back on the device (prefetched at the switch; any
+        not yet started are started before the first is waited for)."""
         chunks = sorted(st.out)
         for j in chunks:
             self.store.prefetch(chunk_name(st.name, j), self.device)
@@ -236,6 +243,8 @@ class BlockAdamW:
                 for m in st.master:
                     m.data = _EMPTY
         elif self.policy == "offload":
+            for j in st.out:  # activated, then frozen before its first step
+                self.store.cancel(chunk_name(name, j))
             self._offload(st)
 
     def _offload(self, st: GroupState, chunks: Iterable[int] | None = None) -> None:
@@ -257,7 +266,11 @@ class BlockAdamW:
         With residency `step`, the update streams one parameter at a time: its state
         is fetched just before its update (it was prefetched while the previous
         parameter stepped) and written back right after, so at most two weight
-        matrices' state (moments + fp32 master) are on the device at once.
+        matrices' state (moments + fp32 master) are on the device at once, plus the
+        previous one's while its write-back finishes. Each gradient is freed once
+        its parameter is updated. The step returns once every write-back has
+        finished (`store.settle`), so no state is held through the next forward and
+        backward.
         """
         order = sorted(self.active)
         for name in order:
@@ -265,9 +278,12 @@ class BlockAdamW:
                 pg["lr"] = lr
         if self.policy == "offload" and self.residency == "step":
             self._step_streaming(order)
+            self.store.settle()
             return
         for name in order:
             st = self.states[name]
+            if st.offloaded:  # (interval residency: brought back at its first step)
+                self._bring_back(st)
             if st.master is not None:
                 for m, p in zip(st.master, st.params, strict=True):
                     m.grad = None if p.grad is None else p.grad.float()
@@ -302,11 +318,13 @@ class BlockAdamW:
                 if m.numel() == 0:  # a new or dropped chunk: master from the weights
                     m.data = p.detach().float().clone()
                 m.grad = p.grad.float()
+                p.grad = None  # consumed: the step's peak shrinks as it goes
             st.step_chunk(j)
             if st.master is not None:
                 with torch.no_grad():
                     p.copy_(st.master[j])
                 st.master[j].grad = None
+            p.grad = None
             self._offload(st, [j])
 
     def zero_grad(self) -> None:

@@ -16,7 +16,10 @@ follows what the engine does, phase by phase:
 - **step**: weights + gradients + device state + what AdamW allocates while it
   updates (fp32 gradient copies for the fp32 masters of bf16 weights, and one
   temporary of the size of what is stepped at once: a group with CUDA's foreach
-  kernels, a parameter on the CPU or when streaming).
+  kernels, a parameter on the CPU or when streaming). A streamed step (`residency:
+  step`) is swept parameter by parameter: gradients are freed as they are consumed
+  and three parameters' state is on the device at once (write-back, current,
+  prefetch).
 
 Activations per token and layer follow from the decoder's shapes (hidden h,
 intermediate i, query and key/value widths), counting what autograd saves for a
@@ -135,6 +138,23 @@ def _logits_peak(lay: Layout, a: int) -> int:
 # ------------------------------------------------------------------------------ plan
 
 
+def _streamed_step(
+    trained: list[GroupShape], gbytes: int, sbytes: int, masters: bool, temps: int
+) -> int:
+    """The worst point of a streamed step, parameter by parameter in the engine's
+    order: the gradients not yet consumed, this parameter's fp32 gradient and AdamW
+    temporaries, and three parameters' state (the previous one's write-back, this
+    one's, the next one's prefetch)."""
+    units = [n for g in sorted(trained, key=lambda g: g.name) for n in g.params]
+    worst = 0
+    for k, n in enumerate(units):
+        waiting = sum(units[k + 1 :]) * gbytes
+        own = n * 4 if masters else n * gbytes  # the fp32 copy, or the gradient itself
+        state = sum(units[max(k - 1, 0) : k + 2]) * sbytes
+        worst = max(worst, waiting + own + n * 4 * temps + state)
+    return worst
+
+
 def plan(
     recipe: Recipe,
     lay: Layout,
@@ -186,7 +206,7 @@ def plan(
         device_state += sum(groups[b].numel * sbytes for b in lay.blocks[:nvis])
     elif sc.state_policy == "offload" and sc.residency == "step":
         chunks = sorted((n * sbytes for g in trained for n in g.params), reverse=True)
-        device_state = sum(chunks[:2])
+        device_state = sum(chunks[:3])  # (the sweep below finds the actual worst point)
     else:  # drop, offload-interval: the active groups' state only
         device_state = sum(state_of.values())
     all_trainable = [g for g in groups.values() if g.kind == "block"] + [
@@ -227,7 +247,11 @@ def plan(
         produced = head_grads + sum(block_grads[k:])
         peak_bwd = max(peak_bwd, base + live + max(g_before, produced))
     act_peak = sum(saved) + logits
-    peak_step = weights + grads + device_state + step_transient
+    temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
+    if streaming:
+        peak_step = weights + _streamed_step(trained, gbytes, sbytes, masters, temps)
+    else:
+        peak_step = weights + grads + device_state + step_transient
 
     phases = {"backward": peak_bwd, "step": peak_step}
     if sc.strategy in PROBING:

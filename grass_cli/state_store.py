@@ -13,7 +13,9 @@ copies on a side stream ordered by events, so they overlap compute.
 `DiskStore` writes one file per group under a folder and reads it back through a
 memory map, so host RAM holds only the groups in use; a single background thread
 does the I/O in submission order, so a read never overtakes the write before it.
-Correctness never depends on timing: every `get` waits for its copy.
+Every buffer that thread touches is allocated, and finally released, by the training
+thread (the I/O thread only copies bytes), so memory is owned, and measured, in one
+place. Correctness never depends on timing: every `get` waits for its copy.
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ class CpuStore:
         else:
             self._pending[name] = ([b.to(device, copy=True) for b in bufs], None)
 
+    def cancel(self, name: str) -> None:
+        """Forget a prefetch that will not be used (its device copy is freed)."""
+        self._pending.pop(name, None)
+
     def get(self, name: str, device: torch.device) -> list[torch.Tensor] | None:
         if name not in self._host:
             return None
@@ -171,6 +177,10 @@ class CpuStore:
             for t in out:
                 t.record_stream(torch.cuda.current_stream(device))
         return out
+
+    def settle(self) -> None:
+        """Nothing to wait for: a device tensor being copied out is kept alive by
+        `record_stream` and the host slab is reused, so no buffer lingers."""
 
     def host_tensors(self, name: str) -> list[torch.Tensor] | None:
         """The stored tensors on the host (waits for pending writes), for checkpoints."""
@@ -212,8 +222,9 @@ class DiskStore:
         self.device = device
         self._slots: dict[str, list[_Slot]] = {}
         self._io = ThreadPoolExecutor(max_workers=1) if overlap else None
-        self._writes: dict[str, Future] = {}
-        self._reads: dict[str, Future | list[torch.Tensor]] = {}
+        # name -> (its I/O job, None when done inline; the tensors it writes or fills)
+        self._writes: dict[str, tuple[Future, list[torch.Tensor]]] = {}
+        self._reads: dict[str, tuple[Future | None, list[torch.Tensor]]] = {}
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / ".write-test"
@@ -251,7 +262,10 @@ class DiskStore:
                 "optimizer.offload.target: cpu",
             )
 
-    def _write(self, name: str, host: list[torch.Tensor], slots: list[_Slot]) -> None:
+    def _write(self, name: str, box: list[list[torch.Tensor]], slots: list[_Slot]) -> None:
+        # `box` hands the tensors over without this thread keeping a reference: the
+        # training thread holds them until it sees the write done, and frees them.
+        host = box.pop()
         total = sum(s.nbytes for s in slots)
         path = self._file(name)
         mode = "r+" if path.exists() and path.stat().st_size == total else "w+"
@@ -261,16 +275,33 @@ class DiskStore:
         mm.flush()
         del mm
 
-    def _read(self, name: str, device: torch.device) -> list[torch.Tensor]:
+    def _read_into(self, name: str, box: list[list[torch.Tensor]]) -> None:
+        out = box.pop()
         slots = self._slots[name]
         total = sum(s.nbytes for s in slots)
         mm = np.memmap(self._file(name), dtype=np.uint8, mode="r", shape=(total,))
-        out = []
-        for s in slots:
-            raw = torch.from_numpy(np.array(mm[s.offset : s.offset + s.nbytes]))
-            out.append(raw.view(s.dtype).reshape(s.shape).to(device))
+        for t, s in zip(out, slots, strict=True):
+            np.copyto(t.reshape(-1).view(torch.uint8).numpy(), mm[s.offset : s.offset + s.nbytes])
         del mm
-        return out
+
+    def _buffers(self, name: str) -> list[torch.Tensor]:
+        return [torch.empty(s.shape, dtype=s.dtype) for s in self._slots[name]]
+
+    def _settle_writes(self, keep_newest: bool) -> None:
+        """Wait for finished (and all but the newest running) writes; free their tensors."""
+        running = [n for n, (f, _) in self._writes.items() if not f.done()]
+        for n in running[:-1] if keep_newest else running:
+            self._writes[n][0].result()
+        for n, (f, _) in list(self._writes.items()):
+            if f.done():
+                f.result()  # a failed write surfaces here, not never
+                del self._writes[n]
+
+    def settle(self) -> None:
+        """Wait for every write and free its tensors: called when the optimizer's
+        step or switch ends, so no state waits in the queue through forward/backward."""
+        if self._io is not None:
+            self._settle_writes(keep_newest=False)
 
     def put(self, name: str, tensors: list[torch.Tensor]) -> None:
         self._reads.pop(name, None)
@@ -285,39 +316,44 @@ class DiskStore:
             # A pending write holds its tensors: wait for all but the newest before
             # queueing another, or a streamed step (one put per weight matrix, faster
             # than the disk) would keep the whole active set's state alive in the queue.
-            in_flight = [f for f in self._writes.values() if not f.done()]
-            for f in in_flight[:-1]:
-                f.result()
-            for f in self._writes.values():
-                if f.done():
-                    f.result()  # a failed write surfaces here, not never
-            self._writes = {k: f for k, f in self._writes.items() if not f.done()}
-            self._writes[name] = self._io.submit(self._write, name, host, slots)
+            self._settle_writes(keep_newest=True)
+            self._writes[name] = (self._io.submit(self._write, name, [host], slots), host)
         else:
-            self._write(name, host, slots)
+            self._write(name, [host], slots)
 
     def prefetch(self, name: str, device: torch.device) -> None:
         if name not in self._slots or name in self._reads:
             return
+        out = self._buffers(name)
         if self._io is not None:
-            self._reads[name] = self._io.submit(self._read, name, device)
+            self._reads[name] = (self._io.submit(self._read_into, name, [out]), out)
         else:
-            self._reads[name] = self._read(name, device)
+            self._read_into(name, [out])
+            self._reads[name] = (None, out)
+
+    def cancel(self, name: str) -> None:
+        """Forget a prefetch that will not be used (its buffers are freed once read)."""
+        entry = self._reads.pop(name, None)
+        if entry is not None and entry[0] is not None:
+            entry[0].result()  # freed here, by the thread that allocated them
 
     def get(self, name: str, device: torch.device) -> list[torch.Tensor] | None:
         if name not in self._slots:
             return None
         self.prefetch(name, device)
-        pending = self._reads.pop(name)
-        return pending.result() if isinstance(pending, Future) else pending
+        read, out = self._reads.pop(name)
+        if read is not None:
+            read.result()
+        return [t.to(device) for t in out]
 
     def host_tensors(self, name: str) -> list[torch.Tensor] | None:
         if name not in self._slots:
             return None
-        write = self._writes.get(name)
-        if write is not None:
-            write.result()
-        return self._read(name, torch.device("cpu"))
+        if name in self._writes:
+            self._writes[name][0].result()
+        out = self._buffers(name)
+        self._read_into(name, [out])
+        return out
 
     def bytes(self) -> int:
         return sum(s.nbytes for slots in self._slots.values() for s in slots)
@@ -328,6 +364,8 @@ class DiskStore:
     def close(self, keep: bool = False) -> None:
         if self._io is not None:
             self._io.shutdown(wait=True)
+            self._settle_writes(keep_newest=False)
+            self._reads.clear()
         if not keep:
             for name in list(self._slots):
                 self._file(name).unlink(missing_ok=True)

@@ -305,3 +305,74 @@ def test_streamed_step_holds_at_most_two_chunks_on_the_device(tiny_factory, tmp_
         assert e["optimizer_state_bytes"] == 0 and e["master_weight_bytes"] == 0
         assert e["optimizer_state_offload_cpu_bytes"] > 0
     opt.store.close()
+
+
+def _net_tracked_bytes(fn) -> int:
+    """Allocations minus frees the profiler saw on this thread while fn ran."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    return sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
+def test_disk_store_buffers_are_owned_by_the_training_thread(tmp_path):
+    """The I/O thread only copies bytes: what a put hands over is freed, and what a get
+    returns is allocated, by the caller's thread. Otherwise memory freed on the I/O
+    thread is invisible to the allocator accounting of the training thread (the 1.2B
+    measurement once read 4.44 GiB for a 2.80 GiB peak that way)."""
+    store = DiskStore(tmp_path / "s", torch.device("cpu"))
+    n = 1 << 20
+
+    def put_and_settle():
+        t = torch.randn(n)
+        store.put("a@0", [t])
+        del t
+        store.settle()
+
+    assert _net_tracked_bytes(put_and_settle) == 0  # allocated and freed here
+    got: list[torch.Tensor] = []
+    assert _net_tracked_bytes(lambda: got.extend(store.get("a@0", torch.device("cpu")))) == 4 * n
+    store.close()
+
+
+def _offload_run(tiny_factory, tmp_path, residency: str):
+    rec = make_recipe(
+        tiny_factory("llama", 4),
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {"target": "disk", "residency": residency}},
+        sampler={"strategy": "lisa", "gamma": 1, "switch_interval": 1},
+    )
+    r = setup(rec, Telemetry([ListSink()]), overwrite=True)
+    train(r)
+    return r
+
+
+def test_interval_switch_starts_copies_and_waits_at_the_first_step(tiny_factory, tmp_path):
+    r = _offload_run(tiny_factory, tmp_path, "interval")
+    opt = r.optimizer
+    back = next(iter(opt.stored_groups()))
+    expect = opt.store.host_tensors(f"{back}@0")
+    opt.set_active({back, *r.always_train})
+    st = opt.states[back]
+    assert st.offloaded  # not waited for at the switch ...
+    assert f"{back}@0" in opt.store._reads  # ... but its read is under way
+    opt.step(0.0)  # (no gradients: brings the state back, updates nothing)
+    assert not st.offloaded
+    got = st.take_chunk(0)
+    assert all(torch.equal(a, b) for a, b in zip(got, expect, strict=True))
+    st.give_chunk(0, got)
+    opt.store.close()
+
+
+def test_switching_away_before_the_first_step_cancels_the_copy(tiny_factory, tmp_path):
+    r = _offload_run(tiny_factory, tmp_path, "interval")
+    opt = r.optimizer
+    back = next(iter(opt.stored_groups()))
+    before = set(opt.active)
+    opt.set_active({back, *r.always_train})
+    opt.set_active(before)
+    # nothing left reading into memory nobody will use
+    assert not [n for n in opt.store._reads if n.startswith(back + "@")]
+    assert back in opt.stored_groups()  # and the state still waits in the store
+    opt.store.close()
