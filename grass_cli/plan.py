@@ -264,7 +264,10 @@ def plan(
     kinds = {
         "weights": weights,
         "gradients": grads if phase != "probe" else 0,
-        "optimizer_state": device_state if phase != "probe" else 0,
+        # (streamed state exists only inside the step)
+        "optimizer_state": device_state
+        if phase == "step" or (phase == "backward" and not streaming)
+        else 0,
         "activations": act_peak if phase != "probe" else phases["probe"] - weights,
         "step_transient": step_transient if phase == "step" else 0,
     }
