@@ -11,8 +11,8 @@
 #   1. environment: nvidia-smi, torch / CUDA versions  -> benchmarks/results/gpu-check.txt
 #   2. pytest -m cuda -q -rA                           -> benchmarks/results/gpu-pytest.txt
 #   3. benchmarks/gpu_offload.py, short setting        -> benchmarks/results/gpu_offload.{json,md}
-#   4. benchmarks/memory.py --model-1b --device cuda   (only if memory.py has --model-1b)
-#   5. benchmarks/plan_accuracy.py --device cuda       (only if that file exists)
+#   4. benchmarks/memory.py --model 1b --device cuda   -> benchmarks/results/memory-1b-cuda.{json,md}
+#   5. benchmarks/plan_accuracy.py --device cuda       -> benchmarks/results/plan_accuracy-cuda.{json,md}
 #
 # A failing or timed-out step does not stop the later ones: each step's exit status
 # (124: timed out) is written to gpu-check.txt, with a summary at the end, and the
@@ -119,27 +119,20 @@ step "pytest -m cuda" 150 "$RESULTS/gpu-pytest.txt" "$PY" -m pytest -m cuda -q -
 step gpu_offload 150 "$LOG" "$PY" benchmarks/gpu_offload.py \
     --steps 12 --switch-interval 3 --micro-batch 8 --max-length 256
 
-# 4) the memory benchmark on a ~1B model, once memory.py has the option
+# 4) the memory benchmark on the ~1.2B bf16 model (full, LoRA, LISA-keep, GRASS-offload)
 if ((!HAVE_CUDA)); then
-    log "== memory --model-1b: skipped (no CUDA)"
-    STATUS+=("memory --model-1b: skipped (no CUDA)")
-elif grep -q -- --model-1b benchmarks/memory.py 2>/dev/null; then
-    step "memory --model-1b" 120 "$LOG" "$PY" benchmarks/memory.py --model-1b --device cuda \
-        --out "$RESULTS/memory-1b-cuda.json"
+    log "== memory --model 1b: skipped (no CUDA)"
+    STATUS+=("memory --model 1b: skipped (no CUDA)")
 else
-    log "== memory --model-1b: skipped (benchmarks/memory.py has no --model-1b)"
-    STATUS+=("memory --model-1b: skipped (no such option yet)")
+    step "memory --model 1b" 120 "$LOG" "$PY" benchmarks/memory.py --model 1b --device cuda
 fi
 
-# 5) grass plan's predictions against measured peaks
+# 5) grass plan's predictions against measured peaks (135M and 1.2B)
 if ((!HAVE_CUDA)); then
     log "== plan_accuracy: skipped (no CUDA)"
     STATUS+=("plan_accuracy: skipped (no CUDA)")
-elif [[ -f benchmarks/plan_accuracy.py ]]; then
-    step plan_accuracy 180 "$LOG" "$PY" benchmarks/plan_accuracy.py --device cuda
 else
-    log "== plan_accuracy: skipped (no benchmarks/plan_accuracy.py)"
-    STATUS+=("plan_accuracy: skipped (no such file yet)")
+    step plan_accuracy 180 "$LOG" "$PY" benchmarks/plan_accuracy.py --device cuda
 fi
 
 log ""
