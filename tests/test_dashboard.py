@@ -24,6 +24,9 @@ from grass_cli.telemetry.dashboard import (
     sparkline,
     state_from_events,
 )
+from grass_cli.telemetry.dashboard_state import HANDLERS
+from grass_cli.telemetry.importance_panel import ImportanceView
+from grass_cli.telemetry.panels import render_header
 from grass_cli.telemetry.sinks import PlainPrinter
 
 MIB, GIB = 2**20, 2**30
@@ -242,6 +245,33 @@ def test_bar_and_sparkline_scale():
     assert sparkline([2.0, 2.0]) == "▁▁"
 
 
+# ------------------------------------------------------------------- state alone
+
+
+def test_state_counts_steps_per_block_without_a_terminal():
+    events = synthetic_run(num_blocks=8, steps=12, gamma=2)
+    seen = upto_step(events, 5)
+    state = state_from_events(seen)
+    assert state.step == 6 and state.phase == "training"
+    assert state.active_counts == expected_counts(seen, 8) and sum(state.active_counts) == 12
+    assert list(state.losses) == [2.0 - 0.05 * s for s in range(6)]
+    assert state.memory["optimizer_state_bytes"] == 150 * MIB  # 100 + 10 * 5
+    assert state.eta_s == 12.0  # 6 steps left at 2 s each
+    assert state_from_events(upto_step(events, 11)).phase == "final eval"
+    assert state_from_events(events).phase == "done"
+
+
+def test_every_kind_the_sink_always_redraws_for_has_a_handler():
+    assert not Dashboard.ALWAYS - set(HANDLERS)
+
+
+def test_kinds_without_a_handler_change_nothing_on_screen():
+    state = state_from_events(upto_step(synthetic_run(8), 3))
+    before = screen(render(state))
+    state.update({"event": "eval_start", "step": 4, "rss": 9 * GIB})  # the engine emits it
+    assert screen(render(state)) == before
+
+
 # ----------------------------------------------------------------------- rendering
 
 
@@ -275,6 +305,18 @@ def test_a_row_per_block_with_active_blocks_marked(num_blocks, width, height):
     assert cells[top]["bar"].strip() and set(cells[top]["bar"].strip()) == {"█"}
 
 
+def test_importance_layout_takes_the_fewest_columns_that_fit_the_height():
+    def layout(num_blocks: int, width: int, height: int) -> tuple[int, int, int, bool]:
+        state = state_from_events(upto_step(synthetic_run(num_blocks), 12))
+        lay = ImportanceView(state).layout(width, height)
+        return lay.columns, lay.rows, lay.bar_width, lay.show_mgn
+
+    assert layout(32, 120, 60) == (1, 32, 24, True)  # 41 rows left: one column
+    assert layout(32, 120, 40) == (2, 16, 24, True)  # 21 rows left: two columns
+    # three columns with MGN would still be 27 rows: four without it
+    assert layout(80, 120, 40) == (4, 20, 13, False)
+
+
 def test_unknown_importance_is_shown_as_unknown():
     events = synthetic_run(num_blocks=8, steps=20, gamma=2)
     cells = block_cells(screen(render(state_from_events(upto_step(events, 3))), 120, 40))
@@ -287,6 +329,12 @@ def test_32_blocks_keep_the_mgn_column_and_80_blocks_drop_it_to_fit():
     assert all(c["mgn"] for c in block_cells(text32).values())
     text80 = screen(render(state_from_events(upto_step(synthetic_run(80), 12))), 120, 40)
     assert not any(c["mgn"] for c in block_cells(text80).values())
+
+
+def test_header_before_the_first_step_shows_dashes():
+    text = screen(render_header(DashboardState()), 120, 10)
+    assert "GRASS run" in text and "step 0/0" in text and "ETA -" in text
+    assert "loss -" in text and "lr -" in text and "grad norm -" in text and "tok/s -" in text
 
 
 def test_header_shows_progress_eta_rate_loss_and_next_switch():
