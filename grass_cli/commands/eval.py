@@ -1,55 +1,58 @@
 """`grass eval`: loss / perplexity, generation accuracy and multiple-choice accuracy.
 
-Thin: interpret the target (model, checkpoint or run dir), build an `EvalConfig`
-from the options, call `grass_cli.evaluate.run_eval`, print a table or JSON.
+Thin: the options become an `EvalConfig` on top of the target's recipe, then
+`grass_cli.eval_target` resolves the target and evaluates it; this module prints
+the result as a table or JSON and draws a progress bar on a terminal.
 Nothing heavy is imported at module level (`grass --help` imports this module).
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from grass_cli.errors import GrassError, ModelError
-
-if TYPE_CHECKING:
-    from grass_cli.recipe import ModelConfig, Recipe
+from grass_cli.commands.options import (
+    Device,
+    DeviceOption,
+    FormatOption,
+    batch_size_option,
+    choice_value,
+    data_option,
+    fields_option,
+    json_option,
+    out_option,
+    parse_fields,
+    print_json,
+    stdout_console,
+    target_argument,
+)
 
 
 class Kind(str, Enum):
+    """`--kind`: what to measure (EvalConfig.kind)."""
+
     loss = "loss"
     generate = "generate"
     choice = "choice"
 
 
 class ScorerOpt(str, Enum):
+    """`--scorer`: how a generated answer is compared with the gold one."""
+
     exact = "exact"
     numeric = "numeric"
     regex = "regex"
 
 
-class FormatOpt(str, Enum):
-    prompt_completion = "prompt-completion"
-    alpaca = "alpaca"
-    chat = "chat"
-    text = "text"
-
-
 class ChoiceScore(str, Enum):
+    """`--choice-score`: how a choice's token log-likelihoods add up."""
+
     sum = "sum"
     mean = "mean"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 EPILOG = (
@@ -62,95 +65,123 @@ EPILOG = (
     "  grass eval ./my-model --data mc.jsonl --kind choice"
 )
 
+# ---------------------------------------------------------------------- the options
 
-@dataclass
-class Target:
-    """What `grass eval TARGET` names: the model to load and the recipe it came with."""
+TargetArg = Annotated[
+    str,
+    target_argument(
+        "A run dir (uses RUN_DIR/final and its recipe's formatting), a model "
+        "folder or checkpoint, a .gguf file, a hub id, or "
+        "embedded:smollm2-135m-instruct."
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    data_option("Data file (jsonl/json/csv/tsv/parquet). Default: the run's data.eval."),
+]
+FieldOpt = Annotated[
+    list[str] | None,
+    fields_option("FIELD=COLUMN, repeatable: e.g. prompt=question, answer=label, choices=options."),
+]
+KindOpt = Annotated[
+    list[Kind] | None,
+    typer.Option(
+        "--kind",
+        help="What to measure, repeatable. Default: loss, plus generate when rows "
+        "have an answer (choice when they have choices).",
+    ),
+]
+MaxNewTokensOpt = Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="Default 64.")]
+StopOpt = Annotated[
+    list[str] | None,
+    typer.Option("--stop", help="Stop string (repeatable); the answer is cut before it."),
+]
+ScorerOption = Annotated[
+    ScorerOpt | None,
+    typer.Option(
+        "--scorer",
+        help="exact (normalised text, default), numeric (`#### N` or the last "
+        "number), regex (--regex's first group).",
+    ),
+]
+RegexOpt = Annotated[str | None, typer.Option("--regex", help="Pattern for --scorer regex.")]
+ChoiceScoreOpt = Annotated[
+    ChoiceScore | None,
+    typer.Option(
+        "--choice-score",
+        help="Multiple choice: sum (default) or mean (length-normalised) log-likelihood.",
+    ),
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N rows.")]
+BatchSizeOpt = Annotated[int | None, batch_size_option("Rows per batch (default 8).")]
+JsonOpt = Annotated[bool, json_option("Print the result as JSON on stdout.")]
+OutOpt = Annotated[
+    Path | None,
+    out_option(
+        "Folder for predictions.jsonl and result.json. Default: RUN_DIR/eval "
+        "for a run, else eval-NAME next to the model."
+    ),
+]
 
-    model: ModelConfig
-    recipe: Recipe | None
-    out_dir: Path  # default output folder, next to the model
-    label: str
-
-
-def resolve_target(target: str) -> Target:
-    """A run dir (RUN_DIR/final + its recipe), a model folder, a .gguf, an embedded
-    model or a hub id. A model folder inside a run dir (RUN_DIR/final, a checkpoint)
-    also picks up the run's recipe, so its rows are formatted as in training."""
-    from grass_cli.recipe import ModelConfig, load_recipe
-
-    p = Path(target).expanduser()
-    if p.is_dir():
-        if (p / "config.json").exists():
-            recipe_file = next(
-                (r for r in (p / "recipe.yaml", p.parent / "recipe.yaml") if r.is_file()), None
-            )
-            recipe = load_recipe(recipe_file) if recipe_file else None
-            model = (recipe.model if recipe else ModelConfig()).model_copy(
-                update={"path": str(p), "gradient_checkpointing": False}
-            )
-            return Target(model, recipe, p.parent / f"eval-{p.name}", str(p))
-        if (p / "recipe.yaml").is_file():
-            final = p / "final"
-            if not (final / "config.json").exists():
-                raise ModelError(
-                    "the run dir has no final model (final/config.json)",
-                    where=target,
-                    hint="the run may not have finished; pass a checkpoint folder instead",
-                )
-            recipe = load_recipe(p / "recipe.yaml")
-            model = recipe.model.model_copy(
-                update={"path": str(final), "gradient_checkpointing": False}
-            )
-            return Target(model, recipe, p / "eval", str(p))
-        raise ModelError(
-            "this folder is neither a run dir (recipe.yaml + final/) nor a model folder "
-            "(config.json)",
-            where=target,
-            hint="pass a run dir, a model folder, a .gguf file, a hub id or "
-            "embedded:smollm2-135m-instruct",
-        )
-    name = target.rstrip("/").split("/")[-1].split(":")[-1]
-    name = name.removesuffix(".gguf") or "model"
-    out = p.parent / f"eval-{name}" if p.suffix == ".gguf" else Path(f"eval-{name}")
-    return Target(ModelConfig(path=target), None, out, target)
-
-
-def parse_fields(pairs: list[str]) -> dict[str, str]:
-    """`--field prompt=question` (repeatable) -> {"prompt": "question"}."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, column = pair.partition("=")
-        if not sep or not name.strip() or not column.strip():
-            raise GrassError(
-                f"--field {pair!r} is not of the form FIELD=COLUMN",
-                where="--field",
-                hint="for example --field prompt=question --field answer=label",
-            )
-        out[name.strip()] = column.strip()
-    return out
+# ---------------------------------------------------------------------- the command
 
 
-def build_config(recipe: Recipe | None, options: dict[str, Any]) -> Any:
-    """The recipe's `eval:` section (when it has one) with the options given on top."""
-    from pydantic import ValidationError
+def eval_command(
+    target: TargetArg,
+    data: DataOpt = None,
+    fmt: FormatOption = None,
+    field: FieldOpt = None,
+    kind: KindOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    stop: StopOpt = None,
+    scorer: ScorerOption = None,
+    regex: RegexOpt = None,
+    choice_score: ChoiceScoreOpt = None,
+    limit: LimitOpt = None,
+    batch_size: BatchSizeOpt = None,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+    device: DeviceOption = Device.auto,
+) -> None:
+    """Evaluate a model: loss and perplexity, generation accuracy, multiple choice."""
+    from grass_cli.cli import _guard
+    from grass_cli.eval_target import build_config, evaluate_target, resolve_target
 
-    from grass_cli.eval_config import EvalConfig
+    def body() -> dict[str, Any]:
+        tgt = resolve_target(target)
+        options = {
+            "data": data,
+            "format": choice_value(fmt),
+            "fields": parse_fields(field) if field else None,
+            "kind": [k.value for k in kind] if kind else None,
+            "max_new_tokens": max_new_tokens,
+            "stop": stop or None,
+            "scorer": choice_value(scorer),
+            "regex": regex,
+            "choice_score": choice_value(choice_score),
+            "limit": limit,
+            "batch_size": batch_size,
+        }
+        cfg = build_config(tgt.recipe, options)
+        bar, report = _progress_reporter(sys.stderr.isatty() and not json_out)
+        try:
+            return evaluate_target(tgt, cfg, device.value, out, progress=report)
+        finally:
+            if bar is not None:
+                bar.stop()
 
-    base = getattr(recipe, "eval", None) if recipe is not None else None
-    values: dict[str, Any] = base.model_dump(exclude_unset=True) if base is not None else {}
-    values.update({k: v for k, v in options.items() if v is not None})
-    try:
-        return EvalConfig.model_validate(values)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
-            + err["msg"].removeprefix("Value error, ")
-            for err in e.errors()
-        )
-        raise GrassError(
-            f"invalid eval options: {problems}", hint="see grass eval --help"
-        ) from None
+    result = _guard(body)
+    if json_out:
+        print_json(result)
+        return
+    stdout_console().print(render_result(result, result.get("model", target)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", epilog=EPILOG)(eval_command)
+
+
+# ---------------------------------------------------------------------- the output
 
 
 def render_result(result: dict[str, Any], label: str) -> Any:
@@ -184,7 +215,10 @@ def render_result(result: dict[str, Any], label: str) -> Any:
 
 
 def _progress_reporter(enabled: bool) -> tuple[Any, Any]:
-    """A transient Rich progress bar on stderr, or nothing when stderr is not a terminal."""
+    """A transient Rich progress bar on stderr, or nothing when stderr is not a terminal.
+
+    The bar starts at the first report, once the model has loaded and evaluation
+    begins, so it never sits empty over the loading; the caller stops it."""
     if not enabled:
         return None, None
     from rich.console import Console
@@ -200,161 +234,10 @@ def _progress_reporter(enabled: bool) -> tuple[Any, Any]:
     tasks: dict[str, Any] = {}
 
     def report(phase: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
         if phase not in tasks:
             tasks[phase] = bar.add_task(phase, total=total)
         bar.update(tasks[phase], completed=done)
 
     return bar, report
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("eval", epilog=EPILOG)
-    def eval_command(
-        target: Annotated[
-            str,
-            typer.Argument(
-                help="A run dir (uses RUN_DIR/final and its recipe's formatting), a model "
-                "folder or checkpoint, a .gguf file, a hub id, or "
-                "embedded:smollm2-135m-instruct.",
-                show_default=False,
-            ),
-        ],
-        data: Annotated[
-            str | None,
-            typer.Option(
-                "--data",
-                help="Data file (jsonl/json/csv/tsv/parquet). Default: the run's data.eval.",
-            ),
-        ] = None,
-        fmt: Annotated[
-            FormatOpt | None,
-            typer.Option(
-                "--format", help="Row format. Default: the recipe's, else prompt-completion."
-            ),  # fmt: skip
-        ] = None,
-        field: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--field",
-                help="FIELD=COLUMN, repeatable: e.g. prompt=question, answer=label, "
-                "choices=options.",
-            ),
-        ] = None,
-        kind: Annotated[
-            list[Kind] | None,
-            typer.Option(
-                "--kind",
-                help="What to measure, repeatable. Default: loss, plus generate when rows "
-                "have an answer (choice when they have choices).",
-            ),
-        ] = None,
-        max_new_tokens: Annotated[
-            int | None, typer.Option("--max-new-tokens", min=1, help="Default 64.")
-        ] = None,
-        stop: Annotated[
-            list[str] | None,
-            typer.Option("--stop", help="Stop string (repeatable); the answer is cut before it."),
-        ] = None,
-        scorer: Annotated[
-            ScorerOpt | None,
-            typer.Option(
-                "--scorer",
-                help="exact (normalised text, default), numeric (`#### N` or the last "
-                "number), regex (--regex's first group).",
-            ),
-        ] = None,
-        regex: Annotated[
-            str | None, typer.Option("--regex", help="Pattern for --scorer regex.")
-        ] = None,
-        choice_score: Annotated[
-            ChoiceScore | None,
-            typer.Option(
-                "--choice-score",
-                help="Multiple choice: sum (default) or mean (length-normalised) log-likelihood.",
-            ),
-        ] = None,
-        limit: Annotated[
-            int | None, typer.Option("--limit", min=1, help="Only the first N rows.")
-        ] = None,
-        batch_size: Annotated[
-            int | None, typer.Option("--batch-size", min=1, help="Rows per batch (default 8).")
-        ] = None,
-        json_out: Annotated[
-            bool, typer.Option("--json", help="Print the result as JSON on stdout.")
-        ] = False,
-        out: Annotated[
-            Path | None,
-            typer.Option(
-                "--out",
-                help="Folder for predictions.jsonl and result.json. Default: RUN_DIR/eval "
-                "for a run, else eval-NAME next to the model.",
-            ),
-        ] = None,
-        device: Annotated[Device, typer.Option("--device")] = Device.auto,
-    ) -> None:
-        """Evaluate a model: loss and perplexity, generation accuracy, multiple choice."""
-        from grass_cli.cli import _guard
-
-        def body() -> dict[str, Any]:
-            tgt = resolve_target(target)
-            cfg = build_config(
-                tgt.recipe,
-                {
-                    "data": data,
-                    "format": fmt.value if fmt else None,
-                    "fields": parse_fields(field) if field else None,
-                    "kind": [k.value for k in kind] if kind else None,
-                    "max_new_tokens": max_new_tokens,
-                    "stop": stop or None,
-                    "scorer": scorer.value if scorer else None,
-                    "regex": regex,
-                    "choice_score": choice_score.value if choice_score else None,
-                    "limit": limit,
-                    "batch_size": batch_size,
-                },
-            )
-            data_cfg = tgt.recipe.data if tgt.recipe is not None else None
-            if cfg.data is None and (data_cfg is None or data_cfg.eval is None):
-                raise GrassError(
-                    "no data to evaluate on",
-                    where="--data",
-                    hint="pass --data FILE (a run's recipe with data.eval supplies a default)",
-                )
-            from grass_cli.data import load_rows
-
-            # Check the data file before minutes of model loading.
-            load_rows(cfg.data or data_cfg.eval, 1)  # type: ignore[union-attr]
-
-            from grass_cli.evaluate import pick_device, run_eval
-            from grass_cli.models import load_model_and_tokenizer
-
-            dev = pick_device(device.value)
-            model, tokenizer, _ = load_model_and_tokenizer(tgt.model)
-            model.to(dev)
-            autocast = tgt.recipe.training.autocast if tgt.recipe is not None else "none"
-            bar, report = _progress_reporter(sys.stderr.isatty() and not json_out)
-            try:
-                if bar is not None:
-                    bar.start()
-                return run_eval(
-                    model,
-                    tokenizer,
-                    cfg,
-                    data_cfg,
-                    dev,
-                    out if out is not None else tgt.out_dir,
-                    autocast=autocast,
-                    model_name=tgt.label,
-                    progress=report,
-                )
-            finally:
-                if bar is not None:
-                    bar.stop()
-
-        result = _guard(body)
-        if json_out:
-            sys.stdout.write(json.dumps(result) + "\n")
-            return
-        from rich.console import Console
-
-        Console(file=sys.stdout).print(render_result(result, result.get("model", target)))

@@ -12,23 +12,21 @@ from typing import Annotated
 
 import typer
 
+RunDirArg = Annotated[
+    Path,
+    typer.Argument(help="A run dir (output.dir of a `grass train` run).", show_default=False),
+]
+
+
+def plot(run_dir: RunDirArg) -> None:
+    """Draw the importance heatmap, active counts, loss and memory plots into RUN_DIR/plots/."""
+    from grass_cli.cli import _guard
+    from grass_cli.plots import write_run_plots
+
+    paths = _guard(lambda: write_run_plots(run_dir))
+    for path in paths:
+        sys.stdout.write(f"{path}\n")
+
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        epilog="Example: grass plot runs/quickstart",
-    )
-    def plot(
-        run_dir: Annotated[
-            Path,
-            typer.Argument(
-                help="A run dir (output.dir of a `grass train` run).", show_default=False
-            ),
-        ],
-    ) -> None:
-        """Draw the importance heatmap, active counts, loss and memory plots into RUN_DIR/plots/."""
-        from grass_cli.cli import _guard
-        from grass_cli.plots import write_run_plots
-
-        paths = _guard(lambda: write_run_plots(run_dir))
-        for path in paths:
-            sys.stdout.write(f"{path}\n")
+    app.command(epilog="Example: grass plot runs/quickstart")(plot)
