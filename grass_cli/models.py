@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grass_cli.errors import ModelError
+from grass_cli.hub import HUB_HINT, cached_hub_folder, check_hub_id, first_line, probe_hub
 from grass_cli.recipe import EMBEDDED_SMOLLM2, ModelConfig
 
 if TYPE_CHECKING:
@@ -185,6 +186,42 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
     return tok
 
 
+def _from_pretrained(
+    source: str, cfg: ModelConfig
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=_torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+    )
+    return model, tokenizer
+
+
+def _load_hub_model(
+    repo_id: str, cfg: ModelConfig
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub model: from the local cache when it is there (no request at all), else
+    downloaded once the hub has answered that it has it."""
+    where = f"model.path: {cfg.path}"
+    check_hub_id(repo_id, where)
+    folder = cached_hub_folder(repo_id)
+    cached_error = None
+    if folder is not None:
+        try:
+            return _from_pretrained(str(folder), cfg)
+        except (OSError, ValueError) as e:
+            # Partly cached (the config, not every file): download the rest.
+            cached_error = first_line(e)
+    probe_hub(repo_id, where, cached_error)
+    try:
+        return _from_pretrained(repo_id, cfg)
+    except OSError as e:
+        raise ModelError(
+            f"cannot download this hub model: {first_line(e)}", where=where, hint=HUB_HINT
+        ) from None
+
+
 def fix_pad_token(tok: PreTrainedTokenizerBase) -> None:
     """Give the tokenizer a pad token that is not its end-of-sequence token, if it has one."""
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
@@ -203,24 +240,26 @@ def fix_pad_token(tok: PreTrainedTokenizerBase) -> None:
 def load_model_and_tokenizer(
     cfg: ModelConfig,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Load model + tokenizer on the CPU; returns them and the resolved source."""
-    from transformers import AutoModelForCausalLM
+    """Load model + tokenizer on the CPU; returns them and the resolved source.
 
+    The source is the folder loaded, or the hub id for a hub model (even when it
+    was loaded from its snapshot folder in the local cache).
+    """
     quiet_hf()
     source = resolve_model_path(cfg.path)
     try:
-        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
-        )
-    except OSError as e:
         if Path(source).is_dir():
-            raise ModelError(f"cannot load model: {e}", where=f"model.path: {cfg.path}") from None
+            model, tokenizer = _from_pretrained(source, cfg)
+        else:
+            model, tokenizer = _load_hub_model(source, cfg)
+    except (OSError, ValueError) as e:
+        # A folder with a config.json that is not a loadable model: no weights, an
+        # unknown model type, custom code without trust_remote_code.
         raise ModelError(
-            "cannot load this hub model: the hub is unreachable and it is not in the local cache",
+            f"cannot load model: {first_line(e)}",
             where=f"model.path: {cfg.path}",
-            hint="download it where there is network (`hf download ORG/NAME --local-dir DIR`) "
-            "and set model.path to that folder",
+            hint="point model.path at a folder written by save_pretrained (config.json, "
+            "tokenizer files and weights)",
         ) from None
     if getattr(model, "hf_quantizer", None) is not None:
         _strip_quantizer(model)

@@ -9,12 +9,42 @@ state goes into checkpoints.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from grass_cli.importance import ImportanceTracker, probabilities
 from grass_cli.recipe import SamplerConfig
+
+
+def draw_distinct(
+    rng: np.random.Generator, p: np.ndarray, size: int, fallback: Sequence[int]
+) -> list[int]:
+    """`size` distinct indices drawn from `p` without replacement; never fails.
+
+    numpy refuses ("Fewer non-zero entries in p than size") when fewer than `size`
+    entries of `p` are non-zero, which a plain softmax (sampler.eps: 0) with a small
+    tau produces: exp underflows to exactly 0 for every block far below the best.
+    Then each index that can be drawn is taken and the set is filled from
+    `fallback` in order (for GRASS: by MGN, highest first, which is what sampling
+    from softmax(m / tau) tends to as tau -> 0). Non-finite or negative entries
+    count as 0. A `p` numpy accepts is passed on unchanged, so seeded runs draw
+    exactly what they always drew.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    bad = ~np.isfinite(p) | (p < 0)
+    if bad.any():
+        p = np.where(bad, 0.0, p)
+        total = p.sum()
+        if total > 0:
+            p = p / total
+    possible = np.flatnonzero(p)
+    if possible.size >= size:
+        return [int(i) for i in rng.choice(p.size, size=size, replace=False, p=p)]
+    chosen = [int(i) for i in possible]
+    chosen += [int(i) for i in fallback if p[i] == 0][: size - len(chosen)]
+    return chosen
 
 
 class Sampler(ABC):
@@ -31,7 +61,9 @@ class Sampler(ABC):
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.tracker = tracker
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        # PCG64 takes no negative seed; training.seed may be one (torch takes it),
+        # so fold it into 64 bits like the data order does.
+        self.rng = np.random.Generator(np.random.PCG64(seed % 2**64))
         self.current: list[int] = []
         self.last_switch = -1
 
@@ -102,11 +134,17 @@ class GrassSampler(Sampler):
     name = "grass"
 
     def probabilities(self) -> list[float]:
-        return probabilities(self.tracker.mgn.numpy(), self.cfg.tau, self.cfg.eps).tolist()
+        # A tau small enough to overflow the softmax gives NaN, which _sample
+        # handles; numpy's RuntimeWarning would only print.
+        with np.errstate(over="ignore", invalid="ignore"):
+            p = probabilities(self.tracker.mgn.numpy(), self.cfg.tau, self.cfg.eps)
+        return p.tolist()
 
     def _sample(self, step: int) -> list[int]:
         p = np.asarray(self.probabilities())
-        return list(self.rng.choice(self.num_blocks, size=self.cfg.gamma, replace=False, p=p))
+        # Highest MGN first (never-observed NaN last): the tau -> 0 limit of sampling.
+        by_mgn = np.argsort(-self.tracker.mgn.numpy(), kind="stable")
+        return draw_distinct(self.rng, p, self.cfg.gamma, by_mgn)
 
 
 class StaticGrassSampler(GrassSampler):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import resource
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from grass_cli.cli import app
@@ -235,3 +237,127 @@ def test_section_given_where_a_value_belongs_with_null_and_int_keys(tmp_path):
     msg = error_of(p)
     assert "optimizer.state_policy: Input should be 'keep', 'drop' or 'offload'" in msg
     assert "got a section with keys ['3', 'None', 'b']" in msg
+
+
+# ------------------------------------------------------------- safety of the values
+
+
+def test_duplicate_keys_are_errors_naming_the_key_and_both_lines(tmp_path):
+    # PyYAML keeps the last of two equal keys: the second `optimizer:` section
+    # silently replaced the first.
+    p = write(
+        tmp_path,
+        "data:\n  train: t\noptimizer:\n  lr: 1e-3\nsampler: {}\noptimizer:\n  eps: 1e-6\n",
+    )
+    msg = error_of(p)
+    assert msg.startswith(f"{p}:6: duplicate key 'optimizer' (lines 3 and 6)")
+    p = write(tmp_path, "data:\n  train: t\nsampler:\n  gamma: 2\n  tau: 1\n  gamma: 3\n", "n.yaml")
+    assert "duplicate key 'sampler.gamma' (lines 4 and 6)" in error_of(p)
+    # Keys brought in by a `<<` merge may be overridden: that is what merges are for.
+    text = "data:\n  <<: {train: a, eval: e}\n  train: t\n"
+    assert load_recipe(write(tmp_path, text, "m.yaml")).data.train == "t"
+    msg = error_of(
+        write(tmp_path, {"data": {"train": "t"}}, "o.yaml"), ["data.fields={a: x, a: y}"]
+    )
+    assert "duplicate key 'a'" in msg
+
+
+def test_learning_rate_and_other_numbers_have_sane_bounds(tmp_path):
+    msg = error_of(write(tmp_path, {"data": {"train": "t"}, "optimizer": {"lr": 1e9}}, "lr.yaml"))
+    assert "optimizer.lr: Input should be less than or equal to 1; got 1000000000.0" in msg
+    p = write(tmp_path, {"data": {"train": "t"}})
+    assert "optimizer.eps: Input should be less than or equal to 1" in error_of(
+        p, ["optimizer.eps=1.0e8"]
+    )
+    assert "optimizer.weight_decay: Input should be less than or equal to 1" in (
+        error_of(p, ["optimizer.weight_decay=10"])
+    )
+    # inf / nan pass `gt=0`: epochs .inf crashed the step count, lora.alpha .inf the weights.
+    msg = error_of(p, ["training.epochs=.inf", "lora.alpha=.nan"])
+    assert "training.epochs: Input should be a finite number; got inf" in msg
+    assert "lora.alpha: Input should be a finite number" in msg
+    assert "training.seed: Input should be greater than or equal to" in error_of(
+        p, [f"training.seed={-(2**70)}"]
+    )
+    assert load_recipe(p, ["optimizer.lr=1", "training.seed=-3"]).optimizer.lr == 1
+
+
+def number_keys() -> list[str]:
+    """Every dotted key whose field takes an int or a float (but not a bool)."""
+    from grass_cli.recipe import Recipe
+    from grass_cli.recipe.base import number_kind
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            sub = [
+                a
+                for a in (field.annotation, *typing.get_args(field.annotation))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ]
+            if sub:
+                yield from walk(sub[0], f"{prefix}{name}.")
+            elif number_kind(field.annotation) or name == "betas":
+                yield f"{prefix}{name}"
+
+    return list(walk(Recipe, ""))
+
+
+def test_booleans_are_refused_wherever_a_number_is_expected(tmp_path):
+    # bool is a subclass of int: `training.max_steps: true` validated as 1 step.
+    keys = number_keys()
+    assert {"training.max_steps", "optimizer.lr", "eval.max_new_tokens", "lora.r"} <= set(keys)
+    base = {"data": {"train": "t"}, "sampler": {"strategy": "lora"}}
+    for key in keys:
+        section, leaf = key.split(".")
+        doc = {
+            **base,
+            section: {**base.get(section, {}), leaf: True if leaf != "betas" else [True, 0.9]},
+        }
+        msg = error_of(write(tmp_path, doc))
+        assert f"{key}: Input should be" in msg and "not a boolean" in msg, (key, msg)
+    # Booleans stay booleans, and numbers given as text (quoted, or from the command
+    # line) still work.
+    r = load_recipe(
+        write(tmp_path, {"data": {"train": "t"}, "training": {"max_steps": "3"}}),
+        ["sampler.gamma=3", "sampler.train_head=true", "optimizer.lr='1e-3'"],
+    )
+    assert (r.training.max_steps, r.sampler.gamma, r.sampler.train_head) == (3, 3, True)
+    assert r.optimizer.lr == pytest.approx(1e-3)
+
+
+def test_home_is_expanded_in_path_keys(tmp_path, monkeypatch):
+    # `output.dir: ~/x` made a literal ./~/x folder.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    doc = {
+        "data": {"train": "~/t.jsonl", "eval": "~/e.jsonl"},
+        "model": {"path": "~/m"},
+        "output": {"dir": "~/runs/a"},
+        "optimizer": {"offload": {"path": "~/off"}},
+        "eval": {"data": "~/ev.jsonl"},
+    }
+    r = load_recipe(write(tmp_path, doc))
+    home = tmp_path / "home"
+    assert r.output.dir == str(home / "runs/a")
+    assert r.optimizer.offload.path == str(home / "off")
+    assert (r.data.eval, r.eval.data) == (str(home / "e.jsonl"), str(home / "ev.jsonl"))
+    # Kept as written (a resume compares them verbatim); their readers expand `~`.
+    assert (r.data.train, r.model.path) == ("~/t.jsonl", "~/m")
+    res = runner.invoke(app, ["validate", str(write(tmp_path, doc))])
+    assert yaml.safe_load(res.stdout)["output"]["dir"] == str(home / "runs/a")
+
+
+def test_empty_output_dir_is_refused(tmp_path):
+    # An empty dir meant the current folder, which then filled with a run's files.
+    msg = error_of(write(tmp_path, {"data": {"train": "t"}, "output": {"dir": ""}}))
+    assert "output.dir: Input should be a folder, not empty (write . for the current folder)" in msg
+    p = write(tmp_path, {"data": {"train": "t"}}, "b.yaml")
+    assert "output.dir: Input should be a folder, not empty" in error_of(p, ["output.dir="])
+    assert load_recipe(p, ["output.dir=."]).output.dir == "."
+
+
+def test_a_value_pyyaml_cannot_build_is_a_recipe_error(tmp_path):
+    # A well-formed date that does not exist raised ValueError (a traceback).
+    p = write(tmp_path, "data:\n  train: t\n  eval: 2020-13-45\n")
+    assert "malformed YAML: cannot build a value: month must be in 1..12" in error_of(p)
+    p = write(tmp_path, {"data": {"train": "t"}}, "b.yaml")
+    assert "value is not valid YAML" in error_of(p, ["data.eval=2020-13-45"])

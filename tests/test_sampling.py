@@ -13,7 +13,7 @@ from scipy.stats import chisquare
 from grass_cli.blocks import ParamGroup
 from grass_cli.importance import ImportanceTracker, probabilities
 from grass_cli.recipe import SamplerConfig
-from grass_cli.sampling import build_sampler
+from grass_cli.sampling import build_sampler, draw_distinct
 
 
 def make_blocks(sizes: list[int]) -> list[ParamGroup]:
@@ -206,3 +206,62 @@ def test_static_grass_keeps_probe_mgn_while_grass_refreshes():
         s.active(1)
         s.active(2)  # refresh due at step 2
         assert (t.mgn[0].item() != 1.0) is expect_changed
+
+
+# ---------------------------------------------------- sampling never fails (eps: 0)
+
+
+def test_grass_plain_softmax_with_small_tau_never_fails():
+    # eps 0 (the paper's plain softmax) and a small tau: exp underflows to exactly 0
+    # for every block far below the best, and numpy refuses to draw 3 distinct blocks
+    # from 1 possible one. This crashed training mid-run.
+    mgn, tau, gamma = [1.0, 3.0, 2.0, 1.0, 10.0], 1e-3, 3
+    p = probabilities(mgn, tau, 0.0)
+    assert np.count_nonzero(p) == 1
+    with pytest.raises(ValueError, match="Fewer non-zero entries in p than size"):
+        np.random.default_rng(0).choice(len(mgn), size=gamma, replace=False, p=p)
+    # The sampler takes the possible block and fills with the highest-MGN others.
+    sets = draws("grass", mgn, gamma, 50, tau=tau, eps=0.0)
+    assert all(s == [1, 2, 4] for s in sets)
+    # Two possible blocks (a tie at the top), gamma 3: both, then the next by MGN.
+    sets = draws("grass", [10.0, 10.0, 1.0, 2.0, 1.0], 3, 50, tau=tau, eps=0.0)
+    assert all(s == [0, 1, 3] for s in sets)
+
+
+def test_grass_still_samples_when_enough_blocks_are_possible_with_eps0():
+    # 3 of 5 blocks possible, gamma 2: a real draw among them, never the others.
+    mgn = [10.0, 10.0, 9.99, 1.0, 1.0]
+    p = probabilities(mgn, 1e-3, 0.0)
+    assert np.count_nonzero(p) == 3
+    sets = draws("grass", mgn, 2, 300, tau=1e-3, eps=0.0)
+    assert {tuple(s) for s in sets} <= {(0, 1), (0, 2), (1, 2)}
+    assert len({tuple(s) for s in sets}) > 1
+
+
+def test_grass_tau_so_small_that_the_softmax_overflows_never_fails():
+    # tau 1e-310 is valid (> 0) but overflows m / tau to inf, and inf - inf is NaN:
+    # numpy refuses NaN probabilities whatever eps is. The NaN entries count as
+    # impossible and the set is filled by MGN, highest first.
+    mgn, tau = [1.0, 3.0, 2.0, 0.5], 1e-310
+    assert draws("grass", mgn, 2, 5, tau=tau, eps=0.0) == [[1, 2]] * 5
+    assert all(len(set(a)) == 2 for a in draws("grass", mgn, 2, 5, tau=tau, eps=0.1))
+    nan = math.nan
+    with pytest.raises(ValueError, match="contain NaN"):
+        np.random.default_rng(0).choice(4, size=2, replace=False, p=[nan, 0.5, nan, 0.5])
+    rng = np.random.default_rng(0)
+    assert draw_distinct(rng, np.array([nan] * 4), 2, [1, 2, 0, 3]) == [1, 2]
+    assert sorted(draw_distinct(rng, np.array([nan, 0.5, nan, 0.5]), 2, [0, 2])) == [1, 3]
+
+
+def test_negative_seed_is_folded_and_other_seeds_are_unchanged():
+    # The engine seeds the sampler with training.seed + 1, and torch takes negative
+    # seeds; PCG64 does not ("expected non-negative integer").
+    with pytest.raises(ValueError):
+        np.random.PCG64(-5)
+    cfg = SamplerConfig(strategy="lisa", gamma=2, switch_interval=1)
+    s = build_sampler(cfg, 6, tracker_with([1.0] * 6), seed=-5)
+    assert all(len(set(s.active(i))) == 2 for i in range(5))
+    same = build_sampler(cfg, 6, tracker_with([1.0] * 6), seed=7)
+    rng = np.random.Generator(np.random.PCG64(7))
+    expect = [sorted(int(i) for i in rng.choice(6, size=2, replace=False)) for _ in range(5)]
+    assert [same.active(i) for i in range(5)] == expect

