@@ -1,65 +1,96 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically.
+"""Checkpoints: an explicit, versioned train state, written atomically and read without pickle.
 
 A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNN/` holding:
 
-- the model as an HF folder (config, model.safetensors, tokenizer), so `grass eval`
+- the model as an HF folder (config, safetensors weights, tokenizer), so `grass eval`
   and transformers load it as is (a model larger than `MODEL_SHARD_SIZE` is split
-  into `model-0000i-of-0000N.safetensors` shards and `model.safetensors.index.json`;
-  restore reads either layout); LoRA runs save it with the adapters merged and
-  add `adapter/` (peft's format), which is what a resume restores: their base
-  weights never change and are read again from `model.path`;
-- `optimizer/`: one file per group with its AdamW state and fp32 masters,
-  offloaded ones included (read back from the store one group at a time, so
-  saving never holds every group's state in memory at once), and `index.pt`
-  (the group order and the active groups);
-- `trainer.pt`: step, data position, sampler and importance state, the loss curve
-  so far, the metrics.jsonl offset, and the Python / NumPy / torch / CUDA RNG;
-- `manifest.json`: the SHA-256 of every file, so a damaged checkpoint is detected
-  and refused instead of loaded.
+  into shards plus `model.safetensors.index.json`; restore reads either layout).
+  LoRA runs save it with the adapters merged and add `adapter/` (peft's format),
+  which is what a resume restores;
+- `optimizer/`: per group its AdamW state and fp32 masters (`NAME.json` +
+  `NAME.safetensors`, see grass_cli/treefile.py), offloaded groups included, read
+  back from the store one group at a time; `index.json` lists the groups;
+- `state.json` + `state.safetensors`: the `TrainState` (step, data position,
+  sampler and importance state, loss curve, metrics.jsonl offset, RNG states);
+- `manifest.json`: the format version, the recipe, and the SHA-256 of every file,
+  so a damaged checkpoint is refused instead of loaded.
+
+Nothing here unpickles: JSON and safetensors only, so a crafted checkpoint cannot
+run code. Format 1 (a pickled `trainer.pt`) is refused with a message naming it.
 
 It is written into a temporary sibling folder and renamed into place, then
 `checkpoints/latest` (a one-line pointer, itself replaced atomically) is updated,
 then older checkpoints beyond `keep_last` are removed. A crash or a full disk at
 any point leaves the previous checkpoint and pointer intact.
 
-Data-parallel runs: the model and optimizer state are replicated (every rank
-applies the same reduced gradients), so rank 0 writes them once; each rank adds
-`rank-NNNNN.pt` with its own RNG state, and on resume rebuilds its own offload
-store from `optimizer/`. The manifest records the world size, and a resume
-with a different one is refused. The run dir must be on storage every node sees.
+Data-parallel runs: rank 0 writes the model and optimizer once (they are
+replicated); each rank adds `rank-NNNNN.json`/`.safetensors` with its own RNG
+state. The manifest records the world size; a resume with another is refused.
+This module knows nothing of the training engine: the engine hands it a
+`CheckpointContent` and gets a `TrainState` back.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import random
 import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from grass_cli.distributed import first_error
+from grass_cli.atomic import describe_write_error, write_atomic_text
+from grass_cli.distributed import SINGLE, DistInfo, first_error
 from grass_cli.errors import GrassError
-from grass_cli.models import quiet_stderr
+from grass_cli.treefile import load_tree, save_tree
 
-if TYPE_CHECKING:
-    from grass_cli.engine import Run
-
-FORMAT = 1
+FORMAT = 2
 CKPT_DIR = "checkpoints"
 OPT_DIR = "optimizer"
+STATE = "state"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # Largest model shard in a checkpoint (transformers' `max_shard_size`: "5GB" or a
 # byte count); None: transformers' own default. A module constant so tests can
 # force a sharded checkpoint with a tiny model.
 MODEL_SHARD_SIZE: int | str | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs besides the weights and the optimizer state."""
+
+    step: int
+    active_names: list[str]
+    batches: dict[str, Any]  # the data stream's position
+    sampler: dict[str, Any]
+    tracker: dict[str, Any]  # importance (MGN) state
+    rng: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    tokens: int = 0
+    peak_rss: int = 0
+    elapsed_s: float = 0.0
+    skipped: int = 0
+    metrics_offset: int = 0  # bytes of metrics.jsonl written up to this step
+    world_size: int = 1
+
+
+@dataclass
+class CheckpointContent:
+    """What one checkpoint holds, handed over by the engine."""
+
+    state: TrainState
+    write_model: Callable[[Path], None]  # writes the HF model + tokenizer into a folder
+    optimizer_groups: Iterable[tuple[str, dict]]  # read lazily, one group at a time
+    active: list[str]
+    recipe_yaml: str
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -74,17 +105,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {
+    state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
@@ -105,20 +127,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- save
 
 
-def _describe(e: OSError) -> str:
-    return "disk full" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e})"
-
-
-def save_checkpoint(run: Run, step: int, trainer: dict[str, Any], keep_last: int) -> Path:
-    """Write a checkpoint after `step` optimizer steps; returns its folder.
+def save_checkpoint(
+    run_dir: Path,
+    content: CheckpointContent,
+    keep_last: int,
+    device: torch.device,
+    info: DistInfo = SINGLE,
+) -> Path:
+    """Write a checkpoint of `content.state.step`; returns its folder.
 
     Every rank of a data-parallel run calls it; they agree on failure after each
     phase, so a full disk stops all of them with the same message."""
-    root = checkpoint_root(run.run_dir)
-    name = f"step-{step:07d}"
-    final = root / name
-    tmp = root / f".tmp-{name}"
-    info = run.dist
+    root = checkpoint_root(run_dir)
+    name = f"step-{content.state.step:07d}"
+    final, tmp = root / name, root / f".tmp-{name}"
     error: str | None = None
     if info.is_main:
         try:
@@ -127,26 +149,26 @@ def save_checkpoint(run: Run, step: int, trainer: dict[str, Any], keep_last: int
                 shutil.rmtree(tmp)
             tmp.mkdir()
         except OSError as e:
-            error = _describe(e)
+            error = describe_write_error(e)
     error = first_error(error)
     if error is None and info.enabled:
         try:
-            torch.save({"rng": rng_state(run.device)}, tmp / f"rank-{info.rank:05d}.pt")
-        except OSError as e:
+            save_tree(tmp / f"rank-{info.rank:05d}", {"rng": rng_state(device)})
+        except Exception as e:  # noqa: BLE001 (OSError or safetensors' I/O error)
             shared = "" if tmp.is_dir() else " (is output.dir on storage every node sees?)"
-            error = f"rank {info.rank}: {_describe(e)}{shared}"
+            error = f"rank {info.rank}: {describe_write_error(e)}{shared}"
         error = first_error(error)
     if error is None and info.is_main:
         try:
-            _write_main(run, tmp, final, step, trainer)
-            _write_atomic_text(root / "latest", name + "\n")
-        except OSError as e:
-            error = _describe(e)
+            _write_main(content, tmp, final)
+            write_atomic_text(root / "latest", name + "\n")
+        except Exception as e:  # noqa: BLE001
+            error = describe_write_error(e)
     error = first_error(error)
     if error is not None:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = find_latest(run.run_dir)
+        previous = find_latest(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint"
         raise GrassError(
             f"{error} while writing checkpoint {name}; {kept}",
@@ -159,47 +181,30 @@ def save_checkpoint(run: Run, step: int, trainer: dict[str, Any], keep_last: int
     return final
 
 
-def _write_main(run: Run, tmp: Path, final: Path, step: int, trainer: dict[str, Any]) -> None:
-    """Rank 0's part: model, optimizer, trainer state, manifest; then the rename."""
-    with quiet_stderr():  # transformers' "Writing model shards" bar
-        if run.peft_model is not None:  # merged HF model + adapter/
-            from grass_cli import lora
-
-            lora.save(run.peft_model, tmp)
-        else:
-            shard = {} if MODEL_SHARD_SIZE is None else {"max_shard_size": MODEL_SHARD_SIZE}
-            run.model.save_pretrained(tmp, safe_serialization=True, **shard)
-        run.tokenizer.save_pretrained(tmp)
+def _write_main(content: CheckpointContent, tmp: Path, final: Path) -> None:
+    """Rank 0's part: model, optimizer, train state, manifest; then the rename."""
+    content.write_model(tmp)
     opt_dir = tmp / OPT_DIR
     opt_dir.mkdir()
     names = []
-    for name, state in run.optimizer.export_groups():
-        torch.save(state, opt_dir / f"{name}.pt")
+    for name, group_state in content.optimizer_groups:
+        save_tree(opt_dir / name, group_state)
         names.append(name)
-    torch.save({"groups": names, "active": sorted(run.optimizer.active)}, opt_dir / "index.pt")
-    torch.save(
-        {
-            **trainer,
-            "step": step,
-            "batches": run.batches.state_dict(),
-            "sampler": run.sampler.state_dict(),
-            "tracker": run.tracker.state_dict(),
-            "rng": rng_state(run.device),
-        },
-        tmp / "trainer.pt",
-    )
+    index = {"groups": names, "active": sorted(content.active)}
+    (opt_dir / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    save_tree(tmp / STATE, asdict(content.state))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {
         "format": FORMAT,
-        "step": step,
-        "world_size": run.dist.world,
-        "recipe": run.recipe.to_yaml(),
+        "step": content.state.step,
+        "world_size": content.state.world_size,
+        "recipe": content.recipe_yaml,
         "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
     }
-    _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+    write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp.rename(final)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -217,6 +222,78 @@ def _damaged(what: str, path: Path) -> GrassError:
         where=str(path),
         hint="resume from an earlier checkpoint in the same folder",
     )
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if pointer.exists():
+        target = root / pointer.read_text(encoding="utf-8").strip()
+        if target.is_dir():
+            return target
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    return done[-1] if done else None
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Read the manifest, check the format and every file's checksum; returns it."""
+    if not path.is_dir():
+        raise GrassError(
+            "checkpoint not found",
+            where=str(path),
+            hint="pass --resume auto or the path of a checkpoint folder",
+        )
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        files = manifest["files"]
+        version = manifest.get("format")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise _damaged("manifest.json is missing or unreadable", path) from None
+    if version != FORMAT:
+        raise GrassError(
+            f"checkpoint format {version} is not supported: this grass reads format {FORMAT}"
+            + (
+                " (format 1 kept the trainer state as a pickle, which grass no longer loads: "
+                "unpickling a file can run code)"
+                if version == 1
+                else ""
+            ),
+            where=str(path),
+            hint="resume it with the grass version that wrote it, or start the run over with "
+            "--overwrite",
+        )
+    # Every file the checkpoint was written with, model shards and their index
+    # included: the manifest lists whatever the folder held when it was written.
+    for rel, digest in files.items():
+        f = path / rel
+        if not f.is_file() or _sha256(f) != digest:
+            raise _damaged(f"{rel} is missing or does not match its checksum", path)
+    return manifest
+
+
+def read_state(path: Path) -> TrainState:
+    """The train state of a verified checkpoint."""
+    data = load_tree(path / STATE)
+    try:
+        return TrainState(**data)
+    except TypeError:
+        raise _damaged(f"{STATE}.json does not hold a train state", path) from None
+
+
+def read_rank_rng(path: Path, rank: int) -> dict[str, Any]:
+    """One rank's own RNG state (data-parallel checkpoints)."""
+    return load_tree(path / f"rank-{rank:05d}")["rng"]
+
+
+def optimizer_groups(path: Path) -> Iterator[tuple[str, dict]]:
+    """The optimizer's groups, read one at a time as the caller goes."""
+    try:
+        index = json.loads((path / OPT_DIR / "index.json").read_text(encoding="utf-8"))
+        names = [str(n) for n in index["groups"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _damaged(f"{OPT_DIR}/index.json is missing or unreadable", path) from None
+    for name in names:
+        yield name, load_tree(path / OPT_DIR / name)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -238,7 +315,7 @@ def weight_files(path: Path) -> list[Path]:
     return [path / shard for shard in shards]
 
 
-def _restore_weights(run: Run, path: Path) -> None:
+def restore_weights(model: torch.nn.Module, path: Path) -> None:
     """Every weight of the model from the checkpoint, one safetensors file at a time.
 
     A shard is copied into the model and dropped before the next is read, so
@@ -250,14 +327,14 @@ def _restore_weights(run: Run, path: Path) -> None:
     unexpected: list[str] = []
     for file in weight_files(path):
         weights = load_file(file, device="cpu")
-        result = run.model.load_state_dict(weights, strict=False)
+        result = model.load_state_dict(weights, strict=False)
         unexpected.extend(result.unexpected_keys)
         loaded.update(set(weights) - set(result.unexpected_keys))
         del weights
-    tied = {n for n, p in run.model.named_parameters(remove_duplicate=False)} - {
-        n for n, p in run.model.named_parameters()
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
     }
-    missing = set(run.model.state_dict()) - loaded - tied
+    missing = set(model.state_dict()) - loaded - tied
     if unexpected or missing:
         raise GrassError(
             f"checkpoint weights do not fit this model (missing {sorted(missing)[:3]}, "
@@ -265,74 +342,3 @@ def _restore_weights(run: Run, path: Path) -> None:
             where=str(path),
             hint="resume with the recipe the run was started with",
         )
-
-
-def find_latest(run_dir: Path) -> Path | None:
-    root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if pointer.exists():
-        target = root / pointer.read_text(encoding="utf-8").strip()
-        if target.is_dir():
-            return target
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    return done[-1] if done else None
-
-
-def verify(path: Path) -> dict[str, Any]:
-    """Read the manifest and check every file's checksum; returns the manifest."""
-    manifest_path = path / "manifest.json"
-    if not path.is_dir():
-        raise GrassError(
-            "checkpoint not found",
-            where=str(path),
-            hint="pass --resume auto or the path of a checkpoint folder",
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError):
-        raise _damaged("manifest.json is missing or unreadable", path) from None
-    # Every file the checkpoint was written with, model shards and their index
-    # included: the manifest lists whatever the folder held when it was written.
-    for rel, digest in files.items():
-        f = path / rel
-        if not f.is_file() or _sha256(f) != digest:
-            raise _damaged(f"{rel} is missing or does not match its checksum", path)
-    return manifest
-
-
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def read_trainer(path: Path) -> dict[str, Any]:
-    return _load(path / "trainer.pt")
-
-
-def restore(run: Run, path: Path) -> dict[str, Any]:
-    """Load a verified checkpoint into a freshly built run; returns the trainer state."""
-    trainer = read_trainer(path)
-    if run.peft_model is not None:
-        from grass_cli import lora
-
-        lora.load_adapter(run.peft_model, path / lora.ADAPTER_DIR, where=str(path))
-    else:
-        _restore_weights(run, path)
-    active = set(trainer["active_names"])
-    if (path / "optimizer.pt").exists():  # written before optimizer/ (one file)
-        run.optimizer.import_state(_load(path / "optimizer.pt"), active=active)
-    else:
-        index = _load(path / OPT_DIR / "index.pt")
-        groups = ((n, _load(path / OPT_DIR / f"{n}.pt")) for n in index["groups"])
-        run.optimizer.import_groups(groups, active=active)
-    run.batches.load_state_dict(trainer["batches"])
-    run.sampler.load_state_dict(trainer["sampler"])
-    run.tracker.load_state_dict(trainer["tracker"])
-    if run.dist.enabled:  # each rank continues its own random streams
-        own = torch.load(
-            path / f"rank-{run.dist.rank:05d}.pt", map_location="cpu", weights_only=False
-        )
-        set_rng_state(own["rng"])
-    else:
-        set_rng_state(trainer["rng"])
-    return trainer

@@ -131,17 +131,24 @@ def test_checkpoint_contents_manifest_and_keep_last(tiny_llama, tmp_path):
     latest = find_latest(tmp_path / "run")
     manifest = verify(latest)
     assert manifest["step"] == 7
+    assert manifest["format"] == 2
     assert {
         "model.safetensors",
         "config.json",
-        "optimizer/index.pt",
-        "trainer.pt",
+        "optimizer/index.json",
+        "state.json",
+        "state.safetensors",
         "tokenizer.json",
     } <= set(manifest["files"])
-    # one optimizer file per group that has state, as the index lists them
-    index = torch.load(latest / "optimizer/index.pt", weights_only=False)
-    groups = index["groups"]
-    assert groups and all(f"optimizer/{n}.pt" in manifest["files"] for n in groups)
+    # no pickle anywhere: JSON and safetensors only
+    assert not [f for f in manifest["files"] if f.endswith((".pt", ".bin", ".pkl"))]
+    # one optimizer file pair per group that has state, as the index lists them
+    groups = json.loads((latest / "optimizer/index.json").read_text())["groups"]
+    assert groups and all(
+        f"optimizer/{n}.json" in manifest["files"]
+        and f"optimizer/{n}.safetensors" in manifest["files"]
+        for n in groups
+    )
     # a checkpoint folder is a loadable HF model
     from transformers import AutoModelForCausalLM
 
@@ -152,12 +159,12 @@ def test_damaged_checkpoint_is_refused(tiny_llama, tmp_path):
     rec = make_recipe(tiny_llama, tmp_path / "run", training={"max_steps": 2})
     run_straight(rec)
     ckpt = find_latest(tmp_path / "run")
-    with open(ckpt / "optimizer/index.pt", "r+b") as f:
+    with open(ckpt / "state.safetensors", "r+b") as f:
         f.seek(100)
         f.write(b"\x00garbage\x00")
     with pytest.raises(
         GrassError,
-        match="damaged checkpoint: optimizer/index.pt is missing or does not match its checksum",
+        match="damaged checkpoint: state.safetensors is missing or does not match its checksum",
     ):
         setup(rec, Telemetry([]), resume=str(ckpt))
 
@@ -183,7 +190,7 @@ def test_resume_refuses_structural_changes_and_other_run_dirs(tiny_llama, tmp_pa
 
 
 def test_nonfinite_skip_and_stop(tiny_llama, tmp_path, monkeypatch):
-    import grass_cli.engine as engine
+    import grass_cli.engine.loop as engine
 
     real = engine.forward_backward
     calls = {"n": 0}
@@ -218,30 +225,43 @@ def test_nonfinite_skip_and_stop(tiny_llama, tmp_path, monkeypatch):
     assert verify(find_latest(tmp_path / "stop"))["step"] == 1
 
 
-def test_disk_full_keeps_previous_checkpoint(tiny_llama, tmp_path, monkeypatch):
-    import errno
+FSIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from grass_cli.cli import main
+sys.argv = ["grass", "train", sys.argv[1], "--no-live", "--quiet", *sys.argv[3:]]
+main()
+"""
 
-    import grass_cli.checkpoint as ck
 
+def _train_with_file_limit(recipe_file: Path, limit: int, *args: str):
+    return subprocess.run(
+        [sys.executable, "-c", FSIZE_LIMITED, str(recipe_file), str(limit), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_write_limit_keeps_previous_checkpoint(tiny_llama, tmp_path):
+    """A real write limit (RLIMIT_FSIZE): every write past it fails in the kernel, as a
+    full disk does. The first checkpoint fits; the model file of the next does not,
+    once the limit is lowered below it: one message, no traceback, no temporary
+    folder left, the previous checkpoint intact and resumable."""
     rec = make_recipe(tiny_llama, tmp_path / "run", checkpoint={"interval": 2})
-    real_save = torch.save
-    calls = {"n": 0}
-
-    def full_disk(obj, f, *a, **k):
-        if str(f).endswith("trainer.pt"):
-            calls["n"] += 1
-        if calls["n"] >= 2:  # the second checkpoint's trainer.pt
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
-
-    monkeypatch.setattr(ck.torch, "save", full_disk)
-    with pytest.raises(
-        GrassError,
-        match="disk full while writing checkpoint step-0000004; "
-        "the previous checkpoint .*step-0000002 is intact",
-    ):
-        run_straight(rec)
-    monkeypatch.setattr(ck.torch, "save", real_save)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(rec.to_yaml())
+    straight = _train_with_file_limit(recipe_file, 1 << 30, "training.max_steps=2")
+    assert straight.returncode == 0, straight.stderr
+    weights = (tmp_path / "run/checkpoints/step-0000002/model.safetensors").stat().st_size
+    res = _train_with_file_limit(recipe_file, weights // 2, "--resume", "auto")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "file size limit reached while writing checkpoint step-0000004" in res.stderr
+    assert "the previous checkpoint" in res.stderr and "step-0000002 is intact" in res.stderr
     root = tmp_path / "run/checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002"]
     verify(root / "step-0000002")
@@ -249,19 +269,38 @@ def test_disk_full_keeps_previous_checkpoint(tiny_llama, tmp_path, monkeypatch):
     assert len(train(r).losses) == 7
 
 
+def test_write_limit_on_the_final_model_says_what_was_kept(tiny_llama, tmp_path):
+    rec = make_recipe(
+        tiny_llama,
+        tmp_path / "run",
+        training={"max_steps": 2},
+        output={"save_model": True},
+        checkpoint={"at_end": False},
+    )
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(rec.to_yaml())
+    weights = (tiny_llama / "model.safetensors").stat().st_size
+    res = _train_with_file_limit(recipe_file, weights // 2)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "file size limit reached while saving the trained model" in res.stderr
+    assert "no checkpoint holds them: the trained weights are lost" in res.stderr
+    assert not (tmp_path / "run/.final.tmp").exists()
+    assert not (tmp_path / "run/final").exists()
+
+
 SLOW_SAVE = """
-import sys, time, torch
+import sys, time
 import grass_cli.checkpoint as ck
-real = torch.save
+real = ck.save_tree
 count = {"n": 0}
-def slow(obj, f, *a, **k):
-    if str(f).endswith("trainer.pt"):
+def slow(path, obj):
+    if path.name == "state":
         count["n"] += 1
-        if count["n"] == 2:       # second checkpoint: optimizer/ written, trainer.pt not yet
+        if count["n"] == 2:       # second checkpoint: optimizer/ written, state not yet
             print("WRITING", flush=True)
             time.sleep(60)
-    real(obj, f, *a, **k)
-ck.torch.save = slow
+    return real(path, obj)
+ck.save_tree = slow
 from grass_cli.cli import main
 sys.argv = ["grass", "train", sys.argv[1], "--no-live", "--quiet"]
 main()

@@ -174,7 +174,10 @@ def test_resume_two_processes_and_refuse_a_different_world_size(dp_runs, tmp_pat
     # stop after 3 steps (a checkpoint at the end), then continue to STEPS
     train_dp(recipe, f"output.dir={out}", "training.max_steps=3", script=True)
     ckpt = out / "checkpoints/step-0000003"
-    assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in ckpt.glob("rank-*.json")) == [
+        "rank-00000.json",
+        "rank-00001.json",
+    ]
     assert json.loads((ckpt / "manifest.json").read_text())["world_size"] == 2
 
     # one process cannot continue a 2-process run: clear message, nothing written

@@ -22,6 +22,7 @@ import grass_cli.checkpoint as ckpt
 from grass_cli.blocks import BlockMap, build_block_map
 from grass_cli.cli import app
 from grass_cli.engine import setup, train
+from grass_cli.engine.saving import restore
 from grass_cli.errors import GrassError, RecipeError
 from grass_cli.importance import ImportanceTracker
 from grass_cli.models import load_model_and_tokenizer
@@ -127,7 +128,7 @@ def test_sharded_checkpoint_resumes_exactly(tiny_factory, tmp_path, monkeypatch)
         match=f"damaged checkpoint: model shard {shards[1]} "
         rf"\(named in {ckpt.WEIGHTS_INDEX}\) is missing",
     ):
-        ckpt.restore(b, broken)
+        ckpt.restore_weights(b.model, broken)
     # A shard that lost a tensor is refused, not half-loaded.
     shutil.copy(path / shards[1], broken / shards[1])
     weights = load_file(broken / shards[1])
@@ -135,7 +136,7 @@ def test_sharded_checkpoint_resumes_exactly(tiny_factory, tmp_path, monkeypatch)
     del weights[dropped]
     save_file(weights, broken / shards[1])
     with pytest.raises(GrassError, match=rf"do not fit this model \(missing \['{dropped}'\]"):
-        ckpt.restore(b, broken)
+        ckpt.restore_weights(b.model, broken)
 
 
 # ------------------------------------------------------- 3. importance restored
@@ -202,8 +203,8 @@ def test_resume_restores_importance_exactly(tiny_factory, tmp_path):
     # A fresh run restored from the checkpoint holds exactly that state ...
     r2 = setup(rec, Telemetry([]), resume=str(tmp_path / "run/checkpoints/step-0000003"))
     assert bool(r2.tracker.mgn.isnan().all())  # a fresh tracker knows nothing yet
-    trainer = ckpt.restore(r2, r2.resume_from)
-    assert trainer["step"] == 3
+    state = restore(r2, r2.resume_from)
+    assert state.step == 3
     assert_same_importance(importance_state(r2), want)
     # ... and continues as the uninterrupted run did, to the same final state.
     resumed = train(r2)

@@ -1,0 +1,55 @@
+"""Atomic file writes and one wording for write failures.
+
+A file grass writes is either the old version or the complete new one, never half
+of each: the text goes to a temporary sibling, is flushed to disk, and renamed over
+the target (a rename within a folder is atomic on POSIX filesystems). A failed
+write removes its temporary file, so a full disk leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_atomic_json(path: Path, data: Any) -> None:
+    write_atomic_text(path, json.dumps(data, indent=2) + "\n")
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def describe_write_error(e: BaseException) -> str:
+    """'disk full', 'file size limit reached' or 'cannot write (...)', for an OSError
+    or for the I/O errors safetensors raises as its own exception type."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = _OS_ERROR.search(str(e))
+        code = int(m.group(1)) if m else None
+    if code == errno.ENOSPC:
+        return "disk full"
+    if code == errno.EDQUOT:
+        return "disk quota exceeded"
+    if code == errno.EFBIG:
+        return "file size limit reached"
+    reason = getattr(e, "strerror", None) or (os.strerror(code) if code else str(e))
+    return f"cannot write ({reason})"

@@ -1,0 +1,240 @@
+"""Building a run: each component from its own recipe section, in dependency order.
+
+recipe -> run folder checks -> device -> model + tokenizer -> block map -> data
+-> importance tracker (+ gradient reducer) -> sampler -> state store + AdamW.
+
+Everything a user can get wrong (run folder, checkpoint, model, data, gamma) is
+checked before the run folder gets a single file. The loop (loop.py) holds what
+this returns; the components never hold the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grass_cli import distributed
+from grass_cli.blocks import BlockMap, build_block_map
+from grass_cli.data import BatchIterator, TokenizedData, build_dataset, steps_per_epoch
+from grass_cli.distributed import SINGLE, DistInfo, GradReducer
+from grass_cli.engine import run_dir as rundir
+from grass_cli.errors import GrassError
+from grass_cli.importance import ImportanceTracker
+from grass_cli.models import load_model_and_tokenizer, max_positions, resolve_device
+from grass_cli.optim import BlockAdamW
+from grass_cli.recipe import Recipe
+from grass_cli.sampling import Sampler, build_sampler
+from grass_cli.state_store import DiskStore, build_store
+from grass_cli.telemetry import Telemetry
+from grass_cli.telemetry.sinks import JsonlSink
+
+
+@dataclass
+class Run:
+    """Everything one training run is built from."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: Any
+    model_source: str
+    block_map: BlockMap
+    train_data: TokenizedData
+    eval_data: TokenizedData | None
+    batches: BatchIterator
+    tracker: ImportanceTracker
+    sampler: Sampler
+    optimizer: BlockAdamW
+    total_steps: int
+    always_train: list[str]
+    telemetry: Telemetry
+    metrics_sink: JsonlSink | None  # rank 0 only
+    resume_from: Path | None = None
+    dist: DistInfo = SINGLE
+    reducer: GradReducer | None = None  # data-parallel runs only
+    # strategy lora: peft's wrapper around `model` (which trains with the adapters
+    # injected), kept to save the merged model and the adapter.
+    peft_model: Any = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(
+    recipe: Recipe,
+    telemetry: Telemetry,
+    overwrite: bool = False,
+    resume: str | None = None,
+    dist_info: DistInfo | None = None,
+) -> Run:
+    """Build every part of a run, in dependency order; nothing trains yet.
+
+    Under torchrun (`dist_info` from the environment when not given) every rank
+    builds the same run; rank 0 alone writes the run folder's files.
+    """
+    info = dist_info if dist_info is not None else distributed.from_env()
+    resume_from = rundir.resolve_resume(recipe, resume, overwrite, info.world)
+    device = distributed.device_for(info, resolve_device(recipe.training.device))
+    distributed.init(info, device)
+    seed_everything(recipe.training.seed)
+    model, tokenizer, source, block_map, peft_model = build_model(recipe, device)
+    train_data, eval_data, batches, total_steps = build_data(recipe, tokenizer, info)
+    run_dir, metrics_sink = open_run_dir(recipe, overwrite, resume_from, info, telemetry)
+    tracker, reducer = build_importance(recipe, block_map, device, info)
+    sampler = build_sampler(
+        recipe.sampler, block_map.num_blocks, tracker, seed=recipe.training.seed + 1
+    )
+    optimizer, always = build_optimizer(recipe, block_map, device, run_dir, info, peft_model)
+    s = recipe.sampler
+    if block_map.tied and s.train_embeddings != s.train_head and peft_model is None:
+        telemetry.emit(
+            "warning",
+            message="embeddings and LM head are tied (one weight): it trains because "
+            "train_embeddings or train_head is on",
+        )
+    return Run(
+        recipe=recipe,
+        run_dir=run_dir,
+        device=device,
+        model=model,
+        tokenizer=tokenizer,
+        model_source=source,
+        block_map=block_map,
+        train_data=train_data,
+        eval_data=eval_data,
+        batches=batches,
+        tracker=tracker,
+        sampler=sampler,
+        optimizer=optimizer,
+        total_steps=total_steps,
+        always_train=always,
+        telemetry=telemetry,
+        metrics_sink=metrics_sink,
+        resume_from=resume_from,
+        dist=info,
+        reducer=reducer,
+        peft_model=peft_model,
+    )
+
+
+def build_model(recipe: Recipe, device: torch.device) -> tuple[Any, Any, str, BlockMap, Any]:
+    """Model, tokenizer, where it came from, its block map, and peft's wrapper (LoRA)."""
+    model, tokenizer, source = load_model_and_tokenizer(recipe.model)
+    peft_model = None
+    if recipe.sampler.strategy == "lora":
+        from grass_cli import lora  # imports peft: only for LoRA runs
+
+        peft_model = lora.wrap(model, recipe.lora, recipe.model.blocks_attr)
+        block_map = lora.adapter_block_map(peft_model, recipe.model.blocks_attr)
+    else:
+        block_map = build_block_map(model, recipe.model.blocks_attr)
+    recipe.check_against_model(block_map.num_blocks, max_positions(model))
+    model.to(device)
+    model.train()
+    return model, tokenizer, source, block_map, peft_model
+
+
+def build_data(
+    recipe: Recipe, tokenizer: Any, info: DistInfo
+) -> tuple[TokenizedData, TokenizedData | None, BatchIterator, int]:
+    """Training and eval data, the seeded batch stream, and the number of steps
+    (the task-eval file is checked too: a missing one must not cost a training run)."""
+    tc = recipe.training
+    if recipe.eval is not None:
+        eval_file = recipe.eval.data or recipe.data.eval
+        if eval_file is None or not Path(eval_file).is_file():
+            raise GrassError(
+                "eval data file not found" if eval_file else "eval has no data file",
+                where=f"eval.data: {eval_file}",
+                hint="set eval.data (or data.eval) to an existing file",
+            )
+    train_data = build_dataset(recipe.data, tokenizer, "train")
+    eval_data = build_dataset(recipe.data, tokenizer, "eval") if recipe.data.eval else None
+    batches = BatchIterator(
+        train_data,
+        tc.micro_batch_size,
+        tokenizer.pad_token_id,
+        seed=tc.seed,
+        shuffle=True,
+        rank=info.rank,
+        world=info.world,
+    )
+    if tc.max_steps is not None:
+        return train_data, eval_data, batches, tc.max_steps
+    per_epoch = steps_per_epoch(
+        train_data.rows, tc.micro_batch_size * info.world, tc.grad_accum_steps
+    )
+    total = max(1, math.ceil(float(tc.epochs or 1) * per_epoch))
+    return train_data, eval_data, batches, total
+
+
+def open_run_dir(
+    recipe: Recipe,
+    overwrite: bool,
+    resume_from: Path | None,
+    info: DistInfo,
+    telemetry: Telemetry,
+) -> tuple[Path, JsonlSink | None]:
+    """The run folder's files (rank 0): marker, recipe, metrics.jsonl continued where
+    the checkpoint left it, and the sink that appends to it."""
+    run_dir = Path(recipe.output.dir)
+    sink = None
+    if info.is_main:
+        run_dir = rundir.materialize(recipe, overwrite, resume_from)
+        sink = JsonlSink(run_dir / "metrics.jsonl", append=resume_from is not None)
+        telemetry.add(sink)
+    distributed.barrier()  # the run folder exists (and stale files are gone) for every rank
+    return run_dir, sink
+
+
+def build_importance(
+    recipe: Recipe, block_map: BlockMap, device: torch.device, info: DistInfo
+) -> tuple[ImportanceTracker, GradReducer | None]:
+    """The MGN tracker (hooks can only be registered while parameters require grad,
+    so before anything is frozen) and, data-parallel, the gradient reducer that
+    feeds it the summed gradients."""
+    tracker = ImportanceTracker(block_map.blocks, recipe.sampler.alpha, device)
+    reducer = None
+    if info.enabled:
+        tracker.local_hooks = False
+        params = list({id(p): p for g in block_map.groups() for p in g.tensors}.values())
+        bucket = int(recipe.training.allreduce_bucket_mb * 2**20)
+        reducer = GradReducer(params, bucket, observe=tracker.observe)
+    for group in block_map.groups():
+        group.set_trainable(False)
+    return tracker, reducer
+
+
+def build_optimizer(
+    recipe: Recipe,
+    block_map: BlockMap,
+    device: torch.device,
+    run_dir: Path,
+    info: DistInfo,
+    peft_model: Any,
+) -> tuple[BlockAdamW, list[str]]:
+    """Block-wise AdamW with its state store, and the groups that always train."""
+    s = recipe.sampler
+    always = [
+        g.name for g in block_map.always_train(s.train_embeddings, s.train_norm, s.train_head)
+    ]
+    if peft_model is not None:
+        always = []  # LoRA: only the adapters train; embeddings, norms and head stay frozen
+    store = build_store(
+        recipe.optimizer, device, run_dir, subdir=f"rank-{info.rank}" if info.enabled else None
+    )
+    optimizer = BlockAdamW(block_map.groups(), recipe.optimizer, device, store)
+    if isinstance(store, DiskStore):
+        trainable = [b.name for b in block_map.blocks] + always
+        DiskStore.check_space(store.folder, optimizer.offload_bytes_needed(trainable))
+    return optimizer, always

@@ -1,0 +1,136 @@
+"""What a run writes to keep: checkpoints (through grass_cli/checkpoint.py) and the final model.
+
+The engine hands checkpoint.py an explicit `TrainState` and a way to write the
+model; checkpoint.py never sees the run. Every write failure (a full disk, a file
+size limit) ends in one message that says what was kept and where.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError
+
+from grass_cli import checkpoint as ckpt
+from grass_cli.atomic import describe_write_error
+from grass_cli.engine import run_dir as rundir
+from grass_cli.errors import GrassError
+from grass_cli.models import quiet_stderr
+
+if TYPE_CHECKING:
+    from grass_cli.engine.build import Run
+    from grass_cli.engine.loop import TrainResult
+
+
+def write_model(run: Run, folder: Path, shard_size: int | str | None = None) -> None:
+    """The model as an HF folder (LoRA: merged, plus adapter/) and the tokenizer."""
+    with quiet_stderr():  # transformers' "Writing model shards" bar
+        if run.peft_model is not None:
+            from grass_cli import lora
+
+            lora.save(run.peft_model, folder)
+        else:
+            shard = {} if shard_size is None else {"max_shard_size": shard_size}
+            run.model.save_pretrained(folder, safe_serialization=True, **shard)
+        run.tokenizer.save_pretrained(folder)
+
+
+def write_checkpoint(run: Run, step: int, result: TrainResult, active_names: set[str]) -> Path:
+    """A checkpoint of the run after `step` optimizer steps."""
+    if run.metrics_sink is not None:
+        run.metrics_sink.flush()
+    state = ckpt.TrainState(
+        step=step,
+        active_names=sorted(active_names),
+        batches=run.batches.state_dict(),
+        sampler=run.sampler.state_dict(),
+        tracker=run.tracker.state_dict(),
+        rng=ckpt.rng_state(run.device),
+        losses=list(result.losses),
+        eval_losses=dict(result.eval_losses),
+        tokens=result.tokens,
+        peak_rss=result.peak_rss,
+        elapsed_s=result.elapsed_s,
+        skipped=result.skipped,
+        metrics_offset=run.metrics_sink.tell() if run.metrics_sink is not None else 0,
+        world_size=run.dist.world,
+    )
+    content = ckpt.CheckpointContent(
+        state=state,
+        write_model=lambda folder: write_model(run, folder, ckpt.MODEL_SHARD_SIZE),
+        optimizer_groups=run.optimizer.export_groups(),
+        active=sorted(run.optimizer.active),
+        recipe_yaml=run.recipe.to_yaml(),
+    )
+    keep = run.recipe.checkpoint.keep_last
+    return ckpt.save_checkpoint(run.run_dir, content, keep, run.device, run.dist)
+
+
+def restore(run: Run, path: Path) -> ckpt.TrainState:
+    """Load a verified checkpoint into a freshly built run; returns its train state."""
+    state = ckpt.read_state(path)
+    if run.peft_model is not None:
+        from grass_cli import lora
+
+        lora.load_adapter(run.peft_model, path / lora.ADAPTER_DIR, where=str(path))
+    else:
+        ckpt.restore_weights(run.model, path)
+    run.optimizer.import_groups(ckpt.optimizer_groups(path), active=set(state.active_names))
+    run.batches.load_state_dict(state.batches)
+    run.sampler.load_state_dict(state.sampler)
+    run.tracker.load_state_dict(state.tracker)
+    if run.dist.enabled:  # each rank continues its own random streams
+        ckpt.set_rng_state(ckpt.read_rank_rng(path, run.dist.rank))
+    else:
+        ckpt.set_rng_state(state.rng)
+    return state
+
+
+def save_model(run: Run) -> Path:
+    """RUN_DIR/final/ (safetensors + tokenizer), written beside and moved into place.
+
+    Only files grass wrote are replaced; the new files are recorded in the run
+    folder's marker, so a later --overwrite removes them and nothing else."""
+    final = run.run_dir / "final"
+    tmp = run.run_dir / ".final.tmp"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_model(run, tmp)
+        _move_into(run.run_dir, tmp, final)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = ckpt.find_latest(run.run_dir)
+        kept = (
+            f"the checkpoint {latest} holds the last saved weights"
+            if latest
+            else "no checkpoint holds them: the trained weights are lost"
+        )
+        raise GrassError(
+            f"{describe_write_error(e)} while saving the trained model; {kept}",
+            where=str(final),
+            hint="free space (the folder needs about the model's size), then continue with "
+            "`grass train RECIPE --resume auto`"
+            if latest
+            else "free space and train again; set checkpoint.at_end: true to keep a copy",
+        ) from None
+    rundir.own(run.run_dir, [p for p in final.rglob("*") if p.is_file()])
+    return final
+
+
+def _move_into(run_dir: Path, tmp: Path, final: Path) -> None:
+    """Replace final/ with tmp/: whole when final/ holds only grass's files,
+    file by file when a user put something there since the run started."""
+    if final.exists():
+        if rundir.foreign_files(run_dir, "final"):
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                dest = final / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(final)
+    os.replace(tmp, final)
