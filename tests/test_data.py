@@ -355,6 +355,80 @@ def test_parse_errors_do_not_print(tmp_path, capfd):
     assert out.out == "" and out.err == ""
 
 
+GOOD_LINE = '{"prompt": "a", "completion": "b"}\n'
+
+
+@pytest.mark.parametrize(
+    ("lines", "where", "what"),
+    [
+        # A missing comma: the parser said "Trailing data at position 104".
+        (
+            [GOOD_LINE] * 3 + ['{"prompt": "a" "completion": "b"}\n'],
+            ":4:",
+            "not valid JSON (Expecting ',' delimiter at column 16)",
+        ),
+        # A line cut short runs into the next one: the parser said "Column(/completion)
+        # changed from string to object in row 3".
+        (
+            [GOOD_LINE] * 3 + ['{"prompt": "a", "completion": \n'] + [GOOD_LINE],
+            ":4:",
+            "not valid JSON (Expecting value at column 31)",
+        ),
+        ([GOOD_LINE, '{"prompt": "a", "comp\n'], ":2:", "Unterminated string starting at"),
+        ([GOOD_LINE, GOOD_LINE + "x\n"], ":3:", "not valid JSON (Expecting value at column 1)"),
+        ([GOOD_LINE, '["a", "b"]\n'], ":2:", "expected a JSON object {...}, got a list"),
+        # A null line made the JSON reader crash the process (segmentation fault).
+        (["null\n", GOOD_LINE], ":1:", "expected a JSON object {...}, got null"),
+        (
+            [GOOD_LINE, "\n", '{"prompt": "a", "completion": {"x": 1}}\n'],
+            ":3:",
+            "'completion' is an object, expected text as in line 1",
+        ),
+    ],
+)
+def test_bad_jsonl_lines_name_the_line_and_the_problem(tmp_path, lines, where, what):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_rows(str(path))
+    message = str(e.value)
+    assert message.startswith(f"{path}{where} cannot parse this json file: "), message
+    assert what in message and "one complete JSON object per line" in message
+    assert "position" not in message and "Column(" not in message
+
+
+def test_invalid_utf8_line_is_a_data_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD_LINE.encode() + b'{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*not UTF-8 text \(byte 0xff"):
+        load_rows(str(path))
+
+
+def test_bad_json_document_names_the_line_or_item(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "a"\n]\n')
+    with pytest.raises(DataError, match=r"d\.json:3: .*not valid JSON \(Expecting ','"):
+        load_rows(str(path))
+    path.write_text('[{"prompt": "a", "completion": "b"}, null]')
+    with pytest.raises(DataError, match=r"d\.json:row 2: .*got null"):
+        load_rows(str(path))
+
+
+def test_csv_row_with_too_many_fields_is_refused(tmp_path):
+    # pandas took the first of three fields as an index and shifted the others.
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion\na,b\nc,d,e\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: this row has 3 fields but the header names 2"):
+        load_rows(str(path))
+
+
+def test_blank_file_with_a_byte_order_mark_is_empty(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(DataError, match="empty"):
+        load_rows(str(path))
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [("e.jsonl", ""), ("e.jsonl", "\n\n"), ("e.json", "[]"), ("e.csv", "prompt,completion\n")],
