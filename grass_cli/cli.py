@@ -21,6 +21,7 @@ import typer
 
 from grass_cli import __version__
 from grass_cli.commands import register_all
+from grass_cli.commands.options import OverridesArg, RecipeArg
 from grass_cli.errors import GrassError
 
 app = typer.Typer(
@@ -33,16 +34,6 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
-
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-OverridesArg = Annotated[
-    list[str] | None,
-    typer.Argument(
-        help="Dotted overrides, key.path=value (value parsed as YAML), "
-        "e.g. training.max_steps=200 sampler.gamma=4.",
-        show_default=False,
-    ),
-]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -116,11 +107,19 @@ def root(
     epilog="Example: grass validate recipes/quickstart.yaml training.max_steps=50",
 )
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Check a recipe (and overrides) without loading a model; print the resolved recipe."""
+    """Check a recipe (and overrides) and everything it points at without loading the
+    model: data files, model path, folders, disk space. Prints the resolved recipe."""
+    from grass_cli.preflight import preflight
     from grass_cli.recipe import load_recipe
 
     resolved = _guard(lambda: load_recipe(recipe, overrides or []))
-    sys.stderr.write(f"{recipe}: valid\n")
+    found = _guard(lambda: preflight(resolved, run_dir=False))
+    rows = ", ".join(f"{k} {n} rows" for k, n in found.rows.items())
+    need = sum(found.disk_needed.values())
+    sys.stderr.write(
+        f"{recipe}: valid ({found.params / 1e6:.0f}M parameters; {rows}; "
+        f"about {need / 1e9:.2f} GB to write)\n"
+    )
     sys.stdout.write(resolved.to_yaml())
 
 
@@ -170,53 +169,67 @@ def train(
     """
 
     def body() -> None:
+        from grass_cli.preflight import preflight
         from grass_cli.recipe import load_recipe
 
         cfg = load_recipe(recipe, overrides or [])
-        from grass_cli.engine import Interrupted, StopRequest, run_training
-        from grass_cli.plots import write_run_plots
-        from grass_cli.telemetry import Sink, Telemetry
-        from grass_cli.telemetry.console import console_sinks
-
-        main = _main_rank()
-        sinks: list[Sink] = []
-        if cfg.output.tensorboard and main:
-            from grass_cli.telemetry.tensorboard import TensorBoardSink
-
-            # a resumed run adds to the event files of the run it continues
-            tb_dir = Path(cfg.output.dir) / "tensorboard"
-            sinks.append(TensorBoardSink(tb_dir, append=resume is not None))
-        # The dashboard draws from the moment it is built: console sinks go last,
-        # right before run_training, which closes every sink whatever happens.
-        if main:
-            sinks += console_sinks(
-                sys.stdout,
-                live=not no_live,
-                every=log_every or cfg.output.log_interval,
-                quiet=quiet,
-            )
-        stop = StopRequest()
-        with _stop_on_signals(stop):
-            try:
-                result = run_training(
-                    cfg, Telemetry(sinks), overwrite=overwrite, resume=resume, stop=stop
-                )
-            except Interrupted as e:
-                code = 143 if e.signal_name == "SIGTERM" else 130
-                if not main:
-                    raise typer.Exit(code) from None
-                again = " ".join(["grass train", str(recipe), *(overrides or []), "--resume auto"])
-                sys.stderr.write(
-                    f"Interrupted by {e.signal_name} after step {e.step}; checkpoint saved in "
-                    f"{e.checkpoint}.\nResume with: {again}\n"
-                )
-                raise typer.Exit(code) from None
-        if not main:
+        preflight(cfg, resume=resume, overwrite=overwrite)  # before any file is written
+        sinks = _train_sinks(cfg, resume is not None, no_live, log_every, quiet)
+        result = _run(cfg, sinks, [str(recipe), *(overrides or [])], overwrite, resume)
+        if result is None:
             return
+        from grass_cli.plots import write_run_plots
+
         plots = write_run_plots(result.run_dir)
         sys.stdout.write(f"plots  {plots[0].parent} ({', '.join(p.name for p in plots)})\n")
 
     _guard(body)
+
+
+def _train_sinks(
+    cfg: Any, resumed: bool, no_live: bool, log_every: int | None, quiet: bool
+) -> list[Any]:
+    """TensorBoard (if asked) and the console: the dashboard or plain lines (rank 0)."""
+    from grass_cli.telemetry.console import console_sinks
+
+    if not _main_rank():
+        return []
+    sinks: list[Any] = []
+    if cfg.output.tensorboard:
+        from grass_cli.telemetry.tensorboard import TensorBoardSink
+
+        # a resumed run adds to the event files of the run it continues
+        sinks.append(TensorBoardSink(Path(cfg.output.dir) / "tensorboard", append=resumed))
+    # The dashboard draws from the moment it is built: console sinks go last,
+    # right before run_training, which closes every sink whatever happens.
+    every = log_every or cfg.output.log_interval
+    return sinks + console_sinks(sys.stdout, live=not no_live, every=every, quiet=quiet)
+
+
+def _run(
+    cfg: Any, sinks: list[Any], command: list[str], overwrite: bool, resume: str | None
+) -> Any:
+    """Train under the signal handlers; an interruption exits 130/143 with how to resume.
+    Returns the result on rank 0, None on the others."""
+    from grass_cli.engine import Interrupted, StopRequest, run_training
+    from grass_cli.telemetry import Telemetry
+
+    stop = StopRequest()
+    with _stop_on_signals(stop):
+        try:
+            result = run_training(
+                cfg, Telemetry(sinks), overwrite=overwrite, resume=resume, stop=stop
+            )
+        except Interrupted as e:
+            code = 143 if e.signal_name == "SIGTERM" else 130
+            if _main_rank():
+                again = " ".join(["grass train", *command, "--resume auto"])
+                sys.stderr.write(
+                    f"Interrupted by {e.signal_name} after step {e.step}; checkpoint saved in "
+                    f"{e.checkpoint}.\nResume with: {again}\n"
+                )
+            raise typer.Exit(code) from None
+    return result if _main_rank() else None
 
 
 register_all(app)

@@ -84,8 +84,11 @@ def load_config(recipe: Recipe, model_config: str | None = None) -> tuple[Any, s
         p = Path(src).expanduser()
         if p.suffix == ".gguf":
             return AutoConfig.from_pretrained(p.parent, gguf_file=p.name), src
+        from grass_cli.hub import hub_source  # a hub id: the cache first, no retry storm
+
+        target = str(p) if p.is_dir() else hub_source(src, f"model.path: {src}")
         return AutoConfig.from_pretrained(
-            str(p) if p.is_dir() else src, trust_remote_code=recipe.model.trust_remote_code
+            target, trust_remote_code=recipe.model.trust_remote_code
         ), src
     except (OSError, ValueError) as e:
         raise GrassError(

@@ -190,7 +190,9 @@ def test_suggest_key_none_for_garbage():
 
 
 def test_cli_validate_prints_resolved_recipe(tmp_path):
-    p = write(tmp_path, {"data": {"train": "t.jsonl"}})
+    # validate checks what the recipe points at too (tests/test_preflight.py): real files
+    train = Path(__file__).resolve().parent.parent / "data/quickstart/train.jsonl"
+    p = write(tmp_path, {"data": {"train": str(train)}, "output": {"dir": str(tmp_path / "r")}})
     res = runner.invoke(app, ["validate", str(p), "sampler.gamma=3"])
     assert res.exit_code == 0, res.output
     assert yaml.safe_load(res.stdout)["sampler"]["gamma"] == 3
@@ -342,8 +344,8 @@ def test_home_is_expanded_in_path_keys(tmp_path, monkeypatch):
     assert (r.data.eval, r.eval.data) == (str(home / "e.jsonl"), str(home / "ev.jsonl"))
     # Kept as written (a resume compares them verbatim); their readers expand `~`.
     assert (r.data.train, r.model.path) == ("~/t.jsonl", "~/m")
-    res = runner.invoke(app, ["validate", str(write(tmp_path, doc))])
-    assert yaml.safe_load(res.stdout)["output"]["dir"] == str(home / "runs/a")
+    # what `grass validate` prints (it also checks the files exist: test_preflight.py)
+    assert yaml.safe_load(r.to_yaml())["output"]["dir"] == str(home / "runs/a")
 
 
 def test_empty_output_dir_is_refused(tmp_path):

@@ -1,0 +1,140 @@
+"""Pre-flight: everything checkable without loading the model, shared by `validate` and `train`.
+
+A mistake found after a 7B model has loaded costs minutes; one found after the run
+folder got its first file costs a confusing retry ("a different recipe"). So
+before either, and without writing anything:
+
+- the data files exist and parse (every row, with the file and line of a bad one),
+  and hold the columns the data format needs;
+- the model path resolves: a folder with config.json, a .gguf file, an embedded
+  name, or a hub id in the local cache (or one the hub confirms, in seconds);
+- the output folder and the offload folder can be written (checked on the
+  nearest existing parent, without creating anything), and a new run may start
+  in the output folder (grass/engine/run_dir.py's rules);
+- each filesystem has room for what the run will write there: the final model,
+  the checkpoints kept at once, and a disk offload store, estimated from the
+  model's config (the planner's meta-device layout, no weights read).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grass_cli.errors import GrassError
+from grass_cli.recipe import Recipe
+
+
+@dataclass
+class Preflight:
+    """What the checks found (for `grass validate` to show)."""
+
+    params: int = 0
+    weight_bytes: int = 4
+    rows: dict[str, int] = field(default_factory=dict)
+    disk_needed: dict[str, int] = field(default_factory=dict)  # folder -> bytes
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return probe
+
+
+def _check_folder(path: Path, key: str) -> None:
+    probe = _nearest_existing(path)
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise GrassError(
+            f"cannot write there ({probe} is not a writable folder)",
+            where=f"{key}: {path}",
+            hint=f"choose a writable folder for {key}",
+        )
+
+
+def check_data(recipe: Recipe, found: Preflight) -> None:
+    from grass_cli.data import load_rows, resolve_columns
+
+    files = {"data.train": recipe.data.train, "data.eval": recipe.data.eval}
+    if recipe.eval is not None:
+        files["eval.data"] = recipe.eval.data or recipe.data.eval
+        if files["eval.data"] is None:
+            raise GrassError(
+                "eval has no data file",
+                where="eval.data",
+                hint="set eval.data (or data.eval) to an existing file",
+            )
+    for key, path in files.items():
+        if path is None or key in found.rows:
+            continue
+        rows = load_rows(str(path))
+        found.rows[key] = len(rows)
+        if key != "eval.data" and rows:  # (the task eval maps its own fields)
+            cfg = recipe.data
+            resolve_columns(cfg.format, dict(cfg.fields), list(rows[0].keys()), str(path))
+
+
+def _disk_needs(recipe: Recipe, params: int, weight_bytes: int) -> dict[Path, int]:
+    """Bytes the run writes per folder: the final model, the checkpoints alive at
+    once (keep_last + the one being written), a disk offload store."""
+    weights = params * weight_bytes
+    state = params * (8 + (4 if weight_bytes < 4 else 0))  # AdamW moments (+ fp32 masters)
+    out_dir = Path(recipe.output.dir)
+    needs: dict[Path, int] = {out_dir: 0}
+    if recipe.output.save_model:
+        needs[out_dir] += weights
+    ck = recipe.checkpoint
+    if ck.interval or ck.at_end:
+        alive = (ck.keep_last + 1) if ck.interval else 1
+        needs[out_dir] += alive * (weights + state)
+    opt = recipe.optimizer
+    if opt.state_policy == "offload" and opt.offload.target == "disk":
+        folder = Path(opt.offload.path) if opt.offload.path else out_dir / "offload"
+        needs[folder] = needs.get(folder, 0) + state
+    return needs
+
+
+def check_disk(recipe: Recipe, found: Preflight) -> None:
+    by_device: dict[int, tuple[Path, int]] = {}
+    for folder, n in _disk_needs(recipe, found.params, found.weight_bytes).items():
+        found.disk_needed[str(folder)] = n
+        probe = _nearest_existing(folder)
+        dev = probe.stat().st_dev
+        first, total = by_device.get(dev, (probe, 0))
+        by_device[dev] = (first, total + n)
+    for probe, needed in by_device.values():
+        free = shutil.disk_usage(probe).free
+        if needed > free:
+            raise GrassError(
+                f"not enough disk space: the run writes about {needed / 1e9:.2f} GB there "
+                f"(final model, checkpoints, offloaded state) and {free / 1e9:.2f} GB is free",
+                where=str(probe),
+                hint="free space, lower checkpoint.keep_last, set output.save_model: false, "
+                "or point output.dir / optimizer.offload.path at a bigger disk",
+            )
+
+
+def preflight(
+    recipe: Recipe, resume: str | None = None, overwrite: bool = False, run_dir: bool = True
+) -> Preflight:
+    """Every check that needs no model weights; raises the first GrassError found.
+    `run_dir`: also apply the run folder's rules for a start with these flags."""
+    from grass_cli.engine.run_dir import check_fresh_start, check_writable
+    from grass_cli.model_shape import build_layout, load_config
+
+    found = Preflight()
+    out = Path(recipe.output.dir)
+    check_writable(out)
+    if run_dir and resume is None:
+        check_fresh_start(out, recipe, overwrite)
+    opt = recipe.optimizer
+    if opt.state_policy == "offload" and opt.offload.target == "disk" and opt.offload.path:
+        _check_folder(Path(opt.offload.path), "optimizer.offload.path")
+    check_data(recipe, found)
+    config, name = load_config(recipe)
+    layout = build_layout(recipe, config, name)
+    found.params, found.weight_bytes = layout.params, layout.weight_bytes
+    check_disk(recipe, found)
+    return found
