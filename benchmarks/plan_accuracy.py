@@ -106,7 +106,7 @@ def bench_model_1b() -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from grass_cli.model_shape import SHAPES_DIR
+    from grass_cli.planner.shape import SHAPES_DIR
 
     smol = resolve_model_path("embedded:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(smol)
@@ -274,8 +274,8 @@ def child(overrides: list[str]) -> None:
 
 
 def predict(overrides: list[str], visited: int, device: str) -> dict:
-    from grass_cli.model_shape import build_layout, load_config
-    from grass_cli.plan import plan, recipe_scenario
+    from grass_cli.planner.memory import plan, recipe_scenario
+    from grass_cli.planner.shape import build_layout, load_config
     from grass_cli.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes/quickstart.yaml", overrides)

@@ -2,7 +2,7 @@
 compare), or read a run's importance history; write importance.json and plots.
 
 The library side of `grass inspect-importance` (the command parses and prints).
-Probing goes through `grass_cli.probing.probe`, the very code `grass train` runs in
+Probing goes through `grass_cli.sampling.probing.probe`, the very code `grass train` runs in
 its probing phase (same block map, tracker hooks, loss normalisation and batches
 from `BatchIterator`), so what this reports is what GRASS would sample from.
 Heavy modules are imported inside the functions: `grass --help` imports the
@@ -105,10 +105,10 @@ def probe_profile(
     the probed rows are a sample of the whole file, the same one each time). The
     model is not updated and its parameters end as they started.
     """
-    from grass_cli.blocks import build_block_map
     from grass_cli.data import BatchIterator, load_rows, tokenize_rows
-    from grass_cli.importance import ImportanceTracker
-    from grass_cli.probing import probe
+    from grass_cli.sampling.blocks import build_block_map
+    from grass_cli.sampling.importance import ImportanceTracker
+    from grass_cli.sampling.probing import probe
 
     dc = data_cfg.model_copy(update={"train": path})
     data = tokenize_rows(load_rows(path, dc.limit), dc, tokenizer, path)

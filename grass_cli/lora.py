@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from grass_cli.blocks import BlockMap, build_block_map, find_blocks
 from grass_cli.errors import GrassError, ModelError, RecipeError
 from grass_cli.recipe import LoraConfig
+from grass_cli.sampling.blocks import BlockMap, build_block_map, find_blocks
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -122,7 +122,7 @@ def preflight(
     """Every check that needs no model weights; raises the first GrassError found.
     `run_dir`: also apply the run folder's rules for a start with these flags."""
     from grass_cli.engine.run_dir import check_fresh_start, check_writable
-    from grass_cli.model_shape import build_layout, load_config
+    from grass_cli.planner.shape import build_layout, load_config
 
     found = Preflight()
     out = Path(recipe.output.dir)

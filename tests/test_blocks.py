@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
-from grass_cli.blocks import build_block_map
 from grass_cli.errors import ModelError
+from grass_cli.sampling.blocks import build_block_map
 
 ARCHS = {
     # arch: (blocks path, tied embeddings/head)

@@ -19,8 +19,8 @@ import torch
 from helpers import ListSink
 
 from grass_cli.engine import setup, train
+from grass_cli.offload.store import CpuStore
 from grass_cli.recipe import validate_dict
-from grass_cli.state_store import CpuStore
 from grass_cli.telemetry import Telemetry
 
 pytestmark = pytest.mark.cuda
@@ -268,7 +268,7 @@ def _warm_up_cublas() -> None:
 
 
 def test_streamed_run_peak_matches_plan(tokenizer, tmp_path):
-    from grass_cli.plan import plan_recipe
+    from grass_cli.planner.memory import plan_recipe
 
     model_dir = _mid_llama(tmp_path / "mid-llama", tokenizer)
     recipe = cuda_recipe(

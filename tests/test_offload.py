@@ -11,9 +11,9 @@ from helpers import ListSink
 
 from grass_cli.engine import setup, train
 from grass_cli.errors import GrassError
-from grass_cli.optim import GroupState
+from grass_cli.offload.group_state import GroupState
+from grass_cli.offload.store import CpuStore, DiskStore
 from grass_cli.recipe import validate_dict
-from grass_cli.state_store import CpuStore, DiskStore
 from grass_cli.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent

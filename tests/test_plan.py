@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from grass_cli.cli import app
-from grass_cli.model_shape import build_layout, load_config
-from grass_cli.plan import Scenario, plan, plan_recipe
+from grass_cli.planner.memory import Scenario, plan, plan_recipe
+from grass_cli.planner.shape import build_layout, load_config
 from grass_cli.recipe import validate_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +33,8 @@ def recipe(**over):
 
 def test_layout_matches_the_loaded_model_group_by_group(tiny_factory):
     """The meta-device layout has exactly the groups and sizes training uses."""
-    from grass_cli.blocks import build_block_map
     from grass_cli.models import load_model_and_tokenizer
+    from grass_cli.sampling.blocks import build_block_map
 
     folder = tiny_factory("llama", 4)
     r = recipe(model__path=str(folder), model__dtype="float32")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from grass_cli.blocks import ParamGroup
-from grass_cli.importance import ImportanceTracker, probabilities
 from grass_cli.recipe import SamplerConfig
 from grass_cli.sampling import build_sampler, draw_distinct
+from grass_cli.sampling.blocks import ParamGroup
+from grass_cli.sampling.importance import ImportanceTracker, probabilities
 
 
 def make_blocks(sizes: list[int]) -> list[ParamGroup]:

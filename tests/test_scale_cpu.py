@@ -19,15 +19,15 @@ from test_checkpoint import TRAIN, make_recipe, run_interrupted, run_straight
 from typer.testing import CliRunner
 
 import grass_cli.checkpoint as ckpt
-from grass_cli.blocks import BlockMap, build_block_map
 from grass_cli.cli import app
 from grass_cli.engine import setup, train
 from grass_cli.engine.saving import restore
 from grass_cli.errors import GrassError, RecipeError
-from grass_cli.importance import ImportanceTracker
 from grass_cli.models import load_model_and_tokenizer
-from grass_cli.probing import forward_backward
 from grass_cli.recipe import ModelConfig, load_recipe, validate_dict
+from grass_cli.sampling.blocks import BlockMap, build_block_map
+from grass_cli.sampling.importance import ImportanceTracker
+from grass_cli.sampling.probing import forward_backward
 from grass_cli.telemetry import Telemetry
 
 runner = CliRunner()

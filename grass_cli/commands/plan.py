@@ -1,7 +1,7 @@
 """`grass plan RECIPE`: the device and host memory a recipe needs, from the model's
 config alone (no weights loaded), for every strategy and state policy.
 
-Thin: `grass_cli.plan.plan_recipe` computes the plans; this module marks the
+Thin: `grass_cli.planner.memory.plan_recipe` computes the plans; this module marks the
 recipe's own choice, prints the table and its verdict (or JSON) and exits 1 when
 `--device-memory` is given and the recipe's choice does not fit.
 """
@@ -23,8 +23,8 @@ from grass_cli.commands.options import (
 )
 
 if TYPE_CHECKING:
-    from grass_cli.model_shape import Layout
-    from grass_cli.plan import Plan
+    from grass_cli.planner.memory import Plan
+    from grass_cli.planner.shape import Layout
 
 EPILOG = (
     "Examples:\n\n  grass plan recipes/gpu-grass.yaml --model-config llama-2-7b "
@@ -99,7 +99,7 @@ def _plan(
 ) -> tuple[Layout, list[Plan], Plan]:
     """The layout, every strategy x policy's plan, and the recipe's own among them."""
     from grass_cli.errors import GrassError
-    from grass_cli.plan import plan_recipe, recipe_scenario
+    from grass_cli.planner.memory import plan_recipe, recipe_scenario
     from grass_cli.recipe import load_recipe
 
     if device not in (None, "cuda", "cpu"):
@@ -119,7 +119,7 @@ def render(layout: Layout, plans: list[Plan], own: Plan, device_memory: float | 
     from rich.console import Group
     from rich.text import Text
 
-    from grass_cli.plan import gb
+    from grass_cli.planner.memory import gb
 
     verdict = (
         f"* the recipe ({own.label}): {gb(own.device_peak_bytes):.2f} GB peak in "
@@ -166,7 +166,7 @@ def plan_table(layout: Layout, plans: list[Plan], own: Plan, device_memory: floa
 
 def _row(p: Plan, own: Plan, device_memory: float | None) -> list[str]:
     """A plan's cells, in GB: peak and its phase, the peak's parts, host and disk."""
-    from grass_cli.plan import gb
+    from grass_cli.planner.memory import gb
 
     k = p.kinds
     row = [

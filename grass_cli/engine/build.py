@@ -20,17 +20,17 @@ import numpy as np
 import torch
 
 from grass_cli import distributed
-from grass_cli.blocks import BlockMap, build_block_map
 from grass_cli.data import BatchIterator, TokenizedData, build_dataset, steps_per_epoch
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
 from grass_cli.errors import GrassError
-from grass_cli.importance import ImportanceTracker
 from grass_cli.models import load_model_and_tokenizer, max_positions, resolve_device
-from grass_cli.optim import BlockAdamW
+from grass_cli.offload.optimizer import BlockAdamW
+from grass_cli.offload.store import DiskStore, build_store
 from grass_cli.recipe import Recipe
 from grass_cli.sampling import Sampler, build_sampler
-from grass_cli.state_store import DiskStore, build_store
+from grass_cli.sampling.blocks import BlockMap, build_block_map
+from grass_cli.sampling.importance import ImportanceTracker
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.sinks import JsonlSink
 

@@ -22,12 +22,12 @@ from grass_cli.engine import report
 from grass_cli.engine.build import Run, setup
 from grass_cli.engine.evals import evaluate_loss, task_eval
 from grass_cli.engine.saving import restore, save_model, write_checkpoint
+from grass_cli.engine.schedule import lr_at
 from grass_cli.errors import GrassError
 from grass_cli.models import checkpointed
-from grass_cli.probing import forward_backward
-from grass_cli.probing import probe as probe_blocks
 from grass_cli.recipe import PROBING, Recipe
-from grass_cli.schedule import lr_at
+from grass_cli.sampling.probing import forward_backward
+from grass_cli.sampling.probing import probe as probe_blocks
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.memory import memory_stats
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from grass_cli.importance import ImportanceTracker, probabilities
 from grass_cli.recipe import SamplerConfig
+from grass_cli.sampling.importance import ImportanceTracker, probabilities
 
 
 def draw_distinct(

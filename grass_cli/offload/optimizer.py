@@ -21,124 +21,13 @@ active groups only; the masters live and move with the group's optimizer state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from grass_cli.blocks import ParamGroup
+from grass_cli.offload.group_state import EMPTY, GroupState, chunk_name
+from grass_cli.offload.store import Store, tensor_bytes
 from grass_cli.recipe import OptimizerConfig
-from grass_cli.state_store import Store, tensor_bytes
-
-_EMPTY = torch.empty(0)
-
-
-def chunk_name(group: str, index: int) -> str:
-    """The store's name for one parameter's state within a group."""
-    return f"{group}@{index}"
-
-
-@dataclass
-class GroupState:
-    """A group's optimizer and, for reduced-precision weights, its fp32 masters.
-
-    State moves to and from a store one parameter at a time (a *chunk*: the
-    parameter's AdamW moments and its fp32 master), so a streamed step holds at
-    most two weight matrices' state on the device, not two blocks' (for a 7B
-    model, about 1 GB instead of about 5 GB)."""
-
-    name: str
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.AdamW
-    master: list[torch.nn.Parameter] | None = None
-    # indices (into opt_params) of the chunks now in the store
-    out: set[int] = field(default_factory=set)
-    # state keys taken out of each chunk, in order
-    _keys: dict[int, list[str]] = field(default_factory=dict)
-
-    @property
-    def opt_params(self) -> list[torch.nn.Parameter]:
-        return self.master if self.master is not None else self.params
-
-    @property
-    def offloaded(self) -> bool:
-        return bool(self.out)
-
-    def take_chunk(self, j: int) -> list[torch.Tensor]:
-        """Remove parameter j's state tensors (and master) from the optimizer.
-
-        Returns [] (and takes nothing) when there is nothing to move yet: a
-        parameter that was never stepped has no moments."""
-        p = self.opt_params[j]
-        st = self.optimizer.state.get(p, {})
-        keys = [k for k in sorted(st) if isinstance(st[k], torch.Tensor) and st[k].dim() > 0]
-        has_master = self.master is not None and p.numel() > 0
-        if not keys and not has_master:
-            return []
-        out = [st[k] for k in keys]
-        for k in keys:
-            st[k] = _EMPTY
-        if self.master is not None:
-            out.append(p.data)
-            p.data = _EMPTY
-        self._keys[j] = keys
-        self.out.add(j)
-        return out
-
-    def give_chunk(self, j: int, tensors: list[torch.Tensor]) -> None:
-        """Put back what `take_chunk(j)` removed."""
-        p = self.opt_params[j]
-        it = iter(tensors)
-        for k in self._keys[j]:
-            self.optimizer.state[p][k] = next(it)
-        if self.master is not None:
-            p.data = next(it)
-        self.out.discard(j)
-
-    def export(self, stored: dict[int, list[torch.Tensor]]) -> dict:
-        """State dict + masters for a checkpoint; `stored` are the offloaded chunks."""
-        sd = self.optimizer.state_dict()
-        # state_dict() shares the per-parameter dicts with the live optimizer: copy
-        # them before putting the offloaded tensors in.
-        sd["state"] = {i: dict(v) for i, v in sd["state"].items()}
-        masters = [m.data for m in self.master] if self.master is not None else None
-        flat = (p for g in self.optimizer.param_groups for p in g["params"])
-        index = {id(p): i for i, p in enumerate(flat)}
-        for j, tensors in stored.items():
-            p = self.opt_params[j]
-            it = iter(tensors)
-            for k in self._keys[j]:
-                sd["state"][index[id(p)]][k] = next(it)
-            if masters is not None:
-                masters[j] = next(it)
-        return {"opt": sd, "master": masters}
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        """State tensors currently held by the optimizer (not offloaded)."""
-        out = []
-        for st in self.optimizer.state.values():
-            out.extend(v for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-        return [t for t in out if t.numel() > 0]
-
-    def master_tensors(self) -> list[torch.Tensor]:
-        if self.master is None:
-            return []
-        return [m.data for m in self.master if m.numel() > 0]
-
-    def step_chunk(self, j: int) -> None:
-        """AdamW on parameter j alone (the streamed step).
-
-        torch's AdamW updates every parameter that has a gradient, so the other
-        parameters' gradients are set aside for the call; the arithmetic per
-        parameter is the same as a whole-group step."""
-        target = self.opt_params[j]
-        aside = [(q, q.grad) for q in self.opt_params if q is not target and q.grad is not None]
-        for q, _ in aside:
-            q.grad = None
-        try:
-            self.optimizer.step()
-        finally:
-            for q, g in aside:
-                q.grad = g
+from grass_cli.sampling.blocks import ParamGroup
 
 
 class BlockAdamW:
@@ -241,7 +130,7 @@ class BlockAdamW:
             st.optimizer.state.clear()
             if st.master is not None:
                 for m in st.master:
-                    m.data = _EMPTY
+                    m.data = EMPTY
         elif self.policy == "offload":
             for j in st.out:  # activated, then frozen before its first step
                 self.store.cancel(chunk_name(name, j))
@@ -367,7 +256,7 @@ class BlockAdamW:
             st.optimizer.load_state_dict(d["opt"])
             if st.master is not None and d["master"] is not None:
                 for m, t in zip(st.master, d["master"], strict=True):
-                    m.data = t.to(self.device) if t.numel() > 0 else _EMPTY
+                    m.data = t.to(self.device) if t.numel() > 0 else EMPTY
             self.states[name] = st
             if name not in self.active:
                 self._release(name)

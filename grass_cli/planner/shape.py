@@ -1,7 +1,7 @@
 """A model's shape for the memory planner: its parameter groups (the same block map
 training uses, built on the meta device, so no weight is read), its LoRA adapters,
 and the widths its activations have. Configs come from `model.path` or from the
-public shapes shipped in grass_cli/shapes/."""
+public shapes shipped in grass_cli/planner/shapes/."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def build_layout(recipe: Recipe, config: Any, name: str) -> Layout:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from grass_cli.blocks import build_block_map, find_blocks
+    from grass_cli.sampling.blocks import build_block_map, find_blocks
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

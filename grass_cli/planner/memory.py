@@ -41,7 +41,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from grass_cli.model_shape import GroupShape, Layout, build_layout, load_config
+from grass_cli.planner.activations import Acts, activations
+from grass_cli.planner.shape import GroupShape, Layout, build_layout, load_config
 from grass_cli.recipe import LAYERWISE, PROBING, Recipe
 
 # ------------------------------------------------------------------------- scenario
@@ -119,25 +120,6 @@ def recipe_scenario(recipe: Recipe) -> Scenario:
 # ------------------------------------------------------------------------ activations
 
 
-def _layer_act(lay: Layout, a: int, trainable: bool) -> int:
-    """Bytes per token that autograd saves in one decoder layer."""
-    h, i, q, kv = lay.hidden, lay.intermediate, lay.q_width, lay.kv_width
-    attention = a * (q + 2 * kv + q)  # sdpa saves q, k, v (grouped, not repeated), output
-    if trainable:
-        norms = 2 * (4 * h + a * h)  # fp32 input + normed output (the matmuls' input)
-        return norms + attention + a * q + 4 * a * i  # o_proj input; gate, silu, up, product
-    return 2 * 4 * h + attention + 3 * a * i  # silu input, mul's operands
-
-
-def _logits_peak(lay: Layout, a: int) -> int:
-    """Bytes per token at the loss: the logits, the contiguous copy of the shifted
-    logits, their fp32 copy (when not fp32 already) and the log-softmax output."""
-    return (2 * a + 4 + (4 if a < 4 else 0)) * lay.vocab
-
-
-# ------------------------------------------------------------------------------ plan
-
-
 def _streamed_step(
     trained: list[GroupShape], gbytes: int, sbytes: int, masters: bool, temps: int
 ) -> int:
@@ -155,6 +137,87 @@ def _streamed_step(
     return worst
 
 
+@dataclass
+class _Trained:
+    """What trains in a scenario: the groups (worst draw: the lowest blocks), bytes
+    per parameter of their gradients and state, and how many blocks are active."""
+
+    groups: list[GroupShape]
+    gbytes: int
+    sbytes: int
+    active_blocks: int
+
+
+def _trained(recipe: Recipe, lay: Layout, sc: Scenario) -> _Trained:
+    s, L, w = recipe.sampler, len(lay.blocks), lay.weight_bytes
+    if sc.strategy == "lora":  # peft keeps the adapters in fp32
+        return _Trained([lay.lora[b] for b in lay.blocks], 4, 8, L)
+    sbytes = 8 + (4 if w == 2 else 0)
+    if sc.strategy == "full":
+        always = [g for g in lay.groups.values() if g.kind != "block"]
+        active = L
+    else:
+        if sc.embed_head:
+            always = _always(lay, True, True, True)
+        else:
+            always = _always(lay, s.train_embeddings, s.train_norm, s.train_head)
+        active = min(s.gamma, L)
+    return _Trained(always + [lay.groups[b] for b in lay.blocks[:active]], w, sbytes, active)
+
+
+def _state(lay: Layout, sc: Scenario, t: _Trained, visited: int | None) -> tuple[int, int]:
+    """Optimizer state (moments, fp32 masters) on the device, and in the store."""
+    L, groups = len(lay.blocks), lay.groups
+    state_of = {g.name: g.numel * t.sbytes for g in t.groups}
+    if sc.strategy in ("full", "lora"):
+        device_state = sum(state_of.values())
+    elif sc.state_policy == "keep":
+        nvis = L if visited is None else max(t.active_blocks, min(visited, L))
+        device_state = sum(state_of[g.name] for g in t.groups if g.kind != "block")
+        device_state += sum(groups[b].numel * t.sbytes for b in lay.blocks[:nvis])
+    elif sc.state_policy == "offload" and sc.residency == "step":
+        chunks = sorted((n * t.sbytes for g in t.groups for n in g.params), reverse=True)
+        device_state = sum(chunks[:3])  # (the streamed sweep finds the actual worst point)
+    else:  # drop, offload-interval: the active groups' state only
+        device_state = sum(state_of.values())
+    store = 0
+    if sc.state_policy == "offload" and sc.strategy not in ("full", "lora"):
+        every = [g for g in groups.values() if g.kind == "block"]
+        every += [g for g in t.groups if g.kind not in ("block", "lora")]
+        store = sum(g.numel * t.sbytes for g in every)
+    return device_state, store
+
+
+def _step_transient(sc: Scenario, t: _Trained, masters: bool, device: str) -> int:
+    """fp32 gradients for the masters + one AdamW temporary (non-streamed step)."""
+    largest_param = max(n for g in t.groups for n in g.params)
+    largest_group = max(g.numel for g in t.groups)
+    streaming = sc.state_policy == "offload" and sc.residency == "step"
+    unit = largest_param if (streaming or device == "cpu") else largest_group
+    fp32_grads = (largest_param if streaming else largest_group) * 4 if masters else 0
+    if sc.strategy == "lora":
+        fp32_grads = 0
+    return fp32_grads + unit * 4
+
+
+def _backward_peak(lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, accum: bool) -> int:
+    """Backward swept from the head down to block 0 (the worst draw has the lowest
+    block active, so every block is in the gradient range): activations shrink as
+    gradients grow; the peak is the worst point of the sweep."""
+    grads_of = {g.name: g.numel * t.gbytes for g in t.groups}
+    grads = sum(grads_of.values())
+    groups, L = lay.groups, len(lay.blocks)
+    head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
+    block_grads = [grads_of.get(b, 0) for b in lay.blocks]
+    g_before = grads if accum else 0
+    peak = base + sum(acts.saved) + acts.logits + max(g_before, head_grads)
+    for k in range(L - 1, -1, -1):
+        live = sum(acts.saved[:k]) + (acts.per_layer[k] if ckpt else acts.saved[k]) + acts.work
+        produced = head_grads + sum(block_grads[k:])
+        peak = max(peak, base + live + max(g_before, produced))
+    return peak
+
+
 def plan(
     recipe: Recipe,
     lay: Layout,
@@ -165,112 +228,55 @@ def plan(
 ) -> Plan:
     """Predict one scenario's peaks. `visited`: blocks whose state `keep` holds
     (default: all of them, which a long enough run reaches)."""
-    s = recipe.sampler
-    tc = recipe.training
     ckpt = recipe.model.gradient_checkpointing if checkpointing is None else checkpointing
-    w = lay.weight_bytes
-    a = 2 if (w == 2 or tc.autocast == "bf16") else 4
-    tokens = tc.micro_batch_size * recipe.data.max_length
-    L = len(lay.blocks)
-    groups = lay.groups
-    masters = w == 2
-
-    # what trains: (group shapes, bytes per param of grads, of state)
-    if sc.strategy == "lora":
-        trained = [lay.lora[b] for b in lay.blocks]
-        gbytes, sbytes = 4, 8  # peft keeps the adapters in fp32
-        active_blocks = L
-    else:
-        gbytes, sbytes = w, 8 + (4 if masters else 0)
-        if sc.strategy == "full":
-            always = [g for g in groups.values() if g.kind != "block"]
-            active_blocks = L
-        else:
-            if sc.embed_head:
-                always = _always(lay, True, True, True)
-            else:
-                always = _always(lay, s.train_embeddings, s.train_norm, s.train_head)
-            active_blocks = min(s.gamma, L)
-        trained = always + [groups[b] for b in lay.blocks[:active_blocks]]
+    w, L, masters = lay.weight_bytes, len(lay.blocks), lay.weight_bytes == 2
+    t = _trained(recipe, lay, sc)
     weights = lay.params * w
-    grads_of = {g.name: g.numel * gbytes for g in trained}
-    grads = sum(grads_of.values())
-
-    # optimizer state on the device (moments, fp32 masters) and in the store
-    state_of = {g.name: g.numel * sbytes for g in trained}
-    if sc.strategy in ("full", "lora"):
-        device_state = sum(state_of.values())
-    elif sc.state_policy == "keep":
-        nvis = L if visited is None else max(active_blocks, min(visited, L))
-        device_state = sum(state_of[g.name] for g in trained if g.kind != "block")
-        device_state += sum(groups[b].numel * sbytes for b in lay.blocks[:nvis])
-    elif sc.state_policy == "offload" and sc.residency == "step":
-        chunks = sorted((n * sbytes for g in trained for n in g.params), reverse=True)
-        device_state = sum(chunks[:3])  # (the sweep below finds the actual worst point)
-    else:  # drop, offload-interval: the active groups' state only
-        device_state = sum(state_of.values())
-    all_trainable = [g for g in groups.values() if g.kind == "block"] + [
-        g for g in trained if g.kind not in ("block", "lora")
-    ]
-    store = 0
-    if sc.state_policy == "offload" and sc.strategy not in ("full", "lora"):
-        store = sum(g.numel * sbytes for g in all_trainable)
-
-    # step transient: fp32 grads for masters + one AdamW temporary
-    largest_param = max(n for g in trained for n in g.params)
-    largest_group = max(g.numel for g in trained)
+    grads = sum(g.numel * t.gbytes for g in t.groups)
+    device_state, store = _state(lay, sc, t, visited)
+    step_transient = _step_transient(sc, t, masters, device)
+    acts = activations(recipe, lay, t.active_blocks, ckpt)
     streaming = sc.state_policy == "offload" and sc.residency == "step"
-    unit = largest_param if (streaming or device == "cpu") else largest_group
-    fp32_grads = (largest_param if streaming else largest_group) * 4 if masters else 0
-    if sc.strategy == "lora":
-        fp32_grads = 0
-    step_transient = fp32_grads + unit * 4
-
-    # activations and the backward sweep (head first, down to block 0: the worst draw
-    # has the lowest block active, so every block is in the gradient range)
-    logits = _logits_peak(lay, a) * tokens
-    layer_t = _layer_act(lay, a, True) * tokens
-    layer_f = _layer_act(lay, a, False) * tokens
-    layer_in = a * lay.hidden * tokens
-    per_layer = [layer_t if k < active_blocks else layer_f for k in range(L)]
-    saved = [layer_in if ckpt else per_layer[k] for k in range(L)]
-    work = a * tokens * (2 * lay.hidden + 2 * lay.intermediate)  # grads in flight in a layer
-    head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
-    block_grads = [grads_of.get(b, 0) for b in lay.blocks]
-    accum = tc.grad_accum_steps > 1
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
-    g_before = grads if accum else 0
-    peak_bwd = base + sum(saved) + logits + max(g_before, head_grads)
-    for k in range(L - 1, -1, -1):
-        live = sum(saved[:k]) + (per_layer[k] if ckpt else saved[k]) + work
-        produced = head_grads + sum(block_grads[k:])
-        peak_bwd = max(peak_bwd, base + live + max(g_before, produced))
-    act_peak = sum(saved) + logits
+    accum = recipe.training.grad_accum_steps > 1
+    phases = {"backward": _backward_peak(lay, t, acts, base, ckpt, accum)}
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
     if streaming:
-        peak_step = weights + _streamed_step(trained, gbytes, sbytes, masters, temps)
+        phases["step"] = weights + _streamed_step(t.groups, t.gbytes, t.sbytes, masters, temps)
     else:
-        peak_step = weights + grads + device_state + step_transient
-
-    phases = {"backward": peak_bwd, "step": peak_step}
+        phases["step"] = weights + grads + device_state + step_transient
     if sc.strategy in PROBING:
         # all blocks in the gradient range, checkpointed; one gradient at a time
-        probe_live = L * layer_in + max(logits, layer_t + work)
-        largest_block_param = max(n for b in lay.blocks for n in groups[b].params)
+        probe_live = L * acts.layer_in + max(acts.logits, acts.layer_trained + acts.work)
+        largest_block_param = max(n for b in lay.blocks for n in lay.groups[b].params)
         phases["probe"] = weights + probe_live + largest_block_param * (w + 8)
     phase = max(phases, key=lambda k: phases[k])
-    peak = phases[phase]
     kinds = {
         "weights": weights,
         "gradients": grads if phase != "probe" else 0,
-        # (streamed state exists only inside the step)
         "optimizer_state": device_state
         if phase == "step" or (phase == "backward" and not streaming)
         else 0,
-        "activations": act_peak if phase != "probe" else phases["probe"] - weights,
+        "activations": sum(acts.saved) + acts.logits
+        if phase != "probe"
+        else phases["probe"] - weights,
         "step_transient": step_transient if phase == "step" else 0,
     }
+    return _result(sc, t, device, phases, phase, kinds, weights, store)
+
+
+def _result(
+    sc: Scenario,
+    t: _Trained,
+    device: str,
+    phases: dict[str, int],
+    phase: str,
+    kinds: dict[str, int],
+    weights: int,
+    store: int,
+) -> Plan:
+    peak = phases[phase]
     on_cpu = device == "cpu"
     host_kinds = {
         "store_pinned" if not on_cpu else "store": store if sc.target == "cpu" else 0,
@@ -283,7 +289,7 @@ def plan(
         state_policy=sc.state_policy,
         offload_target=sc.target if sc.state_policy == "offload" else None,
         residency=sc.residency if sc.state_policy == "offload" else None,
-        embed_head_trained=any(g.kind in ("embed", "head") for g in trained),
+        embed_head_trained=any(g.kind in ("embed", "head") for g in t.groups),
         label=sc.label,
         device=device,
         device_peak_bytes=int(peak + (host_kinds.get("store", 0) if on_cpu else 0)),
@@ -293,7 +299,7 @@ def plan(
         kinds={k: int(v) for k, v in kinds.items()},
         phases={k: int(v) for k, v in phases.items()},
         host_kinds={k: int(v) for k, v in host_kinds.items()},
-        trainable_params=sum(g.numel for g in trained),
+        trainable_params=sum(g.numel for g in t.groups),
     )
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from grass_cli.blocks import ParamGroup
+from grass_cli.sampling.blocks import ParamGroup
 
 
 def probabilities(mgn: Sequence[float] | np.ndarray, tau: float, eps: float) -> np.ndarray:

@@ -7,10 +7,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from grass_cli.blocks import BlockMap
 from grass_cli.distributed import GradReducer, all_sum
 from grass_cli.evaluate import autocast_ctx, count_targets, loss_sum
-from grass_cli.importance import ImportanceTracker
+from grass_cli.sampling.blocks import BlockMap
+from grass_cli.sampling.importance import ImportanceTracker
 
 
 def forward_backward(

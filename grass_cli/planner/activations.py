@@ -1,0 +1,61 @@
+"""Activation bytes of a Llama-style decoder, per token, for the memory planner.
+
+What autograd saves for a block (fp32 RMSNorm inputs, q/k/v/output for attention,
+the MLP's gate, up and product), what a frozen layer between the lowest trained
+block and the loss keeps (only what the input gradient needs), and the logits'
+peak at the loss. planner/memory.py turns these into the backward sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from grass_cli.planner.shape import Layout
+
+if TYPE_CHECKING:
+    from grass_cli.recipe import Recipe
+
+
+def layer_act(lay: Layout, a: int, trainable: bool) -> int:
+    """Bytes per token that autograd saves in one decoder layer."""
+    h, i, q, kv = lay.hidden, lay.intermediate, lay.q_width, lay.kv_width
+    attention = a * (q + 2 * kv + q)  # sdpa saves q, k, v (grouped, not repeated), output
+    if trainable:
+        norms = 2 * (4 * h + a * h)  # fp32 input + normed output (the matmuls' input)
+        return norms + attention + a * q + 4 * a * i  # o_proj input; gate, silu, up, product
+    return 2 * 4 * h + attention + 3 * a * i  # silu input, mul's operands
+
+
+def logits_peak(lay: Layout, a: int) -> int:
+    """Bytes per token at the loss: the logits, the contiguous copy of the shifted
+    logits, their fp32 copy (when not fp32 already) and the log-softmax output."""
+    return (2 * a + 4 + (4 if a < 4 else 0)) * lay.vocab
+
+
+# ------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Acts:
+    """Activation terms of one micro-batch (bytes)."""
+
+    logits: int
+    layer_trained: int  # a trained layer's saved activations
+    layer_in: int  # a checkpointed layer's input
+    per_layer: list[int]
+    saved: list[int]  # what each layer keeps until backward
+    work: int  # gradients in flight inside a layer
+
+
+def activations(recipe: Recipe, lay: Layout, active_blocks: int, ckpt: bool) -> Acts:
+    tc, L = recipe.training, len(lay.blocks)
+    a = 2 if (lay.weight_bytes == 2 or tc.autocast == "bf16") else 4
+    tokens = tc.micro_batch_size * recipe.data.max_length
+    layer_t = layer_act(lay, a, True) * tokens
+    layer_f = layer_act(lay, a, False) * tokens
+    layer_in = a * lay.hidden * tokens
+    per_layer = [layer_t if k < active_blocks else layer_f for k in range(L)]
+    saved = [layer_in if ckpt else per_layer[k] for k in range(L)]
+    work = a * tokens * (2 * lay.hidden + 2 * lay.intermediate)
+    return Acts(logits_peak(lay, a) * tokens, layer_t, layer_in, per_layer, saved, work)
