@@ -189,7 +189,8 @@ def train(
 def _train_sinks(
     cfg: Any, resumed: bool, no_live: bool, log_every: int | None, quiet: bool
 ) -> list[Any]:
-    """TensorBoard (if asked) and the console: the dashboard or plain lines (rank 0)."""
+    """TensorBoard and W&B (if asked) and the console: the dashboard or plain lines
+    (rank 0)."""
     from grass_cli.telemetry.console import console_sinks
 
     if not _main_rank():
@@ -200,6 +201,12 @@ def _train_sinks(
 
         # a resumed run adds to the event files of the run it continues
         sinks.append(TensorBoardSink(Path(cfg.output.dir) / "tensorboard", append=resumed))
+    if cfg.output.wandb is not None:
+        from grass_cli.telemetry.wandb import WandbSink
+
+        # a resumed run continues the W&B run whose id RUN_DIR/wandb-run-id keeps
+        run_dir = Path(cfg.output.dir)
+        sinks.append(WandbSink(cfg.output.wandb, run_dir, cfg.model_dump(mode="json")))
     # The dashboard draws from the moment it is built: console sinks go last,
     # right before run_training, which closes every sink whatever happens.
     every = log_every or cfg.output.log_interval

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 EvalKind = Literal["loss", "generate", "choice"]
 ScorerName = Literal["exact", "numeric", "regex"]
-DataFormat = Literal["alpaca", "chat", "prompt-completion", "text"]
+DataFormat = Literal["alpaca", "chat", "sharegpt", "prompt-completion", "text"]
 
 # Fields an eval file may have beyond its format's own: the gold answer for
 # generation and multiple choice, and the list of choices.

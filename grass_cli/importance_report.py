@@ -178,7 +178,13 @@ def probe_importance(request: ProbeRequest) -> dict[str, Any]:
     from grass_cli.data import load_rows
 
     setup = _setup(request)
-    path_a = request.data or setup.data.train
+    own = setup.data.train if isinstance(setup.data.train, str) else None
+    path_a = request.data or own
+    if path_a is None:
+        raise GrassError(
+            "--data is required: the recipe's data.train is not one file (a source or a mixture)",
+            where="--data",
+        )
     for path in (path_a, request.compare):
         if path is not None:
             load_rows(path, 1)  # a bad path fails before the model loads

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grass_cli.attention import check_attention, load_kwargs
 from grass_cli.errors import ModelError
 from grass_cli.hub import HUB_HINT, cached_hub_folder, check_hub_id, first_line, probe_hub
 from grass_cli.recipe import EMBEDDED_SMOLLM2, ModelConfig
@@ -34,6 +35,10 @@ EMBEDDED = {
 # end-of-turn token (SmolLM2 pads with <|im_end|>): padding with the token the
 # model must learn to emit invites collators to mask it.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
+
+# What transformers' refusals of an attention kernel for a model say (to tell them
+# from a folder that is not a model at all).
+ATTENTION_WORDS = ("attn_implementation", "Flash Attention", "scaled_dot_product", "flex_attention")
 
 
 def quiet_hf() -> None:
@@ -193,7 +198,10 @@ def _from_pretrained(
 
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=_torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+        source,
+        dtype=_torch_dtype(cfg.dtype),
+        trust_remote_code=cfg.trust_remote_code,
+        **load_kwargs(cfg.attn_implementation),
     )
     return model, tokenizer
 
@@ -246,6 +254,7 @@ def load_model_and_tokenizer(
     was loaded from its snapshot folder in the local cache).
     """
     quiet_hf()
+    check_attention(cfg.attn_implementation)  # the package; pre-flight also checked the device
     source = resolve_model_path(cfg.path)
     try:
         if Path(source).is_dir():
@@ -253,6 +262,12 @@ def load_model_and_tokenizer(
         else:
             model, tokenizer = _load_hub_model(source, cfg)
     except (OSError, ValueError) as e:
+        if cfg.attn_implementation and any(w in str(e) for w in ATTENTION_WORDS):
+            raise ModelError(
+                f"this model cannot use {cfg.attn_implementation}: {first_line(e)}",
+                where=f"model.attn_implementation: {cfg.attn_implementation}",
+                hint="set model.attn_implementation: eager, or null for transformers' choice",
+            ) from None
         # A folder with a config.json that is not a loadable model: no weights, an
         # unknown model type, custom code without trust_remote_code.
         raise ModelError(
@@ -301,10 +316,13 @@ def checkpointed(model: Any) -> Iterator[bool]:
     activation peak would be full fine-tuning's, whatever the recipe says about
     training. Gradients are the same with and without it (tested), so the MGN is too.
     """
-    already = bool(
-        getattr(model, "is_gradient_checkpointing", False)
-        or getattr(model, "is_activation_checkpointing", False)
+    # transformers 5 names it is_activation_checkpointing (and warns on the old name)
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
     )
+    already = bool(getattr(model, name, False))
     if already or not getattr(model, "supports_gradient_checkpointing", False):
         yield already
         return

@@ -54,26 +54,70 @@ def _check_folder(path: Path, key: str) -> None:
         )
 
 
-def check_data(recipe: Recipe, found: Preflight) -> None:
-    from grass_cli.data import load_rows, resolve_columns
+def _task_eval_file(recipe: Recipe) -> str | None:
+    """The file the eval: section reads: eval.data, else data.eval when it is a path."""
+    if recipe.eval is None:
+        return None
+    ev = recipe.data.eval
+    path = recipe.eval.data or (ev if isinstance(ev, str) else None)
+    if path is None:
+        raise GrassError(
+            "eval has no data file"
+            + ("" if ev is None else " (data.eval is not a file, and the task eval reads one)"),
+            where="eval.data",
+            hint="set eval.data (or data.eval) to an existing file",
+        )
+    return path
 
-    files = {"data.train": recipe.data.train, "data.eval": recipe.data.eval}
-    if recipe.eval is not None:
-        files["eval.data"] = recipe.eval.data or recipe.data.eval
-        if files["eval.data"] is None:
-            raise GrassError(
-                "eval has no data file",
-                where="eval.data",
-                hint="set eval.data (or data.eval) to an existing file",
-            )
-    for key, path in files.items():
-        if path is None or key in found.rows:
+
+def check_data(recipe: Recipe, found: Preflight) -> None:
+    """Every source parses and has its format's columns (files: every row; folders and
+    cached hub datasets: their Arrow tables; a hub dataset not cached: that the hub has
+    it, without downloading), and rows held out by data.eval leave some to train on."""
+    from grass_cli.data import load_rows, resolve_columns
+    from grass_cli.data.build import held_out, source_config, train_specs
+    from grass_cli.data.mixture import held_out_count
+    from grass_cli.data.sources import resolve, survey
+
+    cfg = recipe.data
+    named = train_specs(cfg)
+    held = held_out(cfg)
+    if cfg.eval is not None and held is None:
+        named.append(("data.eval", cfg.eval))  # type: ignore[arg-type]
+    task_file = _task_eval_file(recipe)
+    train_rows: int | None = 0
+    for key, value in named:
+        if key in found.rows:
             continue
-        rows = load_rows(str(path))
-        found.rows[key] = len(rows)
-        if key != "eval.data" and rows:  # (the task eval maps its own fields)
-            cfg = recipe.data
-            resolve_columns(cfg.format, dict(cfg.fields), list(rows[0].keys()), str(path))
+        source = resolve(value, key)
+        n, columns = survey(source)
+        if n is not None:
+            found.rows[key] = n
+        if key != "data.eval":  # (data.limit applies to each training source)
+            used = n if n is None or cfg.limit is None else min(n, cfg.limit)
+            train_rows = None if used is None or train_rows is None else train_rows + used
+        if columns is not None:
+            scfg = source_config(cfg, source.spec)
+            resolve_columns(scfg.format, dict(scfg.fields), columns, source.name)
+    if held is not None and train_rows:
+        found.rows["data.eval"] = held_out_count(held, train_rows)
+    if task_file is not None and "eval.data" not in found.rows:
+        found.rows["eval.data"] = len(load_rows(task_file))  # (it maps its own fields)
+
+
+def check_extras(recipe: Recipe) -> None:
+    """What the recipe asks of the installed packages: the attention kernel (and
+    its device), W&B (and a login for online mode, and its folder), known before
+    the model loads."""
+    from grass_cli.attention import check_recipe
+
+    check_recipe(recipe)
+    if recipe.output.wandb is not None:
+        from grass_cli.telemetry.wandb import check_wandb
+
+        check_wandb(recipe.output.wandb)
+        if recipe.output.wandb.dir:
+            _check_folder(Path(recipe.output.wandb.dir), "output.wandb.dir")
 
 
 def _disk_needs(recipe: Recipe, params: int, weight_bytes: int) -> dict[Path, int]:
@@ -132,6 +176,7 @@ def preflight(
     opt = recipe.optimizer
     if opt.state_policy == "offload" and opt.offload.target == "disk" and opt.offload.path:
         _check_folder(Path(opt.offload.path), "optimizer.offload.path")
+    check_extras(recipe)
     check_data(recipe, found)
     config, name = load_config(recipe)
     layout = build_layout(recipe, config, name)

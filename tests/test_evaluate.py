@@ -429,3 +429,82 @@ def test_smollm2_generation_path_on_held_out_items(smollm2_dir, tmp_path):
     items = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert any(i["finish"] == "eos" for i in items)  # it ends its turn by itself
     assert all("<|im_end|>" not in i["prediction"] for i in items)
+
+
+# ------------------------------------------- generate() against the hand-written loop
+
+
+def reference_greedy(model, tokenizer, prompts, max_new_tokens, stop_ids, stops):
+    """The KV-cache loop grass used before `model.generate`, kept as the reference:
+    left padding, positions from the mask, argmax, stop ids and stop strings."""
+    import inspect
+
+    from grass_cli.scoring import cut_at_stop
+
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    pad = tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out, done, past = [[] for _ in prompts], [None] * len(prompts), None
+    for _ in range(max_new_tokens):
+        kw = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+        if "position_ids" in params:
+            kw["position_ids"] = pos
+        if past is not None:
+            kw[cache_kw] = past
+        result = model(**kw)
+        past = getattr(result, "cache", None) or result.past_key_values
+        nxt = result.logits[:, -1, :].argmax(-1).tolist()
+        for i, tok in enumerate(nxt):
+            if done[i]:
+                continue
+            if tok in stop_ids:
+                done[i] = "eos"
+                continue
+            out[i].append(tok)
+            text = tokenizer.decode(out[i], skip_special_tokens=True)
+            if stops and cut_at_stop(text, stops)[1]:
+                done[i] = "stop"
+        if all(done):
+            break
+        ids = torch.tensor([[pad if done[i] else t] for i, t in enumerate(nxt)])
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
+        pos = pos[:, -1:] + 1
+    texts = [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stops)[0] for t in out]
+    return [(t, d or "length", x) for t, d, x in zip(out, done, texts, strict=True)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_generate_equals_the_hand_written_loop(arch, tiny_factory, tokenizer):
+    """model.generate replaced the hand-written loop: the same tokens, the same
+    finish, the same text, batched, with stop tokens and with stop strings."""
+    model = load(tiny_factory(arch, 2))
+    prompts = _prompts(tokenizer, PROMPTS)
+    free = greedy_generate(model, tokenizer, prompts, 10, CPU)
+    cases = [
+        (set(stop_token_ids(model, tokenizer)), []),
+        ({free[0].tokens[3], free[1].tokens[5]}, []),  # rows end at different steps
+        (set(), [free[2].text[4:6], free[0].text[2:4]]),
+    ]
+    with torch.no_grad():
+        for stop_ids, stops in cases:
+            ours = greedy_generate(model, tokenizer, prompts, 10, CPU, stop_ids, stops)
+            ref = reference_greedy(model, tokenizer, prompts, 10, stop_ids, stops)
+            assert [(g.tokens, g.finish, g.text) for g in ours] == ref
+
+
+def test_generation_ignores_the_models_sampling_defaults(tiny_factory, tokenizer):
+    """A model's generation_config (sampling, repetition penalty) does not change
+    greedy evaluation, and is left as it was."""
+    model = load(tiny_factory("llama", 2))
+    prompts = _prompts(tokenizer, PROMPTS)
+    plain = greedy_generate(model, tokenizer, prompts, 8, CPU)
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 5.0
+    model.generation_config.repetition_penalty = 3.0
+    again = greedy_generate(model, tokenizer, prompts, 8, CPU)
+    assert [g.tokens for g in again] == [g.tokens for g in plain]
+    assert model.generation_config.repetition_penalty == 3.0

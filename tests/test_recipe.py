@@ -65,7 +65,10 @@ def test_every_shipped_recipe_validates(recipe: Path):
     r = load_recipe(recipe)
     assert r.data.train
     # Data paths in shipped recipes are relative to the repo root and exist.
-    assert (ROOT / r.data.train).exists(), r.data.train
+    sources = r.data.train if isinstance(r.data.train, list) else [r.data.train]
+    for source in sources:  # a mixture: every source's path
+        path = source if isinstance(source, str) else source.path
+        assert (ROOT / path).exists(), path
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -32,6 +32,7 @@ class RowFormat(str, Enum):
     prompt_completion = "prompt-completion"
     alpaca = "alpaca"
     chat = "chat"
+    sharegpt = "sharegpt"
     text = "text"
 
 

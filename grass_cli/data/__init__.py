@@ -5,10 +5,15 @@ module per stage:
 
 * `reading`: a jsonl / json / csv / tsv / parquet file -> a list of row dicts;
   `checks` names the line at fault when a file cannot be parsed.
+* `sources`: a recipe's source -> a file, a folder saved by `datasets`, or a hub
+  dataset (`hub_data`: the datasets cache, offline mode, one quick request).
 * `rows`: the formats' fields and the validation of each row's values.
 * `render`: a row -> segments (text and whether it is trained) or its prompt; the
   one renderer training and evaluation share.
 * `tokens`: segments -> token ids and labels (-100 where masked), truncation.
+* `cache`: tokenized sources kept between runs, keyed by content, tokenizer, format.
+* `mixture`: rows held out for evaluation, sources mixed by weight or row count.
+* `build`: a recipe's data section -> training and eval data, through all of these.
 * `batches`: padding by position, resumable shuffled epochs, evaluation batches.
 
 User mistakes raise `DataError` naming the file, the row (1-based) or line, or
@@ -16,6 +21,7 @@ column, and a fix. Nothing here prints.
 """
 
 from grass_cli.data.batches import BatchIterator, collate, eval_batches, steps_per_epoch
+from grass_cli.data.build import build_dataset, build_splits
 from grass_cli.data.reading import LOADERS, load_rows
 from grass_cli.data.render import Prompt, RowRenderer, Segment
 from grass_cli.data.rows import (
@@ -28,7 +34,7 @@ from grass_cli.data.rows import (
     mapped_columns,
     resolve_columns,
 )
-from grass_cli.data.tokens import IGNORE_INDEX, TokenizedData, build_dataset, tokenize_rows
+from grass_cli.data.tokens import IGNORE_INDEX, TokenizedData, tokenize_rows
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -45,6 +51,7 @@ __all__ = [
     "Segment",
     "TokenizedData",
     "build_dataset",
+    "build_splits",
     "collate",
     "eval_batches",
     "load_rows",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from grass_cli.data.packing import collate_packed, count_micro_batches, pack_next
 from grass_cli.data.tokens import IGNORE_INDEX, TokenizedData
 from grass_cli.errors import DataError
 
@@ -83,6 +84,12 @@ class BatchIterator:
     global batch size, and a resume needs nothing per rank. A rank whose share of an
     epoch's short last batch is empty gets one fully masked row (no loss, zero
     gradient), so that it still takes part in the step's collectives.
+
+    Packing (`packing=True`, see packing.py): a micro batch is `micro_batch_size`
+    sequences of up to `max_length` tokens, filled first-fit with whole rows taken
+    in the same epoch order, and data-parallel ranks take every world-th sequence.
+    A micro batch is still a function of `(epoch, position)`, so the state and
+    the resume are unchanged.
     """
 
     def __init__(
@@ -94,6 +101,8 @@ class BatchIterator:
         shuffle: bool = True,
         rank: int = 0,
         world: int = 1,
+        packing: bool = False,
+        max_length: int | None = None,
     ):
         if len(data) == 0:
             raise ValueError("BatchIterator needs at least one row")
@@ -111,6 +120,12 @@ class BatchIterator:
         self.position = 0
         self._order: np.ndarray | None = None
         self._order_epoch = -1
+        self.packing = packing
+        if packing:
+            if max_length is None:
+                raise ValueError("packing needs max_length")
+            self.max_length = max_length
+            self._lengths = [len(r) for r in data.input_ids]
 
     @property
     def n_rows(self) -> int:
@@ -118,7 +133,32 @@ class BatchIterator:
 
     @property
     def batches_per_epoch(self) -> int:
+        """Micro batches in the current epoch (with packing, they depend on its order)."""
+        if self.packing:
+            return self._packed_batches(self.epoch)
         return math.ceil(self.n_rows / (self.micro_batch_size * self.world))
+
+    def _packed_batches(self, epoch: int) -> int:
+        bins = self.micro_batch_size * self.world
+        return count_micro_batches(self._lengths, self.order(epoch), bins, self.max_length)
+
+    def steps_for_epochs(self, epochs: float, grad_accum_steps: int) -> int:
+        """Optimizer steps for `epochs` passes over the rows (at least 1).
+
+        Unpacked: ceil(epochs x steps_per_epoch), as always. Packed: the micro
+        batches each epoch's order packs into, counted exactly (a fraction of an
+        epoch takes that share of its batches), then grouped by accumulation.
+        """
+        if not self.packing:
+            per_epoch = steps_per_epoch(
+                self.n_rows, self.micro_batch_size * self.world, grad_accum_steps
+            )
+            return max(1, math.ceil(epochs * per_epoch))
+        whole = math.floor(epochs)
+        micro = sum(self._packed_batches(e) for e in range(whole))
+        if epochs > whole:
+            micro += math.ceil((epochs - whole) * self._packed_batches(whole))
+        return max(1, math.ceil(micro / grad_accum_steps))
 
     def order(self, epoch: int) -> np.ndarray:
         """Row indices of `epoch` in visiting order (a pure function of seed and epoch)."""
@@ -159,17 +199,45 @@ class BatchIterator:
     def __iter__(self) -> BatchIterator:
         return self
 
+    def next_sequences(self) -> list[list[int]]:
+        """Packing: the next micro batch's sequences (row indices each), this rank's
+        share of the global micro batch; moves to the next epoch after its last."""
+        order = self._current_order()
+        bins = self.micro_batch_size * self.world
+        packed, self.position = pack_next(
+            self._lengths, order, self.position, bins, self.max_length
+        )
+        if self.position >= self.n_rows:
+            self.epoch += 1
+            self.position = 0
+        return packed[self.rank :: self.world]
+
+    def packed_batch(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The tensors of packed sequences (`collate_packed`), as `batch` is for rows."""
+        if not sequences:  # an empty data-parallel share: one row that carries no loss
+            row = self.data.input_ids[0][:2]
+            return collate_packed([[(row, [IGNORE_INDEX] * len(row))]], self.pad_id)
+        d = self.data
+        return collate_packed(
+            [[(d.input_ids[i], d.labels[i]) for i in seq] for seq in sequences], self.pad_id
+        )
+
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self.packed_batch(self.next_sequences())
         return self.batch(self.next_indices())
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "n_rows": self.n_rows,
         }
+        if self.packing:  # only then: an unpacked run's state is what it always was
+            state["packing"] = True
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state_dict` was taken; the order comes from the saved seed."""
@@ -179,6 +247,15 @@ class BatchIterator:
                 f"but the data now has {self.n_rows}",
                 where=self.data.source or None,
                 hint="resume with the same data file, data.limit and data.max_length",
+            )
+        if bool(state.get("packing", False)) != self.packing:
+            was = "on" if state.get("packing") else "off"
+            raise DataError(
+                f"the checkpoint was taken with data.packing {was}, but it is now "
+                f"{'on' if self.packing else 'off'}: the batches would not continue "
+                "where they stopped",
+                where="data.packing",
+                hint="resume with the data.packing the run was started with",
             )
         position = int(state["position"])
         if not 0 <= position < self.n_rows:

@@ -8,7 +8,9 @@ separately from its prompt is also what happens at inference, where the prompt i
 encoded and the model then emits the answer token by token.
 
 `RowRenderer.prompt` gives the text a training row has before its answer, so an
-evaluated model is prompted exactly as it was trained.
+evaluated model is prompted exactly as it was trained. Conversations (the chat and
+ShareGPT formats) are first read into [{role, content}] with the chat roles, so
+both render, and tokenize, identically.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from grass_cli.data.rows import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     ANSWER_FIELDS,
-    messages_field,
+    CONVERSATION_FIELDS,
+    conversation_field,
+    role_map,
     text_field,
 )
+from grass_cli.data.templates import CHAT_FORMATS, resolve_template, template_label
 from grass_cli.errors import DataError
 from grass_cli.recipe import DataConfig
 
@@ -59,44 +64,21 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
-def use_template(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Decide once per dataset whether rows go through the tokenizer's chat template."""
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if cfg.format == "text":
-        if cfg.chat_template == "always":
-            raise DataError(
-                "the text format has no roles, so it cannot use a chat template",
-                where="data.chat_template",
-                hint="use chat_template: auto or never, or the prompt-completion format",
-            )
-        return False
-    if cfg.format == "chat":
-        if cfg.chat_template == "never" or not has:
-            why = "chat_template is never" if has else "the tokenizer has no chat template"
-            raise DataError(
-                f"the chat format needs a chat template, but {why}",
-                where="data.chat_template",
-                hint="use chat_template: auto with a model that has a chat template, "
-                "or convert the data to prompt-completion",
-            )
-        return True
-    if cfg.chat_template == "always" and not has:
-        raise DataError(
-            "data.chat_template is always, but the tokenizer has no chat template",
-            where="data.chat_template",
-            hint="use chat_template: auto or never (plain prompt + answer + eos)",
-        )
-    return has and cfg.chat_template != "never"
-
-
 class RowRenderer:
     """Turns one validated row into segments (training) or its prompt (evaluation),
-    with or without the chat template, as decided once by `use_template`."""
+    with or without a chat template, as decided once by `resolve_template`.
+
+    `template` is the chosen template's text (None: plain text); every render
+    passes it to `apply_chat_template`, so a named or file template is used
+    exactly like the tokenizer's own.
+    """
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.use_template = use_template(cfg, tokenizer)
+        self.template = resolve_template(cfg.format, cfg.chat_template, tokenizer)
+        self.use_template = self.template is not None
+        self.roles = role_map(cfg.format, cfg.roles) if cfg.format in CHAT_FORMATS else {}
         eos = tokenizer.eos_token_id
         if not self.use_template and eos is None:
             raise DataError(
@@ -113,6 +95,25 @@ class RowRenderer:
             return messages
         return [{"role": "system", "content": self.cfg.system_prompt}, *messages]
 
+    def _conversation(
+        self, row: dict[str, Any], columns: Columns, where: str, need_assistant: bool = True
+    ) -> Messages:
+        """A chat or ShareGPT row's turns as [{role, content}] with the chat roles.
+
+        A ShareGPT row's `system` column (LLaMA-Factory's) opens the conversation
+        unless it starts with its own system turn; data.system_prompt comes after
+        both, in `_with_system`.
+        """
+        fmt = self.cfg.format
+        col = columns[CONVERSATION_FIELDS[fmt]]
+        assert col is not None
+        messages = conversation_field(row, col, where, fmt, self.roles, need_assistant)
+        if fmt == "sharegpt" and messages[0]["role"] != "system":
+            system = text_field(row, "system", columns.get("system"), where, optional=True)
+            if system:
+                messages = [{"role": "system", "content": system}, *messages]
+        return messages
+
     def _instruction(self, row: dict[str, Any], columns: Columns, where: str) -> tuple[str, str]:
         """(user text, template-free prompt) of an alpaca or prompt-completion row."""
         if self.cfg.format == "alpaca":
@@ -128,11 +129,8 @@ class RowRenderer:
     def render(self, row: dict[str, Any], columns: Columns, where: str) -> list[Segment]:
         """A training row: its segments, the answer (and end-of-turn) trained."""
         fmt, tp = self.cfg.format, self.cfg.train_on_prompt
-        if fmt == "chat":
-            col = columns["messages"]
-            assert col is not None
-            messages = self._with_system(messages_field(row, col, where))
-            return self._chat(messages, where)
+        if fmt in CHAT_FORMATS:
+            return self._chat(self._with_system(self._conversation(row, columns, where)), where)
         if fmt == "text":
             text = text_field(row, "text", columns["text"], where)
             return [(self.prefix, False), (text, True), (self.eos, True)]
@@ -159,10 +157,8 @@ class RowRenderer:
                 where=where,
                 hint="use the prompt-completion, alpaca or chat format",
             )
-        if fmt == "chat":
-            col = columns["messages"]
-            assert col is not None
-            messages = messages_field(row, col, where, need_assistant=False)
+        if fmt in CHAT_FORMATS:
+            messages = self._conversation(row, columns, where, need_assistant=False)
             last = max(
                 (i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None
             )
@@ -182,13 +178,23 @@ class RowRenderer:
 
     def apply_template(self, messages: Messages, generation: bool, where: str) -> str:
         """The chat template's text for `messages`; a refusal becomes a row's DataError."""
+        label = template_label(self.cfg.chat_template)
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation
+                messages,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=generation,
             )
         except Exception as e:  # jinja raise_exception(), bad role order, ...
+            line = getattr(e, "lineno", None)
+            if type(e).__name__ == "TemplateSyntaxError":  # the template, not the row
+                raise DataError(
+                    f"{label} is not valid Jinja (line {line}): {root_cause(e)}",
+                    where="data.chat_template",
+                ) from None
             raise DataError(
-                f"the model's chat template rejected this conversation: {root_cause(e)}",
+                f"{label} rejected this conversation: {root_cause(e)}",
                 where=where,
                 hint="check the role order the model expects (e.g. user/assistant alternating)",
             ) from None

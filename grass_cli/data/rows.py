@@ -15,11 +15,28 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output"),
     "chat": ("messages",),
     "prompt-completion": ("prompt", "completion"),
+    "sharegpt": ("conversations", "system"),
     "text": ("text",),
 }
 # Fields that may be absent from the file (or null / empty in a row).
-OPTIONAL_FIELDS = frozenset({"input"})
+OPTIONAL_FIELDS = frozenset({"input", "system"})
 ROLES = ("system", "user", "assistant")
+# The column holding each conversation format's list of turns.
+CONVERSATION_FIELDS = {"chat": "messages", "sharegpt": "conversations"}
+# Each conversation format's (role key, text key) in a turn, and its own role names.
+TURN_KEYS = {"chat": ("role", "content"), "sharegpt": ("from", "value")}
+# ShareGPT's names (as axolotl and LLaMA-Factory read them), and the chat names too:
+# many ShareGPT-style files write `from: user` / `from: assistant`.
+DEFAULT_ROLES: dict[str, dict[str, str]] = {
+    "chat": {r: r for r in ROLES},
+    "sharegpt": {
+        "human": "user",
+        "user": "user",
+        "gpt": "assistant",
+        "assistant": "assistant",
+        "system": "system",
+    },
+}
 # The field holding the answer (what is trained) of each instruction format.
 ANSWER_FIELDS = {"alpaca": "output", "prompt-completion": "completion"}
 
@@ -102,47 +119,103 @@ def text_field(
     return value
 
 
-def _message(m: Any, j: int, where: str) -> dict[str, str]:
-    """Message `j` (1-based) as {role, content}, or a DataError saying what is wrong."""
+def role_map(fmt: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A conversation format's role names -> system / user / assistant, with data.roles
+    on top (added, or replacing the format's own meaning of a name)."""
+    return {**DEFAULT_ROLES[fmt], **(extra or {})}
+
+
+def _bad_role(fmt: str, m: dict[str, Any], j: int, roles: dict[str, str], where: str) -> DataError:
+    """A turn whose role the role map does not know: name it and how to map it."""
+    key = TURN_KEYS[fmt][0]
+    role = m.get(key)
+    if fmt == "chat":
+        hint = "roles are " + ", ".join(roles)
+        if m.get("from") is not None or m.get("value") is not None:
+            hint += "; this looks like ShareGPT (from/value): use data.format: sharegpt"
+        else:
+            hint += "; map other names with data.roles, e.g. data.roles: {human: user}"
+        return DataError(f"message {j} has a bad role {role!r}", where=where, hint=hint)
+    if role is None and m.get("role") is not None:
+        return DataError(
+            f"message {j} has no 'from' key (it has role/content)",
+            where=where,
+            hint="ShareGPT turns are {from: human|gpt|system, value: ...}; for "
+            "{role, content} turns use data.format: chat",
+        )
+    example = role if isinstance(role, str) and role else "observation"
+    return DataError(
+        f"message {j} has an unknown role {role!r} ('{key}')",
+        where=where,
+        hint=f"known roles: {', '.join(roles)}; map it with data.roles, "
+        f"e.g. data.roles: {{{example}: user}} (user, assistant or system)",
+    )
+
+
+def _turn(m: Any, j: int, fmt: str, roles: dict[str, str], where: str) -> dict[str, str]:
+    """Turn `j` (1-based) as {role, content}, or a DataError saying what is wrong."""
+    role_key, text_key = TURN_KEYS[fmt]
     if not isinstance(m, dict):
         raise DataError(
-            f"message {j} must be an object with role and content, got {m!r:.60}",
+            f"message {j} must be an object with {role_key} and {text_key}, got {m!r:.60}",
             where=where,
         )
-    role, content = m.get("role"), m.get("content")
-    if role not in ROLES:
-        hint = "roles are " + ", ".join(ROLES)
-        if m.get("from") is not None or m.get("value") is not None:
-            hint += "; this looks like ShareGPT (from/value): convert it to role/content"
-        raise DataError(f"message {j} has a bad role {role!r}", where=where, hint=hint)
+    name = m.get(role_key)
+    role = roles.get(name) if isinstance(name, str) else None
+    if role is None:
+        raise _bad_role(fmt, m, j, roles, where)
+    content = m.get(text_key)
     if not isinstance(content, str):
+        label = name if role == name else f"{name}, {role}"
         raise DataError(
-            f"message {j} ({role}) content must be a string, got {content!r:.60}",
+            f"message {j} ({label}) {text_key} must be a string, got {content!r:.60}",
             where=where,
         )
     return {"role": role, "content": content}
 
 
-def messages_field(
-    row: dict[str, Any], col: str, where: str, need_assistant: bool = True
+def conversation_field(
+    row: dict[str, Any],
+    col: str,
+    where: str,
+    fmt: str = "chat",
+    roles: dict[str, str] | None = None,
+    need_assistant: bool = True,
 ) -> list[dict[str, str]]:
-    """Validate a `messages` list; keep only role and content (Arrow adds null extras).
+    """Validate a conversation (chat `messages` or ShareGPT `conversations`) into
+    [{role, content}] with the chat roles; keep only those keys (Arrow adds null extras).
 
+    `roles` maps the file's role names (default: the format's own, `role_map`).
     Training needs an assistant message to learn from (`need_assistant`); a
     conversation to generate from (evaluation) may end before the answer.
     """
+    roles = role_map(fmt) if roles is None else roles
+    role_key, text_key = TURN_KEYS[fmt]
     value = row.get(col)
     if not isinstance(value, list) or not value:
         got = "null" if value is None else f"{type(value).__name__} {value!r:.60}"
-        hint = "each row needs messages: [{role: user, content: ...}, {role: assistant, ...}]"
+        first, second = ("user", "assistant") if fmt == "chat" else ("human", "gpt")
+        hint = (
+            f"each row needs {col}: [{{{role_key}: {first}, {text_key}: ...}}, "
+            f"{{{role_key}: {second}, ...}}]"
+        )
         if isinstance(value, str):
             hint += "; CSV cannot hold lists, use JSONL or Parquet"
-        raise DataError(f"'messages' must be a non-empty list, got {got}", where=where, hint=hint)
-    out = [_message(m, j, where) for j, m in enumerate(value, 1)]
+        raise DataError(f"{col!r} must be a non-empty list, got {got}", where=where, hint=hint)
+    out = [_turn(m, j, fmt, roles, where) for j, m in enumerate(value, 1)]
     if need_assistant and not any(m["role"] == "assistant" for m in out):
+        to_assistant = [k for k, v in roles.items() if v == "assistant"]
         raise DataError(
             "the conversation has no assistant message, so there is nothing to train on",
             where=where,
-            hint="every conversation needs at least one {role: assistant} message",
+            hint=f"every conversation needs at least one {{{role_key}: "
+            f"{'|'.join(to_assistant) or 'assistant'}}} message",
         )
     return out
+
+
+def messages_field(
+    row: dict[str, Any], col: str, where: str, need_assistant: bool = True
+) -> list[dict[str, str]]:
+    """A chat-format `messages` list with the plain role names (see `conversation_field`)."""
+    return conversation_field(row, col, where, "chat", None, need_assistant)

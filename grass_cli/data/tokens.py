@@ -8,9 +8,8 @@ them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from grass_cli.data.reading import load_rows
 from grass_cli.data.render import RowRenderer, Segment
 from grass_cli.data.rows import resolve_columns
 from grass_cli.errors import DataError
@@ -35,7 +34,8 @@ class TokenizedData:
     `rows` counts the rows kept, `dropped` those skipped by `truncation: drop`,
     `truncated` those cut to `max_length`. `trainable_tokens` counts loss targets:
     labels other than -100 at positions 1 and later, since the first position is
-    never predicted (the model shifts labels by one).
+    never predicted (the model shifts labels by one). `from_cache`: read from the
+    token cache (data/cache.py) instead of tokenized.
     """
 
     input_ids: list[list[int]]
@@ -46,6 +46,7 @@ class TokenizedData:
     truncated: int = 0
     tokens: int = 0
     trainable_tokens: int = 0
+    from_cache: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -155,23 +156,3 @@ def tokenize_rows(
             hint="raise data.max_length or use data.truncation: left",
         )
     return data
-
-
-def build_dataset(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: Literal["train", "eval"]
-) -> TokenizedData:
-    """Load and tokenize `data.train` or `data.eval` (with `limit` / `eval_limit`)."""
-    if split == "eval":
-        if cfg.eval is None:
-            raise DataError(
-                "no evaluation data: data.eval is not set",
-                where="data.eval",
-                hint="set data.eval to a data file",
-            )
-        path, limit = cfg.eval, cfg.eval_limit
-    elif split == "train":
-        path, limit = cfg.train, cfg.limit
-    else:
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    rows = load_rows(path, limit)
-    return tokenize_rows(rows, cfg, tokenizer, path)

@@ -10,7 +10,6 @@ this returns; the components never hold the loop.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 
 from grass_cli import distributed
-from grass_cli.data import BatchIterator, TokenizedData, build_dataset, steps_per_epoch
+from grass_cli.data import BatchIterator, TokenizedData, build_splits
+from grass_cli.data.packing import check_model_packs
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
 from grass_cli.errors import GrassError
@@ -140,6 +140,8 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[Any, Any, str, Bl
         block_map = build_block_map(model, recipe.model.blocks_attr)
     recipe.check_against_model(block_map.num_blocks, max_positions(model))
     model.to(device)
+    if recipe.data.packing:  # a model that would leak across packed rows is refused
+        check_model_packs(model, device)
     model.train()
     return model, tokenizer, source, block_map, peft_model
 
@@ -151,15 +153,16 @@ def build_data(
     (the task-eval file is checked too: a missing one must not cost a training run)."""
     tc = recipe.training
     if recipe.eval is not None:
-        eval_file = recipe.eval.data or recipe.data.eval
+        own = recipe.data.eval if isinstance(recipe.data.eval, str) else None
+        eval_file = recipe.eval.data or own
         if eval_file is None or not Path(eval_file).is_file():
             raise GrassError(
                 "eval data file not found" if eval_file else "eval has no data file",
                 where=f"eval.data: {eval_file}",
                 hint="set eval.data (or data.eval) to an existing file",
             )
-    train_data = build_dataset(recipe.data, tokenizer, "train")
-    eval_data = build_dataset(recipe.data, tokenizer, "eval") if recipe.data.eval else None
+    # (the seed draws a mixture's rows and the rows `data.eval: 0.05` holds out)
+    train_data, eval_data = build_splits(recipe.data, tokenizer, seed=tc.seed)
     batches = BatchIterator(
         train_data,
         tc.micro_batch_size,
@@ -168,13 +171,12 @@ def build_data(
         shuffle=True,
         rank=info.rank,
         world=info.world,
+        packing=recipe.data.packing,
+        max_length=recipe.data.max_length,
     )
     if tc.max_steps is not None:
         return train_data, eval_data, batches, tc.max_steps
-    per_epoch = steps_per_epoch(
-        train_data.rows, tc.micro_batch_size * info.world, tc.grad_accum_steps
-    )
-    total = max(1, math.ceil(float(tc.epochs or 1) * per_epoch))
+    total = batches.steps_for_epochs(float(tc.epochs or 1), tc.grad_accum_steps)
     return train_data, eval_data, batches, total
 
 

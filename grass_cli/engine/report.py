@@ -41,6 +41,8 @@ def run_facts(run: Run) -> dict[str, Any]:
         "train_tokens": run.train_data.trainable_tokens,
         "eval_rows": run.eval_data.rows if run.eval_data else 0,
         "device": str(run.device),
+        # the kernel transformers chose or was asked for (model.attn_implementation)
+        "attention": getattr(run.model.config, "_attn_implementation", None),
         "always_train": run.always_train,
         "run_dir": str(run.run_dir),
     }

@@ -12,6 +12,7 @@ loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,12 @@ OWNED_PATTERNS = (
     "offload/*.bin",
     "offload/rank-*/*.bin",
     "tensorboard/events.out.tfevents.*",
+    "wandb-run-id",
+    "wandb/offline-run-*",
+    "wandb/run-*",
+    "wandb/latest-run",
+    "wandb/debug.log",
+    "wandb/debug-internal.log",
     "plots/importance_heatmap.png",
     "plots/active_counts.png",
     "plots/loss.png",
@@ -50,7 +57,8 @@ OWNED_PATTERNS = (
 
 # Recipe keys that shape a run's trajectory or state layout: a resumed run must
 # keep them. Anything else (max_steps, eval, logging, lr...) may change, and the
-# recipe given now wins.
+# recipe given now wins; RESUME_FREE lists keys under these prefixes that may change
+# too (they change how the same arithmetic is computed, not what is stored).
 RESUME_FIXED = (
     "model.",
     "data.train",
@@ -61,6 +69,8 @@ RESUME_FIXED = (
     "data.train_on_prompt",
     "data.chat_template",
     "data.system_prompt",
+    "data.roles",
+    "data.packing",
     "data.limit",
     "sampler.strategy",
     "sampler.gamma",
@@ -71,6 +81,7 @@ RESUME_FIXED = (
     "training.seed",
     "lora",
 )
+RESUME_FREE = ("model.attn_implementation",)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,8 +95,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_diff(old_yaml: str, new: Recipe) -> list[str]:
-    """Dotted keys whose values differ between a stored recipe and this one."""
-    old = _flat(yaml.safe_load(old_yaml) or {})
+    """Dotted keys whose values differ between a stored recipe and this one. A key the
+    stored recipe lacks (one added to grass since) counts as its default value."""
+    raw = yaml.safe_load(old_yaml) or {}
+    with contextlib.suppress(ValueError):  # (an older schema: compared as written)
+        raw = Recipe.model_validate(raw).model_dump(mode="json")
+    old = _flat(raw)
     cur = _flat(new.model_dump(mode="json"))
     return sorted(k for k in old.keys() | cur.keys() if old.get(k) != cur.get(k))
 
@@ -240,6 +255,13 @@ def resolve_resume(
     return ckpt
 
 
+def _holds_out(old_yaml: str, new: Recipe) -> bool:
+    """Whether either recipe holds eval rows out of the training data (`data.eval` a
+    fraction or count): then changing it changes the rows trained on."""
+    old = (yaml.safe_load(old_yaml) or {}).get("data", {}).get("eval")
+    return any(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new.data.eval))
+
+
 def _check_checkpoint(ckpt: Path, recipe: Recipe, world: int) -> None:
     manifest = verify(ckpt)
     saved_world = int(manifest.get("world_size", 1))
@@ -251,7 +273,12 @@ def _check_checkpoint(ckpt: Path, recipe: Recipe, world: int) -> None:
             f"x --nnodes = {saved_world}"
             + (", or plain `grass train`)" if saved_world == 1 else ")"),
         )
-    fixed = [k for k in recipe_diff(manifest["recipe"], recipe) if k.startswith(RESUME_FIXED)]
+    fixed = [
+        k
+        for k in recipe_diff(manifest["recipe"], recipe)
+        if (k.startswith(RESUME_FIXED) and k not in RESUME_FREE)
+        or (k == "data.eval" and _holds_out(manifest["recipe"], recipe))
+    ]
     if fixed:
         raise GrassError(
             f"cannot resume with a recipe that changes {', '.join(fixed)}",

@@ -2,13 +2,16 @@
 
 A prompt is the exact token prefix a training row has before its answer
 (`PromptRenderer`), and decoding stops where training taught the model to stop:
-at eos or the chat template's end-of-turn token.
+at eos or the chat template's end-of-turn token. Decoding is transformers'
+`model.generate` (greedy, left padded, its own KV cache), with the model's own
+sampling and penalty defaults set aside, so it is plain argmax decoding.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,16 +26,13 @@ from grass_cli.scoring import Scorer, cut_at_stop
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return False
-
-
-def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any, template: str | None = None) -> set[int]:
     """Token ids that end a generated answer: eos, the generation config's eos ids,
-    and the end-of-turn token the chat template writes after an assistant turn."""
+    and the end-of-turn token the chat template writes after an assistant turn.
+
+    `template` is the template the prompts were rendered with (data.chat_template
+    may pick a named or file template); None: the tokenizer's single template.
+    """
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -42,7 +42,8 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
         ids.add(eos)
     elif isinstance(eos, (list, tuple)):
         ids.update(int(e) for e in eos)
-    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         vocab = tokenizer.get_vocab()
         for tok in END_OF_TURN_TOKENS:
@@ -73,26 +74,75 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _take(
-    out: list[Generation],
-    done: list[bool],
-    nxt: list[int],
-    stop_ids: set[int],
-    stops: list[str],
-    tokenizer: Any,
-) -> None:
-    """Append each unfinished row's next token, or finish it at a stop token or string."""
-    for i, tok in enumerate(nxt):
-        if done[i]:
-            continue
+def _finish(new: list[int], stop_ids: set[int], stops: list[str], tokenizer: Any) -> Generation:
+    """A row's answer from its generated tokens: cut before the first stop token, or
+    after the token that completes a stop string (the text cut before that string).
+
+    Tokens after that point (generate's padding of a finished row) are never read.
+    """
+    g = Generation(tokens=[], finish="length")
+    for tok in new:
         if tok in stop_ids:
-            out[i].finish, done[i] = "eos", True
-            continue
-        out[i].tokens.append(tok)
-        if stops:
-            text = tokenizer.decode(out[i].tokens, skip_special_tokens=True)
-            if cut_at_stop(text, stops)[1]:
-                out[i].finish, done[i] = "stop", True
+            g.finish = "eos"
+            break
+        g.tokens.append(tok)
+        if stops and cut_at_stop(tokenizer.decode(g.tokens, skip_special_tokens=True), stops)[1]:
+            g.finish = "stop"
+            break
+    g.text = cut_at_stop(tokenizer.decode(g.tokens, skip_special_tokens=True), stops)[0]
+    return g
+
+
+def _stop_string_criteria(tokenizer: Any, stops: list[str], start: int, stop_ids: set[int]) -> Any:
+    """A stopping criterion ending a row once its decoded answer contains a stop string.
+
+    transformers' own `stop_strings` matches only at the end of the text and can
+    match across the prompt; this one decodes the new tokens, skipping special
+    tokens, exactly as `_finish` and the scorer read them.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = []
+            for row in input_ids[:, start:].tolist():
+                if any(t in stop_ids for t in row):  # ended by a stop token already
+                    done.append(True)
+                    continue
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                done.append(cut_at_stop(text, stops)[1])
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopStrings()])
+
+
+@contextlib.contextmanager
+def _greedy_config(
+    model: torch.nn.Module, max_new_tokens: int, stop_ids: set[int], pad_id: int
+) -> Iterator[Any]:
+    """A generation config for plain greedy decoding, installed on the model meanwhile.
+
+    transformers fills the unset values of a config passed to `generate` from the
+    model's own `generation_config` (sampling, repetition penalty, forced or
+    suppressed tokens a model card chose for chat use). Evaluation must be argmax
+    decoding whatever the model ships, so that config is swapped out for the call.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(stop_ids) or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield config
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
@@ -106,62 +156,48 @@ def greedy_generate(
     stop_strings: list[str] | None = None,
     autocast: str = "none",
 ) -> list[Generation]:
-    """Greedy decoding of a batch of token prompts, left padded, with a KV cache.
+    """Greedy decoding of a batch of token prompts, left padded, with `model.generate`.
 
-    Left padding keeps every row's last prompt token in the last column, so one
-    argmax per step serves the whole batch. Position ids come from the attention
-    mask, so a padded row sees the positions it would see alone: batched output
-    equals unbatched output token for token (tested in float32). A row stops at a
-    stop token (not included) or when its decoded text contains a stop string (the
-    text is cut before it); finished rows are fed pad tokens until all are done.
+    Left padding keeps every row's last prompt token in the last column; generate
+    derives position ids from the attention mask, so a padded row sees the
+    positions it would see alone: batched output equals unbatched output token for
+    token (tested in float32). A row stops at a stop token (not included) or when
+    its decoded text contains a stop string (the text is cut before it); finished
+    rows are padded until all are done.
     """
     stop_ids = stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids
     stops = [s for s in (stop_strings or []) if s]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n = len(prompts)
     ids, mask = (t.to(device) for t in _left_pad(prompts, pad_id))
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
-    use_pos = _accepts(model, "position_ids")
-    keep_last = _accepts(model, "logits_to_keep")
-    # transformers 5.x renamed `past_key_values` to `cache`; accept both.
-    cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
-
-    out = [Generation(tokens=[], finish="length") for _ in range(n)]
-    done = [False] * n
-    step_ids, step_pos, past = ids, positions, None
-    for _ in range(max_new_tokens):
-        kwargs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": mask, "use_cache": True}
-        if use_pos:
-            kwargs["position_ids"] = step_pos
-        if keep_last:
-            kwargs["logits_to_keep"] = 1  # the prompt's full (T, V) logits are never needed
-        if past is not None:
-            kwargs[cache_kw] = past
-        with autocast_ctx(device, autocast):
-            result = model(**kwargs)
-        past = getattr(result, "cache", None)
-        if past is None:
-            past = result.past_key_values
-        nxt = result.logits[:, -1, :].argmax(-1).tolist()  # (B,)
-        _take(out, done, nxt, stop_ids, stops, tokenizer)
-        if all(done):
-            break
-        feed = [pad_id if done[i] else tok for i, tok in enumerate(nxt)]
-        step_ids = torch.tensor(feed, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
-        mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
-        step_pos = step_pos[:, -1:] + 1
-    for g in out:
-        g.text = cut_at_stop(tokenizer.decode(g.tokens, skip_special_tokens=True), stops)[0]
-    return out
+    width = ids.shape[1]
+    # peft's wrapper copies its own generation config onto the model it wraps; the
+    # adapters live in that model's layers, so it is the one to call.
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    criteria = _stop_string_criteria(tokenizer, stops, width, stop_ids) if stops else None
+    with (
+        _greedy_config(lm, max_new_tokens, stop_ids, pad_id) as config,
+        autocast_ctx(device, autocast),
+    ):
+        out = lm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            stopping_criteria=criteria,
+        )
+    return [_finish(row, stop_ids, stops, tokenizer) for row in out[:, width:].tolist()]
 
 
 def generate_metrics(
-    ctx: EvalContext, prompts: list[list[int]], golds: list[Any]
+    ctx: EvalContext, prompts: list[list[int]], golds: list[Any], template: str | None = None
 ) -> dict[str, Any]:
-    """Batched greedy generation, then answer extraction and scoring."""
+    """Batched greedy generation, then answer extraction and scoring.
+
+    `template` is the chat template the prompts were rendered with (its end-of-turn
+    token ends an answer); None: the tokenizer's own.
+    """
     cfg = ctx.cfg
     scorer = Scorer(cfg.scorer, cfg.regex)
-    stop_ids = stop_token_ids(ctx.model, ctx.tokenizer)
+    stop_ids = stop_token_ids(ctx.model, ctx.tokenizer, template)
     # Sorting by length keeps padding (wasted compute) small; results go back by index.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     correct = new_tokens = 0

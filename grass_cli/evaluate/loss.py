@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from grass_cli.data import IGNORE_INDEX, eval_batches, tokenize_rows
+from grass_cli.data.packing import model_inputs
 from grass_cli.evaluate.common import EvalContext
 from grass_cli.recipe import DataConfig
 
@@ -32,11 +33,11 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
     Summing (not averaging) per micro-batch lets gradient accumulation divide by
     the step's total token count, so every token weighs the same however the
-    rows fall into micro-batches.
+    rows fall into micro-batches. A packed batch (data.packing) goes in with its
+    position ids instead of its attention mask (see data/packing.py); its rows'
+    target tokens are the ones they have unpacked, so the sum is the same.
     """
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits  # (B, T, V)
+    logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
     shift_logits = logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
     shift_labels = batch["labels"][:, 1:]  # (B, T-1)
     return F.cross_entropy(
@@ -102,7 +103,7 @@ def perplexity(mean_loss: float) -> float:
 
 def loss_metrics(ctx: EvalContext, rows: list[dict[str, Any]], dc: DataConfig) -> dict[str, Any]:
     """Token-weighted mean loss and perplexity, with training's tokens and masks."""
-    data = tokenize_rows(rows, dc, ctx.tokenizer, dc.train)
+    data = tokenize_rows(rows, dc, ctx.tokenizer, str(dc.train))
     per_row = len(data) == len(rows)  # `truncation: drop` loses the row <-> item mapping
     total, n_tokens, done = 0.0, 0, 0
     for batch in eval_batches(data, ctx.cfg.batch_size, ctx.pad_id):

@@ -21,6 +21,7 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt-completion": ("prompt",),
     "alpaca": ("instruction", "input"),
     "chat": ("messages",),
+    "sharegpt": ("conversations", "system"),
     "text": (),
 }
 

@@ -32,6 +32,11 @@ class PromptRenderer:
     def use_template(self) -> bool:
         return self.renderer.use_template
 
+    @property
+    def template(self) -> str | None:
+        """The chat template's text the prompts are rendered with (None: plain text)."""
+        return self.renderer.template
+
     def text(self, row: dict[str, Any], where: str) -> tuple[str, str, str | None]:
         """(prompt text fed to the tokenizer, the user-visible prompt, the reference answer)."""
         prompt = self.renderer.prompt(row, self.columns, where)

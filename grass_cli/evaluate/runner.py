@@ -37,7 +37,8 @@ def _write_outputs(out_dir: Path, result: dict[str, Any], items: list[dict[str, 
 
 def _eval_path(cfg: EvalConfig, data_cfg: DataConfig | None) -> str:
     """The file to evaluate: eval.data (--data), else the recipe's data.eval."""
-    path = cfg.data or (data_cfg.eval if data_cfg is not None else None)
+    own = data_cfg.eval if data_cfg is not None and isinstance(data_cfg.eval, str) else None
+    path = cfg.data or own  # (held-out rows or a source are no file to name here)
     if path is None:
         raise DataError(
             "no evaluation data: eval.data and data.eval are both unset",
@@ -79,7 +80,7 @@ def _answer_metrics(ctx: EvalContext, rows: list[dict[str, Any]], plan: EvalPlan
             r.get(plan.answer_col) if plan.answer_col in r else ref
             for r, (_, _, ref) in zip(rows, rendered, strict=True)
         ]
-        out.update(generate_metrics(ctx, prompts, golds))
+        out.update(generate_metrics(ctx, prompts, golds, renderer.template))
     if "choice" in plan.kinds:
         out.update(choice_metrics(ctx, rows, prompts, plan))
     return out

@@ -7,20 +7,26 @@ Cross-section rules live on `Recipe`; checks that need the loaded model are in
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from grass_cli.errors import RecipeError
 from grass_cli.eval_config import EvalConfig
 from grass_cli.recipe.base import EMBEDDED_SMOLLM2, Section, expand_home
+from grass_cli.recipe.sources import SourceMapping, parse_eval, parse_train
+from grass_cli.recipe.wandb_config import WandbConfig
 
 Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic", "lora"]
 # Strategies that pick a subset of blocks (everything but `full`).
 LAYERWISE = ("lisa", "grass", "grass-static", "cyclic")
 # Strategies that probe MGN before training.
 PROBING = ("grass", "grass-static")
+# model.attn_implementation: the kernels transformers can be asked for by name.
+AttnImplementation = Literal[
+    "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"
+]
 
 
 class ModelConfig(Section):
@@ -40,16 +46,29 @@ class ModelConfig(Section):
     # Recompute activations in backward: less memory, about 30% more compute.
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # The attention kernel transformers runs; null: transformers' own choice (sdpa
+    # where the model supports it). Checked against the installed packages and the
+    # device before the model loads (grass_cli/attention.py).
+    attn_implementation: AttnImplementation | None = None
 
 
 class DataConfig(Section):
     """Training and evaluation data, and how rows become tokens and labels."""
 
-    train: str
-    # `~` is expanded (an eval file is also checked before training starts).
-    eval: str | None = None
-    # alpaca: instruction/input/output; chat: messages; prompt-completion; text.
-    format: Literal["alpaca", "chat", "prompt-completion", "text"] = "prompt-completion"
+    # A data file, a folder saved by `datasets`, a hub dataset id, a source
+    # {path, config, split, revision, format, fields, weight, rows}, or a list of
+    # sources (a mixture, seeded by training.seed). See recipe/sources.py.
+    train: str | SourceMapping | list[str | SourceMapping]
+    # A file / folder / hub id / source as for train (`~` expanded; checked before
+    # training starts), or a share (0 < x < 1) or count (>= 1) of the training rows,
+    # held out (seeded, disjoint from the rows trained on).
+    eval: str | SourceMapping | float | int | None = None
+    # Keep tokenized data in $GRASS_CACHE/tokens, keyed by the data's content, the
+    # tokenizer and every formatting key, so a rerun or a resume skips tokenizing.
+    cache: bool = True
+    # alpaca: instruction/input/output; chat: messages; sharegpt: conversations of
+    # {from, value} (and an optional system column); prompt-completion; text.
+    format: Literal["alpaca", "chat", "sharegpt", "prompt-completion", "text"] = "prompt-completion"
     # Canonical field name -> column name in your files, e.g. {prompt: question}.
     fields: dict[str, str] = Field(default_factory=dict)
     # Tokens per row after formatting; longer rows are handled by `truncation`.
@@ -58,20 +77,38 @@ class DataConfig(Section):
     truncation: Literal["right", "left", "drop"] = "right"
     # false: loss only on completion / assistant tokens (prompt masked with -100).
     train_on_prompt: bool = False
-    # auto: use the tokenizer's chat template when it has one (not for `text`).
-    chat_template: Literal["auto", "always", "never"] = "auto"
+    # auto: use the tokenizer's chat template when it has one (not for `text`);
+    # always: require it; never: plain text. Or the name of one of the tokenizer's
+    # templates (e.g. tool_use), or a Jinja file (a path with / or ending in .jinja
+    # or .j2). Checked against the tokenizer in grass_cli/data/templates.py.
+    chat_template: str = Field("auto", min_length=1)
+    # Role names of chat / sharegpt turns -> system, user or assistant, on top of the
+    # format's own (sharegpt: human, user -> user; gpt, assistant -> assistant; system).
+    roles: dict[Annotated[str, Field(min_length=1)], Literal["system", "user", "assistant"]] = (
+        Field(default_factory=dict)
+    )
     # Optional system message for chat-rendered rows.
     system_prompt: str | None = None
     # Only the first N rows of each file (handy for smoke runs); null: all rows.
     limit: int | None = Field(None, ge=1)
     eval_limit: int | None = Field(None, ge=1)
+    # Pack several training rows into each sequence of up to max_length tokens
+    # (positions restart and attention stays within each row; data/packing.py).
+    # micro_batch_size then counts packed sequences, not rows.
+    packing: bool = False
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _sources(cls, v: Any, info: ValidationInfo) -> Any:
+        formats = get_args(cls.model_fields["format"].annotation)
+        return (parse_train if info.field_name == "train" else parse_eval)(v, formats)
 
     @field_validator("eval")
     @classmethod
-    def _expand_eval(cls, v: str | None) -> str | None:
+    def _expand_eval(cls, v: Any) -> Any:
         # Not data.train: resume compares it with the stored recipe verbatim, and
         # the reader expands `~` when it opens the file.
-        return expand_home(v)
+        return expand_home(v) if isinstance(v, str) else v
 
 
 class SamplerConfig(Section):
@@ -247,6 +284,8 @@ class OutputConfig(Section):
     # Also write TensorBoard event files to <dir>/tensorboard (needs the extra:
     # pip install 'grass-cli[tensorboard]').
     tensorboard: bool = False
+    # Also log to Weights & Biases (a section, e.g. {project: my-project}); null: off.
+    wandb: WandbConfig | None = None
 
     @field_validator("dir")
     @classmethod

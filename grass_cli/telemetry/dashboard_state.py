@@ -31,6 +31,7 @@ class DashboardState:
     model: str = ""
     strategy: str = ""
     device: str = ""
+    attention: str = ""  # the attention kernel (start event), shown beside the device
     gamma: int = 0
     num_blocks: int = 0
     total_steps: int = 0
@@ -97,6 +98,7 @@ class DashboardState:
         self.model = str(e.get("model", ""))
         self.strategy = str(e.get("strategy", ""))
         self.device = str(e.get("device", ""))
+        self.attention = str(e.get("attention") or "")
         self.gamma = int(e.get("gamma") or 0)
         self.total_steps = int(e.get("total_steps") or 0)
         self.eval_rows = int(e.get("eval_rows") or 0)

@@ -109,7 +109,8 @@ def _rates_line(state: DashboardState) -> Text:
 def render_header(state: DashboardState) -> Panel:
     title = Text.assemble(("GRASS ", "bold magenta"), (state.run_name or "run", "bold"))
     strategy = f"{state.strategy} γ={state.gamma}" if state.strategy else ""
-    subtitle = " · ".join(x for x in (strategy, state.model, state.device) if x)
+    device = f"{state.device} ({state.attention})" if state.attention else state.device
+    subtitle = " · ".join(x for x in (strategy, state.model, device) if x)
     return Panel(
         Group(_progress_row(state), _loss_line(state), _rates_line(state)),
         title=title,

@@ -210,6 +210,7 @@ class PlainPrinter:
                 f"start  model={e['model']} blocks={e['num_blocks']} strategy={e['strategy']} "
                 f"steps={e['total_steps']} batch={e['global_batch']}{_batch_parts(e)} "
                 f"train_rows={e['train_rows']} device={e['device']}"
+                + (f" attention={e['attention']}" if e.get("attention") else "")
             )
         if kind == "probe":
             done = e["probe_step"] + 1

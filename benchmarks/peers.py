@@ -1,0 +1,302 @@
+"""Ours against what users would run instead, side by side: HF Trainer, HF Trainer + LISA, peft.
+
+    python benchmarks/peers.py                  # 7 trainings, ~25 minutes on a 2-core CPU
+    python benchmarks/peers.py --steps 12       # a quick look
+
+The peers, written by us from their public behaviour (no code of theirs):
+- `hf-full`: transformers' Trainer, full fine-tuning, AdamW;
+- `hf-lisa`: the same Trainer with a callback that, every `--switch` steps, freezes
+  every decoder block and unfreezes `--gamma` random ones (embeddings and LM head
+  always train), which is how LMFlow and axolotl run LISA;
+- `peft-lora`: the Trainer on a peft LoRA model (r 16 on the attention and MLP
+  projections, as our recipes/bench/lora.yaml).
+Ours: `full`, `lisa` (keep, embeddings and head trained, as the peer), `lora`,
+`grass` (offload to disk, streamed per step; embeddings and head frozen).
+
+Every run trains SmolLM2-135M-Instruct in fp32 on the same rows of the quickstart
+data, tokenized once by grass (so the same tokens and labels), with the same batch,
+max_length, steps, learning rate schedule (constant, no warmup) and seed, each in
+its own child process, one after the other. Reported per run: trained (non-pad)
+tokens per second over the steps after `--warmup`, the process's peak RSS, the
+last step's loss; and each of ours as a ratio to the peer of the same method
+(GRASS against hf-lisa, the layer-wise peer users pick today).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from runstats import run_child  # benchmarks/ is on sys.path when a script here runs
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("hf-full", "hf-lisa", "peft-lora")
+OURS = {
+    "full": [
+        "sampler.strategy=full",
+        "sampler.train_embeddings=true",
+        "sampler.train_head=true",
+        "optimizer.state_policy=keep",
+    ],
+    "lisa": [
+        "sampler.strategy=lisa",
+        "sampler.train_embeddings=true",
+        "sampler.train_head=true",
+        "optimizer.state_policy=keep",
+    ],
+    "lora": ["sampler.strategy=lora", "optimizer.state_policy=keep"],
+    "grass": [
+        "sampler.strategy=grass",
+        "optimizer.state_policy=offload",
+        "optimizer.offload.target=disk",
+        "optimizer.offload.residency=step",
+    ],
+}
+PEER_OF = {"full": "hf-full", "lisa": "hf-lisa", "lora": "peft-lora", "grass": "hf-lisa"}
+
+
+def settings_overrides(a: dict[str, Any]) -> list[str]:
+    return [
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        f"data.train={a['data']}",
+        f"data.limit={a['rows']}",
+        "data.eval=null",
+        f"data.max_length={a['max_length']}",
+        f"training.micro_batch_size={a['batch']}",
+        "training.grad_accum_steps=1",
+        f"training.max_steps={a['steps']}",
+        f"training.seed={a['seed']}",
+        "training.lr_scheduler=constant",
+        "training.warmup_steps=0",
+        f"optimizer.lr={a['lr']}",
+        f"sampler.gamma={a['gamma']}",
+        f"sampler.switch_interval={a['switch']}",
+        "checkpoint.at_end=false",
+        "checkpoint.interval=null",
+        "output.save_model=false",
+        f"output.dir={a['out']}",
+    ]
+
+
+def ours_child(a: dict[str, Any]) -> dict[str, Any]:
+    from runstats import train_child
+
+    _, steps = train_child(
+        ROOT / "recipes/quickstart.yaml", settings_overrides(a) + OURS[a["method"]]
+    )
+    # wall time between consecutive step events: the whole iteration, telemetry included
+    timed = steps[max(a["warmup"], 1) :]
+    wall = steps[-1]["elapsed_s"] - steps[max(a["warmup"], 1) - 1]["elapsed_s"]
+    return {
+        "tokens_per_s": sum(e["tokens"] for e in timed) / wall,
+        "last_loss": steps[-1]["loss"],
+    }
+
+
+def _rows(a: dict[str, Any]) -> tuple[Any, list[dict[str, list[int]]]]:
+    """grass's own tokenization of the rows, so every run sees the same tokens."""
+    from grass_cli.data import build_dataset
+    from grass_cli.models import load_model_and_tokenizer
+    from grass_cli.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", settings_overrides(a))
+    model, tok, _ = load_model_and_tokenizer(recipe.model)
+    data = build_dataset(recipe.data, tok, "train")
+    rows = [
+        {"input_ids": i, "labels": lab} for i, lab in zip(data.input_ids, data.labels, strict=True)
+    ]
+    return (model, tok), rows
+
+
+def peer_child(a: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    (model, tok), rows = _rows(a)
+    pad = tok.pad_token_id
+    times: list[tuple[float, int]] = []
+    losses: list[float] = []
+    seen = {"tokens": 0}
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), n), pad)
+        labels = torch.full((len(batch), n), -100)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, r in enumerate(batch):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            mask[i, :k] = 1
+        seen["tokens"] = int(mask.sum())
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    class Clock(TrainerCallback):
+        """Wall time from one step's end to the next (data, forward, backward, step,
+        callbacks: what a user waits for), as our step_time measures it."""
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            now = time.perf_counter()
+            times.append((now - self.t0, seen["tokens"]))
+            self.t0 = now
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    callbacks: list[TrainerCallback] = [Clock()]
+    if a["method"] == "hf-lisa":
+        callbacks.append(_lisa_callback(model, a["gamma"], a["switch"], a["seed"]))
+    if a["method"] == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    args = TrainingArguments(
+        output_dir=a["out"],
+        per_device_train_batch_size=a["batch"],
+        max_steps=a["steps"],
+        learning_rate=a["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=a["seed"],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks
+    ).train()
+    timed = times[a["warmup"] :]
+    return {
+        "tokens_per_s": sum(n for _, n in timed) / sum(t for t, _ in timed),
+        "last_loss": losses[-1] if losses else float("nan"),
+    }
+
+
+def _lisa_callback(model: Any, gamma: int, every: int, seed: int) -> Any:
+    """LISA as LMFlow / axolotl run it: flip requires_grad every `every` steps."""
+    import numpy as np
+    from transformers import TrainerCallback
+
+    layers = model.model.layers
+    rng = np.random.default_rng(seed)
+
+    def switch() -> None:
+        chosen = set(rng.choice(len(layers), size=gamma, replace=False).tolist())
+        for i, layer in enumerate(layers):
+            for p in layer.parameters():
+                p.requires_grad_(i in chosen)
+
+    class Lisa(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            switch()
+
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if state.global_step and state.global_step % every == 0:
+                switch()
+
+    return Lisa()
+
+
+def child(argv: list[str]) -> None:
+    a = json.loads(argv[0])
+    out = peer_child(a) if a["method"] in PEERS else ours_child(a)
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=160)
+    ap.add_argument("--rows", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--switch", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=[*PEERS, *OURS])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers.json")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        child(args.child)
+        return
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            a = {
+                "method": method,
+                "data": str(ROOT / "data/quickstart/train.jsonl"),
+                "out": f"{tmp}/{method}",
+                **{k: getattr(args, k) for k in ("steps", "warmup", "batch", "rows", "lr")},
+                **{k: getattr(args, k) for k in ("gamma", "switch", "seed")},
+                "max_length": args.max_length,
+            }
+            print(f"running {method} ...", file=sys.stderr, flush=True)
+            row, err = run_child(__file__, [json.dumps(a)])
+            if row is None:
+                sys.exit(f"{method} failed ({err})")
+            results[method] = row
+    text = render(results, args)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": command(), "runs": results}, indent=2))
+    args.out.with_suffix(".md").write_text(text)
+
+
+def command() -> str:
+    return "python benchmarks/peers.py " + " ".join(sys.argv[1:])
+
+
+def render(results: dict[str, dict], args: argparse.Namespace) -> str:
+    lines = [
+        "| run | tokens/s | peak RSS (GiB) | last loss | peer | x peer tokens/s | x peer memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        peer = PEER_OF.get(name)
+        p = results.get(peer) if peer else None
+        ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
+        mem = f"{r['peak_rss'] / p['peak_rss']:.2f}" if p else "-"
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_rss'] / 2**30:.2f} | "
+            f"{r['last_loss']:.4f} | {peer or '-'} | {ratio} | {mem} |"
+        )
+    import torch
+
+    machine = (
+        f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+    settings = (
+        f"{args.steps} steps ({args.warmup} warm-up steps not timed), batch {args.batch}, "
+        f"max_length {args.max_length}, lr {args.lr} constant, gamma {args.gamma}, switch "
+        f"every {args.switch}, seed {args.seed}, SmolLM2-135M fp32, {args.rows} rows"
+    )
+    return "\n".join(lines) + (
+        f"\n\nsettings: {settings}\n\ncommand: `{command()}`\n\nmachine: {machine}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
