@@ -13,15 +13,18 @@ import errno
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    # a unique temporary name: two processes writing the same shared file (a cache
+    # entry) never write into one temporary file
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,6 +32,10 @@ def write_atomic_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    write_atomic_bytes(path, text.encode("utf-8"))
 
 
 def write_atomic_json(path: Path, data: Any) -> None:

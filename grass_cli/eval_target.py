@@ -123,8 +123,7 @@ def evaluate_target(
     default the target's folder (RUN_DIR/eval, or eval-NAME next to the model).
     """
     data_cfg = target.recipe.data if target.recipe is not None else None
-    own = data_cfg.eval if data_cfg is not None and isinstance(data_cfg.eval, str) else None
-    data = cfg.data or own  # (held-out rows or a source are no file to name here)
+    data = cfg.data or (data_cfg.eval_file if data_cfg is not None else None)
     if data is None:
         raise GrassError(
             "no data to evaluate on",

@@ -178,8 +178,7 @@ def probe_importance(request: ProbeRequest) -> dict[str, Any]:
     from grass_cli.data import load_rows
 
     setup = _setup(request)
-    own = setup.data.train if isinstance(setup.data.train, str) else None
-    path_a = request.data or own
+    path_a = request.data or setup.data.train_file
     if path_a is None:
         raise GrassError(
             "--data is required: the recipe's data.train is not one file (a source or a mixture)",

@@ -58,12 +58,15 @@ def _task_eval_file(recipe: Recipe) -> str | None:
     """The file the eval: section reads: eval.data, else data.eval when it is a path."""
     if recipe.eval is None:
         return None
-    ev = recipe.data.eval
-    path = recipe.eval.data or (ev if isinstance(ev, str) else None)
+    path = recipe.eval.data or recipe.data.eval_file
     if path is None:
         raise GrassError(
             "eval has no data file"
-            + ("" if ev is None else " (data.eval is not a file, and the task eval reads one)"),
+            + (
+                ""
+                if recipe.data.eval is None
+                else " (data.eval is not a file, and the task eval reads one)"
+            ),
             where="eval.data",
             hint="set eval.data (or data.eval) to an existing file",
         )

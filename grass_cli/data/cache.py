@@ -23,14 +23,13 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
-import uuid
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from grass_cli.atomic import write_atomic_bytes
 from grass_cli.data.tokens import TokenizedData
 from grass_cli.recipe import DataConfig
 
@@ -181,16 +180,9 @@ def save(key: str, data: TokenizedData) -> bool:
         metadata=meta,
     )
     path = _path(key)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic_bytes(path, blob)
     except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         return False
     return True

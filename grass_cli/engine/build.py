@@ -153,8 +153,7 @@ def build_data(
     (the task-eval file is checked too: a missing one must not cost a training run)."""
     tc = recipe.training
     if recipe.eval is not None:
-        own = recipe.data.eval if isinstance(recipe.data.eval, str) else None
-        eval_file = recipe.eval.data or own
+        eval_file = recipe.eval.data or recipe.data.eval_file
         if eval_file is None or not Path(eval_file).is_file():
             raise GrassError(
                 "eval data file not found" if eval_file else "eval has no data file",

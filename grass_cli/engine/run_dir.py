@@ -21,7 +21,12 @@ from typing import Any
 
 import yaml
 
-from grass_cli.atomic import describe_write_error, write_atomic_json, write_atomic_text
+from grass_cli.atomic import (
+    describe_write_error,
+    write_atomic_bytes,
+    write_atomic_json,
+    write_atomic_text,
+)
 from grass_cli.checkpoint import CKPT_DIR, find_latest, read_state, verify
 from grass_cli.errors import GrassError
 from grass_cli.recipe import Recipe
@@ -37,7 +42,7 @@ OWNED_PATTERNS = (
     f"{CKPT_DIR}/step-*",
     f"{CKPT_DIR}/.tmp-step-*",
     f"{CKPT_DIR}/latest",
-    f"{CKPT_DIR}/.latest.tmp",
+    f"{CKPT_DIR}/.latest.*tmp",
     "eval/step-*",
     ".final.tmp",
     "offload/*.bin",
@@ -320,9 +325,7 @@ def _continue_metrics(run_dir: Path, ckpt: Path) -> None:
         if source.is_file() and source.stat().st_size >= offset:
             with open(source, "rb") as f:
                 data = f.read(offset)
-        tmp = metrics.with_name(".metrics.jsonl.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, metrics)
+        write_atomic_bytes(metrics, data)
         return
     if metrics.is_file() and metrics.stat().st_size >= offset:
         with open(metrics, "r+b") as f:

@@ -37,8 +37,7 @@ def _write_outputs(out_dir: Path, result: dict[str, Any], items: list[dict[str, 
 
 def _eval_path(cfg: EvalConfig, data_cfg: DataConfig | None) -> str:
     """The file to evaluate: eval.data (--data), else the recipe's data.eval."""
-    own = data_cfg.eval if data_cfg is not None and isinstance(data_cfg.eval, str) else None
-    path = cfg.data or own  # (held-out rows or a source are no file to name here)
+    path = cfg.data or (data_cfg.eval_file if data_cfg is not None else None)
     if path is None:
         raise DataError(
             "no evaluation data: eval.data and data.eval are both unset",

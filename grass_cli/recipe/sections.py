@@ -110,6 +110,16 @@ class DataConfig(Section):
         # the reader expands `~` when it opens the file.
         return expand_home(v) if isinstance(v, str) else v
 
+    @property
+    def train_file(self) -> str | None:
+        """`data.train` when it names one file or folder (not a source or a mixture)."""
+        return self.train if isinstance(self.train, str) else None
+
+    @property
+    def eval_file(self) -> str | None:
+        """`data.eval` when it names a file (not rows held out of train, not a source)."""
+        return self.eval if isinstance(self.eval, str) else None
+
 
 class SamplerConfig(Section):
     """Which blocks train at each step (GRASS_SPEC.md)."""
