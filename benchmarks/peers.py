@@ -14,12 +14,21 @@ Ours: `full`, `lisa` (keep, embeddings and head trained, as the peer), `lora`,
 `grass` (offload to disk, streamed per step; embeddings and head frozen).
 
 Every run trains SmolLM2-135M-Instruct in fp32 on the same rows of the quickstart
-data, tokenized once by grass (so the same tokens and labels), with the same batch,
-max_length, steps, learning rate schedule (constant, no warmup) and seed, each in
-its own child process, one after the other. Reported per run: trained (non-pad)
+data, tokenized once by grass (so the same tokens and labels), in the same batches
+and order (the peers read the rows in grass's seeded batch order through a
+sequential sampler, so no run is faster merely for having drawn shorter batches),
+with the same max_length, steps, AdamW (fused, HF Trainer's default; no weight
+decay), gradient clipping at 1.0, constant learning rate and seed, each in its own
+child process, one after the other. Same weights and same batches give the same
+losses: the first step's loss of every run, and every step's loss of full against
+hf-full, are compared (`max |loss - peer|`). Reported per run: trained (non-pad)
 tokens per second over the steps after `--warmup`, the process's peak RSS, the
 last step's loss; and each of ours as a ratio to the peer of the same method
 (GRASS against hf-lisa, the layer-wise peer users pick today).
+
+GRASS offloads the state of frozen blocks to disk and brings a block's state back
+once per switch (residency `interval`), its default; `--grass-residency step`
+streams it parameter by parameter at every step (least memory, slowest).
 """
 
 from __future__ import annotations
@@ -57,7 +66,6 @@ OURS = {
         "sampler.strategy=grass",
         "optimizer.state_policy=offload",
         "optimizer.offload.target=disk",
-        "optimizer.offload.residency=step",
     ],
 }
 PEER_OF = {"full": "hf-full", "lisa": "hf-lisa", "lora": "peft-lora", "grass": "hf-lisa"}
@@ -78,6 +86,9 @@ def settings_overrides(a: dict[str, Any]) -> list[str]:
         "training.lr_scheduler=constant",
         "training.warmup_steps=0",
         f"optimizer.lr={a['lr']}",
+        "optimizer.weight_decay=0.0",
+        "optimizer.fused=true",
+        "training.grad_clip=1.0",
         f"sampler.gamma={a['gamma']}",
         f"sampler.switch_interval={a['switch']}",
         "checkpoint.at_end=false",
@@ -90,8 +101,11 @@ def settings_overrides(a: dict[str, Any]) -> list[str]:
 def ours_child(a: dict[str, Any]) -> dict[str, Any]:
     from runstats import train_child
 
+    extra = []
+    if a["method"] == "grass":
+        extra = [f"optimizer.offload.residency={a['grass_residency']}"]
     _, steps = train_child(
-        ROOT / "recipes/quickstart.yaml", settings_overrides(a) + OURS[a["method"]]
+        ROOT / "recipes/quickstart.yaml", settings_overrides(a) + OURS[a["method"]] + extra
     )
     # wall time between consecutive step events: the whole iteration, telemetry included
     timed = steps[max(a["warmup"], 1) :]
@@ -99,26 +113,31 @@ def ours_child(a: dict[str, Any]) -> dict[str, Any]:
     return {
         "tokens_per_s": sum(e["tokens"] for e in timed) / wall,
         "last_loss": steps[-1]["loss"],
+        "losses": [e["loss"] for e in steps],
     }
 
 
 def _rows(a: dict[str, Any]) -> tuple[Any, list[dict[str, list[int]]]]:
-    """grass's own tokenization of the rows, so every run sees the same tokens."""
-    from grass_cli.data import build_dataset
+    """grass's own tokenization of the rows, in the order grass's seeded batches visit
+    them, so every run sees the same tokens in the same batches."""
+    from grass_cli.data import BatchIterator, build_dataset
     from grass_cli.models import load_model_and_tokenizer
     from grass_cli.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes/quickstart.yaml", settings_overrides(a))
     model, tok, _ = load_model_and_tokenizer(recipe.model)
     data = build_dataset(recipe.data, tok, "train")
-    rows = [
-        {"input_ids": i, "labels": lab} for i, lab in zip(data.input_ids, data.labels, strict=True)
-    ]
+    batches = BatchIterator(data, a["batch"], tok.pad_token_id, seed=a["seed"], shuffle=True)
+    order = [batches.next_indices() for _ in range(a["steps"])]
+    if any(len(b) != a["batch"] for b in order):
+        raise SystemExit("--rows must be a multiple of --batch (a partial batch would shift")
+    rows = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for b in order for i in b]
     return (model, tok), rows
 
 
 def peer_child(a: dict[str, Any]) -> dict[str, Any]:
     import torch
+    from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     (model, tok), rows = _rows(a)
@@ -152,10 +171,6 @@ def peer_child(a: dict[str, Any]) -> dict[str, Any]:
             times.append((now - self.t0, seen["tokens"]))
             self.t0 = now
 
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     callbacks: list[TrainerCallback] = [Clock()]
     if a["method"] == "hf-lisa":
         callbacks.append(_lisa_callback(model, a["gamma"], a["switch"], a["seed"]))
@@ -172,6 +187,8 @@ def peer_child(a: dict[str, Any]) -> dict[str, Any]:
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
+        optim="adamw_torch_fused",
+        max_grad_norm=1.0,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -181,13 +198,28 @@ def peer_child(a: dict[str, Any]) -> dict[str, Any]:
         remove_unused_columns=False,
         disable_tqdm=True,
     )
-    Trainer(
+
+    class InOrder(Trainer):
+        """The Trainer reading the rows in grass's batch order (they arrive ordered)."""
+
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            return SequentialSampler(train_dataset if train_dataset is not None else rows)
+
+        def compute_loss(self, model, inputs, *args, **kw):  # noqa: ANN001, ANN201
+            # the step's loss unrounded (the Trainer's log rounds it to 4 places)
+            out = super().compute_loss(model, inputs, *args, **kw)
+            loss = out[0] if isinstance(out, tuple) else out
+            losses.append(float(loss.detach()))
+            return out
+
+    InOrder(
         model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks
     ).train()
     timed = times[a["warmup"] :]
     return {
         "tokens_per_s": sum(n for _, n in timed) / sum(t for t, _ in timed),
         "last_loss": losses[-1] if losses else float("nan"),
+        "losses": losses,
     }
 
 
@@ -234,6 +266,7 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--switch", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grass-residency", choices=["interval", "step"], default="interval")
     ap.add_argument("--methods", nargs="+", default=[*PEERS, *OURS])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers.json")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
@@ -249,7 +282,7 @@ def main() -> None:
                 "data": str(ROOT / "data/quickstart/train.jsonl"),
                 "out": f"{tmp}/{method}",
                 **{k: getattr(args, k) for k in ("steps", "warmup", "batch", "rows", "lr")},
-                **{k: getattr(args, k) for k in ("gamma", "switch", "seed")},
+                **{k: getattr(args, k) for k in ("gamma", "switch", "seed", "grass_residency")},
                 "max_length": args.max_length,
             }
             print(f"running {method} ...", file=sys.stderr, flush=True)
@@ -270,17 +303,26 @@ def command() -> str:
 
 def render(results: dict[str, dict], args: argparse.Namespace) -> str:
     lines = [
-        "| run | tokens/s | peak RSS (GiB) | last loss | peer | x peer tokens/s | x peer memory |",
-        "|---|---|---|---|---|---|---|",
+        "| run | tokens/s | peak RSS (GiB) | first loss | last loss | peer | x peer tokens/s "
+        "| x peer memory | max abs loss diff to peer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         peer = PEER_OF.get(name)
         p = results.get(peer) if peer else None
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
         mem = f"{r['peak_rss'] / p['peak_rss']:.2f}" if p else "-"
+        diff = "-"
+        if p and r["losses"] and p["losses"]:
+            # every step for the same method; LISA's and GRASS's blocks differ from
+            # the peer's after the first step, so only the first step compares
+            n = min(len(r["losses"]), len(p["losses"])) if peer == f"hf-{name}" else 1
+            worst = max(abs(x - y) for x, y in zip(r["losses"][:n], p["losses"][:n], strict=True))
+            diff = f"{worst:.1e} ({n} step{'s' if n > 1 else ''})"
         lines.append(
             f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_rss'] / 2**30:.2f} | "
-            f"{r['last_loss']:.4f} | {peer or '-'} | {ratio} | {mem} |"
+            f"{r['losses'][0]:.4f} | {r['last_loss']:.4f} | {peer or '-'} | {ratio} | {mem} "
+            f"| {diff} |"
         )
     import torch
 
@@ -291,7 +333,8 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
     settings = (
         f"{args.steps} steps ({args.warmup} warm-up steps not timed), batch {args.batch}, "
         f"max_length {args.max_length}, lr {args.lr} constant, gamma {args.gamma}, switch "
-        f"every {args.switch}, seed {args.seed}, SmolLM2-135M fp32, {args.rows} rows"
+        f"every {args.switch}, seed {args.seed}, SmolLM2-135M fp32, {args.rows} rows, "
+        f"GRASS residency {args.grass_residency}"
     )
     return "\n".join(lines) + (
         f"\n\nsettings: {settings}\n\ncommand: `{command()}`\n\nmachine: {machine}\n"

@@ -127,13 +127,17 @@ def test_two_processes_match_one_with_the_same_global_batch(name, dp_runs, tmp_p
         one_imp = events(result.run_dir, "probe_done")[0]["importance"]
         assert dp_imp == pytest.approx(one_imp, rel=1e-4)
 
-    # parameters after N steps match within float32 summation-order tolerance
+    # parameters after N steps match within float32 summation-order tolerance. AdamW
+    # divides each gradient by its own running RMS, so a weight whose gradient is
+    # rounding noise (summed in another order across ranks) may move by up to lr
+    # either way: the update as a whole is what must agree, to 0.1%.
     dp_w = load_file(dp_dir / "final/model.safetensors")
     one_w = load_file(result.run_dir / "final/model.safetensors")
     base = load_file(dp_w_base(dp_runs))
     assert dp_w.keys() == one_w.keys()
     for k in one_w:
-        assert torch.allclose(dp_w[k], one_w[k], rtol=0, atol=5e-5), k
+        update = (one_w[k] - base[k]).norm() if k in base else one_w[k].norm()
+        assert (dp_w[k] - one_w[k]).norm() <= 1e-3 * update + 1e-6, k
     moved = [k for k in one_w if k in base and not torch.equal(one_w[k], base[k])]
     assert len(moved) >= 4  # training changed the sampled blocks
 

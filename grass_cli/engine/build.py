@@ -205,6 +205,9 @@ def build_importance(
     so before anything is frozen) and, data-parallel, the gradient reducer that
     feeds it the summed gradients."""
     tracker = ImportanceTracker(block_map.blocks, recipe.sampler.alpha, device)
+    # Only grass reads the MGN while it trains (probing observes for every
+    # strategy that probes); `output.importance: always` observes anyway.
+    tracker.observing = recipe.sampler.strategy == "grass" or recipe.output.importance == "always"
     reducer = None
     if info.enabled:
         tracker.local_hooks = False

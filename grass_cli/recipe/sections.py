@@ -187,6 +187,9 @@ class OptimizerConfig(Section):
     # offload: state of frozen blocks moves to a host/disk store and comes back (GRASS).
     state_policy: Literal["keep", "drop", "offload"] = "keep"
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    # One fused AdamW kernel per group where torch has one (CPU, CUDA), as HF
+    # Trainer's default; false: torch's default (per-tensor loop on the CPU).
+    fused: bool = True
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimizerConfig:
@@ -296,6 +299,9 @@ class OutputConfig(Section):
     tensorboard: bool = False
     # Also log to Weights & Biases (a section, e.g. {project: my-project}); null: off.
     wandb: WandbConfig | None = None
+    # Observe per-block MGN while training. auto: where it is read (grass, and
+    # probing); always: every strategy (one more pass over each gradient).
+    importance: Literal["auto", "always"] = "auto"
 
     @field_validator("dir")
     @classmethod
@@ -392,6 +398,3 @@ class Recipe(Section):
                 where=self._source,
                 hint=f"set data.max_length to at most {max_positions}",
             )
-
-
-# --------------------------------------------------------------------------- keys

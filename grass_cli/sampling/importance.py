@@ -65,6 +65,10 @@ class ImportanceTracker:
         # Data-parallel runs observe the gradients summed across ranks (`observe`,
         # called by the GradReducer), not each rank's local part in the hooks.
         self.local_hooks = True
+        # Off where nothing reads the MGN (output.importance: auto and a sampler
+        # other than grass, after probing): the hooks then return at once instead
+        # of reading every gradient a second time.
+        self.observing = True
         self._block_of: dict[int, int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for i, group in enumerate(blocks):
@@ -75,7 +79,7 @@ class ImportanceTracker:
 
     def _make_hook(self, index: int):
         def hook(grad: torch.Tensor) -> None:
-            if self.local_hooks:
+            if self.local_hooks and self.observing:
                 self._micro_sq[index] += grad.detach().float().pow(2).sum().to(self.device)
                 self._touched.add(index)
 
@@ -84,7 +88,7 @@ class ImportanceTracker:
     def observe(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Add a (reduced) gradient of one parameter to the current observation."""
         index = self._block_of.get(id(p))
-        if index is not None:
+        if index is not None and self.observing:
             self._micro_sq[index] += grad.detach().float().pow(2).sum().to(self.device)
             self._touched.add(index)
 

@@ -98,6 +98,7 @@ def probe(
     if reducer is not None:
         reducer.prepare([p for b in block_map.blocks for p in b.tensors])
     tracker.free_grads = reducer is None  # the reducer frees what it has reduced
+    observing_before, tracker.observing = tracker.observing, True
     try:
         for micro in steps:
             yield forward_backward(
@@ -106,6 +107,7 @@ def probe(
         tracker.finish_probe()
     finally:
         tracker.free_grads = False
+        tracker.observing = observing_before
         for p in model.parameters():
             p.grad = None
             p.requires_grad_(trainable_before[id(p)])

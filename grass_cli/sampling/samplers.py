@@ -50,8 +50,9 @@ def draw_distinct(
 class Sampler(ABC):
     """Base: holds the current active set and refreshes importance every T_u steps.
 
-    Importance is refreshed for every strategy (the dashboard shows it), but only
-    `grass` samples from it; `grass-static` keeps its probing values.
+    Importance is refreshed for every strategy, but only `grass` samples from it
+    (`grass-static` keeps its probing values); the others observe gradients only
+    with `output.importance: always`, so by default their refresh finds nothing.
     """
 
     adaptive = True  # refresh MGN every update_interval steps
