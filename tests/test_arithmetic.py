@@ -1,6 +1,8 @@
 """The engine adds no arithmetic of its own: its losses are bit for bit those of a
-plain loop (forward, summed cross-entropy over the step's targets, backward,
-AdamW), and switching the importance observation on or off changes nothing."""
+plain loop (forward, the LM head at target positions, summed cross-entropy,
+backward, AdamW), switching the importance observation on or off changes nothing,
+and the head computed at target positions only gives the full computation's loss
+and gradients up to float rounding."""
 
 from __future__ import annotations
 
@@ -68,16 +70,12 @@ def plain_loop_losses(rec, model_dir: Path, fused: bool) -> list[float]:
     losses = []
     for _ in range(STEPS):
         b = next(batches)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        # the head at target positions only (position t predicts token t + 1)
+        hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         labels = b["labels"][:, 1:]
-        n = int((labels != -100).sum())
-        loss = F.cross_entropy(
-            logits[:, :-1, :].reshape(-1, logits.size(-1)).float(),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        loss = loss / n
+        keep = labels != -100
+        logits = model.lm_head(hidden.last_hidden_state[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum") / int(keep.sum())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -131,3 +129,50 @@ def test_fused_adamw_on_this_device_and_its_fallback():
     c.grad = torch.ones_like(c)
     opt.step()
     assert not torch.equal(c.detach(), torch.ones(3, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2", "gpt_neox"])
+def test_head_at_target_positions_equals_the_full_head(arch, tiny_factory):
+    """Same loss and gradients as the full (B, T, V) logits, for every architecture
+    the tests build (GPT-2 and GPT-NeoX name and tie their heads differently)."""
+    from grass_cli.data.batches import collate
+    from grass_cli.evaluate import loss_sum, row_loss_sums
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory(arch, 2), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (9, 17, 4)]
+    labels = [[-100] * (len(r) // 2) + r[len(r) // 2 :] for r in ids]
+    batch = collate(ids, labels, pad_id=0)
+
+    def full_logits_loss() -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+
+    def loss_and_grads(fn) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref, ref_grads = loss_and_grads(full_logits_loss)
+    shapes: list[tuple[int, ...]] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: shapes.append(tuple(args[0].shape))
+    )
+    ours, our_grads = loss_and_grads(lambda: loss_sum(model, batch))
+    hook.remove()
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    assert [s[0] for s in shapes] == [n_targets] and len(shapes[0]) == 2  # targets only
+    assert ours == pytest.approx(ref, rel=1e-6)
+    assert len(our_grads) == len(ref_grads)
+    for a, b in zip(our_grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        sums, counts = row_loss_sums(model, batch)
+    assert counts.tolist() == [len(r) - len(r) // 2 - (1 if len(r) // 2 == 0 else 0) for r in ids]
+    assert float(sums.sum()) == pytest.approx(ref, rel=1e-6)

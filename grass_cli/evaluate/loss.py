@@ -37,15 +37,47 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     position ids instead of its attention mask (see data/packing.py); its rows'
     target tokens are the ones they have unpacked, so the sum is the same.
     """
-    logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
-    shift_logits = logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)).float(),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
+    logits, labels, _ = target_logits(model, batch)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def target_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that carry loss only: (N, V), their labels (N,), and
+    the (B, T-1) mask of those positions (position t predicts token t+1).
+
+    The LM head is the largest matmul of a small model (49152 x 576 per token for
+    SmolLM2-135M) and its softmax runs over the whole vocabulary, so computing it
+    at prompt and padding positions, whose logits no loss reads, costs about a
+    third of a step. A pre-hook on the output embeddings hands the head only the
+    hidden states of target positions; whatever the model does after the head
+    (Gemma's soft-capping, a logit scale) is elementwise and sees the same values.
+    The result equals the full computation up to float rounding (a matmul of other
+    shapes sums in another order). Models without output embeddings, or whose
+    head is not called on (B, T, d) hidden states, get the full logits, selected.
+    """
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen: list[bool] = []
+
+    def select(_module: torch.nn.Module, args: tuple) -> tuple | None:
+        h = args[0]
+        if seen or h.dim() != 3 or h.shape[:2] != batch["labels"].shape:
+            return None
+        seen.append(True)
+        return (h[:, :-1][keep], *args[1:])
+
+    handle = head.register_forward_pre_hook(select) if head is not None else None
+    try:
+        logits = model(**model_inputs(batch), use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not seen:  # the head saw something else: full (B, T, V) logits
+        logits = logits[:, :-1][keep]
+    return logits, labels[keep], keep
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -82,18 +114,11 @@ def row_loss_sums(
     The same shift and masking as `loss_sum`, kept per row so eval can report each
     item's loss and multiple choice can compare continuations.
     """
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits  # (B, T, V)
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-    ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)  # (B, T-1); 0 where ignored
-    return ce.double().sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
+    logits, labels, keep = target_logits(model, batch)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none").double()  # (N,)
+    rows = keep.nonzero()[:, 0]  # the row of each target position, in order
+    sums = torch.zeros(keep.shape[0], dtype=torch.float64, device=ce.device)
+    return sums.index_add_(0, rows, ce), keep.sum(-1)
 
 
 def perplexity(mean_loss: float) -> float:

@@ -111,11 +111,14 @@ class ImportanceTracker:
         """Turn this micro-batch's squared norms into one RMS observation per block."""
         if not self._touched:
             return
-        idx = torch.tensor(sorted(self._touched), device=self.device)
+        # (indices built on the host and copied over: reading them back from the
+        # device would wait for the whole backward on a GPU)
+        host_idx = torch.tensor(sorted(self._touched))
+        idx = host_idx.to(self.device, non_blocking=True)
         sq = self._micro_sq.index_select(0, idx).double() * (self._scale**2)
         rms = torch.sqrt(sq / self.numel.to(self.device).index_select(0, idx))
         self._win_sum.index_add_(0, idx, rms)
-        self._win_count[idx.cpu()] += 1
+        self._win_count[host_idx] += 1
         self._micro_sq.zero_()
         self._touched.clear()
 
