@@ -78,7 +78,7 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
                 prof.start()
                 recording["on"] = True
                 marks["t0"] = time.perf_counter()
-            elif event["step"] == a["warmup"] + a["steps"] - 1:
+            elif event["step"] == a["warmup"] + a["profiled"] - 1:
                 marks["t1"] = time.perf_counter()
                 recording["on"] = False
                 prof.stop()
@@ -97,14 +97,14 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     total = sum(e.self_cpu_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:TOP]
     return {
-        "step_s": wall / a["steps"],
-        "stages": {k: v / a["steps"] for k, v in stages.items()},
+        "step_s": wall / a["profiled"],
+        "stages": {k: v / a["profiled"] for k, v in stages.items()},
         "top": [
             {
                 "op": e.key,
                 "share": e.self_cpu_time_total / total,
-                "ms_per_step": e.self_cpu_time_total / 1e3 / a["steps"],
-                "calls_per_step": e.count / a["steps"],
+                "ms_per_step": e.self_cpu_time_total / 1e3 / a["profiled"],
+                "calls_per_step": e.count / a["profiled"],
             }
             for e in top
         ],
@@ -164,10 +164,11 @@ def main() -> None:
             a = {
                 "method": method,
                 "src": args.src,
-                "steps": args.steps,
+                "profiled": args.steps,
                 "warmup": args.warmup,
+                "steps": args.warmup + args.steps + 1,  # the run's max_steps
                 "data": str(ROOT / "data/quickstart/train.jsonl"),
-                "rows": 8 * (args.steps + args.warmup),
+                "rows": 8 * (args.steps + args.warmup + 1),
                 "max_length": 160,
                 "batch": 8,
                 "seed": 0,

@@ -157,7 +157,9 @@ def test_head_at_target_positions_equals_the_full_head(arch, tiny_factory):
         model.zero_grad(set_to_none=True)
         loss = fn()
         loss.backward()
-        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return float(loss.detach()), [
+            p.grad.clone() for p in model.parameters() if p.grad is not None
+        ]
 
     ref, ref_grads = loss_and_grads(full_logits_loss)
     shapes: list[tuple[int, ...]] = []
