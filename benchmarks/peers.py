@@ -270,9 +270,17 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=[*PEERS, *OURS])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers.json")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="only re-render --out's results")
     args = ap.parse_args()
     if args.child is not None:
         child(args.child)
+        return
+    if args.render:
+        saved = json.loads(args.out.read_text())
+        sys.argv = saved["command"].split()[1:]  # the settings line of the measured run
+        text = render(saved["runs"], ap.parse_args())
+        args.out.with_suffix(".md").write_text(text)
+        print(text)
         return
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -313,10 +321,12 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
         mem = f"{r['peak_rss'] / p['peak_rss']:.2f}" if p else "-"
         diff = "-"
-        if p and r["losses"] and p["losses"]:
-            # every step for the same method; LISA's and GRASS's blocks differ from
-            # the peer's after the first step, so only the first step compares
-            n = min(len(r["losses"]), len(p["losses"])) if peer == f"hf-{name}" else 1
+        if p and r["losses"] and p["losses"] and name != "grass":
+            # every step of full fine-tuning; LISA's blocks are drawn by another RNG
+            # and LoRA's adapters start from other random values, so only their first
+            # step (same weights, same batch) compares. GRASS's probing steps read
+            # the first batches, so its first step trains on another batch.
+            n = min(len(r["losses"]), len(p["losses"])) if name == "full" else 1
             worst = max(abs(x - y) for x, y in zip(r["losses"][:n], p["losses"][:n], strict=True))
             diff = f"{worst:.1e} ({n} step{'s' if n > 1 else ''})"
         lines.append(
