@@ -1,0 +1,189 @@
+"""The accuracy study of GRASS's settings (issue 18): which axes matter, on validation only.
+
+    python benchmarks/study.py screen                  # GRASS's axes, one at a time
+    python benchmarks/study.py screen --steps 300      # the study's full budget
+    python benchmarks/study.py screen --axes lr gamma  # some axes only
+
+`screen` trains GRASS on the reversal task (seed 0) at a budget where the sampler
+switches many times (default 150 steps x batch 8: 15 switches of 4 blocks of 30,
+so every block is drawn about twice; `--steps 300` doubles that), changing one
+axis at a time around a base configuration:
+
+1. `lr`: a x2 grid from the bench recipe's lr, extended on the side of the best
+   value until it is interior (a best value at the edge of a grid is no optimum);
+   the winner becomes the base lr for the other axes.
+2. the other axes (each a few values around the base): `gamma` (blocks trained
+   at once), `switch` (T_s, steps between re-samplings), `tau` and `eps` (the
+   sampling temperature and exploration floor), `head` (embeddings and LM head
+   trained or frozen), `probe` (probing steps T_p, the importance's first
+   estimate), `update` (T_u, steps between EMA refreshes of the trained blocks'
+   importance), `alpha` (the EMA's weight on the new window).
+
+Every choice is made on the validation split's loss (eval.jsonl): the held-out
+split is never read here. Runs are kept in `--work` (default runs/study) and
+reused when their recipe and overrides are unchanged (benchmarks/compare.py's
+train_one), so an interrupted study continues where it stopped; results go to
+benchmarks/results/study-screen.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import compare  # noqa: E402  (the bench's run/reuse machinery)
+
+TASK = "reversal"
+# Axis -> (recipe key, values tried besides the base). The base is the bench
+# recipe's value (recipes/bench/grass.yaml), with the lr the `lr` axis chose.
+AXES: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "gamma": ("sampler.gamma", (2, 8)),
+    "switch": ("sampler.switch_interval", (5, 25)),
+    "tau": ("sampler.tau", (0.25, 1.0, 2.0)),
+    "eps": ("sampler.eps", (0.0, 0.3)),
+    "head": ("sampler.train_head", (True,)),
+    "probe": ("sampler.probe_steps", (16,)),
+    "update": ("sampler.update_interval", (5, 25)),
+    "alpha": ("sampler.alpha", (0.2, 0.8)),
+}
+EXTRA = {"head": ("sampler.train_embeddings=true",)}  # tied in SmolLM2: one matrix
+
+
+def variant_mode(base: compare.Mode, overrides: tuple[str, ...]) -> compare.Mode:
+    return dataclasses.replace(base, overrides=base.overrides + overrides)
+
+
+def slug(overrides: tuple[str, ...]) -> str:
+    """A folder name for a variant: its overrides, readable."""
+    if not overrides:
+        return "base"
+    return "+".join(o.split(".", 1)[1].replace("=", "-") for o in overrides)
+
+
+def run(work: Path, mode: compare.Mode, overrides: tuple[str, ...], lr: float, log) -> dict:
+    """One GRASS training of the variant `overrides` at `lr` (reused when done)."""
+    r = compare.train_one(
+        work / slug(overrides), TASK, "grass", lr, mode.seeds[0], variant_mode(mode, overrides), log
+    )
+    return {
+        "overrides": list(overrides),
+        "lr": lr,
+        "val_loss": r["val_loss"],
+        "tokens_per_s": r["tokens_per_s"],
+        "train_peak_rss": r["train_peak_rss"],
+        "train_s": r["train_s"],
+    }
+
+
+def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int = 3) -> list[dict]:
+    """x2 grid around `start`, extended until its best value is interior."""
+    lrs = [start / 2, start, start * 2]
+    rows = {lr: run(work, mode, (), lr, log) for lr in lrs}
+    for _ in range(max_extend):
+        best = min(rows, key=lambda lr: rows[lr]["val_loss"])
+        lo, hi = min(rows), max(rows)
+        if best not in (lo, hi):
+            break
+        nxt = lo / 2 if best == lo else hi * 2
+        if nxt > 1e-2:  # beyond any sane AdamW lr for fine-tuning
+            break
+        rows[nxt] = run(work, mode, (), nxt, log)
+    return [rows[lr] for lr in sorted(rows)]
+
+
+def screen(args: argparse.Namespace, log) -> dict[str, Any]:
+    mode = compare.Mode(
+        steps=args.steps,
+        micro_batch=args.batch,
+        seeds=(0,),
+        lr_grid=(1.0,),
+        val_limit=args.val_limit,
+        test_limit=0,
+        overrides=("output.save_model=false",),  # validation loss is all a screen reads
+    )
+    recipe = compare._recipe("grass")
+    out: dict[str, Any] = {"steps": args.steps, "batch": args.batch, "axes": {}}
+    lr = float(args.lr or recipe["optimizer"]["lr"])
+    if "lr" in args.axes:
+        out["axes"]["lr"] = tune_lr(args.work, mode, lr, log)
+        lr = min(out["axes"]["lr"], key=lambda r: r["val_loss"])["lr"]
+    out["lr"] = lr
+    base = run(args.work, mode, (), lr, log)
+    out["base"] = base
+    for axis in args.axes:
+        if axis == "lr":
+            continue
+        key, values = AXES[axis]
+        rows = [{**base, "value": _base_value(recipe, key)}]
+        for v in values:
+            ov = (f"{key}={str(v).lower() if isinstance(v, bool) else v}", *EXTRA.get(axis, ()))
+            rows.append({**run(args.work, mode, ov, lr, log), "value": v})
+        out["axes"][axis] = rows
+    return out
+
+
+def _base_value(recipe: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    return recipe[section][name]
+
+
+def render(res: dict[str, Any], command: str) -> str:
+    lines = [
+        "# GRASS study, stage 1: one axis at a time (validation loss, reversal, seed 0)",
+        "",
+        f"{res['steps']} steps x batch {res['batch']}; base: recipes/bench/grass.yaml at lr "
+        f"{res['lr']:.1e} (validation loss {res['base']['val_loss']:.4f}). Lower is better; "
+        "the held-out split is not read.",
+        "",
+        "| axis | value | validation loss | vs base | tokens/s | peak RSS (GiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    b = res["base"]["val_loss"]
+    for axis, rows in res["axes"].items():
+        best = min(r["val_loss"] for r in rows)
+        for r in rows:
+            value = f"{r['lr']:.1e}" if axis == "lr" else str(r["value"])
+            mark = "**" if r["val_loss"] == best else ""
+            lines.append(
+                f"| {axis} | {value} | {mark}{r['val_loss']:.4f}{mark} | "
+                f"{r['val_loss'] - b:+.4f} | {r['tokens_per_s']:.0f} | "
+                f"{r['train_peak_rss'] / 2**30:.2f} |"
+            )
+    lines += ["", f"command: `{command}`", "", f"machine: {compare.machine(False)}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["screen"])
+    ap.add_argument("--axes", nargs="+", default=["lr", *AXES], choices=["lr", *AXES])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--val-limit", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=None, help="start (or, without lr, fix) the lr")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs/study")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    res = screen(args, log)
+    command = "python benchmarks/study.py " + " ".join(sys.argv[1:])
+    res["command"] = command
+    path = ROOT / "benchmarks/results/study-screen"
+    path.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    text = render(res, command)
+    path.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
