@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -44,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runstats import run_child  # benchmarks/ is on sys.path when a script here runs
+from runstats import run_children  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("hf-full", "hf-lisa", "peft-lora")
@@ -314,10 +312,9 @@ def main() -> None:
         args.out.with_suffix(".md").write_text(text)
         print(text)
         return
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods:
-            a = {
+        payloads = {
+            method: {
                 "method": method,
                 "data": str(ROOT / "data/quickstart/train.jsonl"),
                 "out": f"{tmp}/{method}",
@@ -325,11 +322,9 @@ def main() -> None:
                 **{k: getattr(args, k) for k in ("gamma", "switch", "seed", "grass_residency")},
                 "max_length": args.max_length,
             }
-            print(f"running {method} ...", file=sys.stderr, flush=True)
-            row, err = run_child(__file__, [json.dumps(a)])
-            if row is None:
-                sys.exit(f"{method} failed ({err})")
-            results[method] = row
+            for method in args.methods
+        }
+        results = run_children(__file__, payloads, "running")
     text = render(results, args)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -368,12 +363,9 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
             f"{r['losses'][0]:.4f} | {r['last_loss']:.4f} | {peer or '-'} | {ratio} | {mem} "
             f"| {diff} |"
         )
-    import torch
+    from compare import machine as describe_machine
 
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
-    )
+    machine = describe_machine(False)
     settings = (
         f"{args.steps} steps ({args.warmup} warm-up steps not timed), batch {args.batch}, "
         f"max_length {args.max_length}, lr {args.lr} constant, gamma {args.gamma}, switch "

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -112,7 +110,6 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(results: dict[str, dict], args: argparse.Namespace) -> str:
-    import torch
 
     out = [f"# Step profile: {args.label}\n"]
     out.append("| strategy | step (s) | forward+backward | clip | optimizer step | rest |")
@@ -133,10 +130,9 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
                 f"| `{t['op']}` | {t['share']:.1%} | {t['ms_per_step']:.0f} | "
                 f"{t['calls_per_step']:.0f} |"
             )
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
-    )
+    from compare import machine as describe_machine
+
+    machine = describe_machine(False)
     cmd = "python benchmarks/profile_step.py " + " ".join(sys.argv[1:])
     out.append(
         f"\nsource: {args.src or 'this checkout'}\n\ncommand: `{cmd}`\n\nmachine: {machine}\n"
@@ -156,12 +152,11 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child[0]))))
         return
-    from runstats import run_child
+    from runstats import run_children
 
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.strategies:
-            a = {
+        payloads = {
+            method: {
                 "method": method,
                 "src": args.src,
                 "profiled": args.steps,
@@ -177,11 +172,9 @@ def main() -> None:
                 "switch": 10,
                 "out": f"{tmp}/{method}",
             }
-            print(f"profiling {method} ...", file=sys.stderr, flush=True)
-            row, err = run_child(__file__, [json.dumps(a)])
-            if row is None:
-                sys.exit(f"{method} failed ({err})")
-            results[method] = row
+            for method in args.strategies
+        }
+        results = run_children(__file__, payloads, "profiling")
     text = render(results, args)
     print(text)
     path = ROOT / f"benchmarks/results/profile-{args.label}.md"

@@ -41,6 +41,19 @@ def run_child(script: str | Path, overrides: list[str]) -> tuple[dict | None, st
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
+def run_children(script: str | Path, payloads: dict[str, dict], verb: str) -> dict[str, dict]:
+    """`run_child(script, [json of payload])` for each named payload, one after the
+    other; the first failure stops the benchmark with its stderr."""
+    results: dict[str, dict] = {}
+    for name, payload in payloads.items():
+        print(f"{verb} {name} ...", file=sys.stderr, flush=True)
+        row, err = run_child(script, [json.dumps(payload)])
+        if row is None:
+            sys.exit(f"{name} failed ({err})")
+        results[name] = row
+    return results
+
+
 def read_events(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(all events, step events) of a run dir's metrics.jsonl."""
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
