@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from helpers import ListSink
 from transformers import AutoModelForCausalLM
 
+from grass_cli.engine import build as build_module
 from grass_cli.engine import setup, train
+from grass_cli.evaluate import loss as loss_module
 from grass_cli.offload.optimizer import adamw
 from grass_cli.recipe import OptimizerConfig, validate_dict
 from grass_cli.telemetry import Telemetry
@@ -84,7 +86,15 @@ def plain_loop_losses(rec, model_dir: Path, fused: bool) -> list[float]:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_full_finetuning_losses_equal_a_plain_loop_bit_for_bit(fused, tiny_factory, tmp_path):
+def test_full_finetuning_losses_equal_a_plain_loop_bit_for_bit(
+    fused, tiny_factory, tmp_path, monkeypatch
+):
+    # the tutorial's loop computes the loss in one piece and backpropagates the tied
+    # embedding densely: the engine's two memory rewrites, which equal these up to the
+    # order of a sum, are tested on their own (test_chunked_head_loss_equals_the_plain_loss,
+    # test_tied_embeddings_get_sparse_backward_and_the_same_dense_gradient)
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 2**40)
+    monkeypatch.setattr(build_module, "sparse_tied_embedding_grads", lambda model: False)
     model_dir = tiny_factory("llama", 4)
     rec = recipe(model_dir, tmp_path / "run", "full", fused)
     ours, _ = engine_losses(rec)
@@ -178,3 +188,163 @@ def test_head_at_target_positions_equals_the_full_head(arch, tiny_factory):
         sums, counts = row_loss_sums(model, batch)
     assert counts.tolist() == [len(r) - len(r) // 2 - (1 if len(r) // 2 == 0 else 0) for r in ids]
     assert float(sums.sum()) == pytest.approx(ref, rel=1e-6)
+
+
+def _batch(seed: int, lengths: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    from grass_cli.data.batches import collate
+
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(5, 2000, (n,), generator=g).tolist() for n in lengths]
+    labels = [[-100] * (len(r) // 3) + r[len(r) // 3 :] for r in ids]
+    return collate(ids, labels, pad_id=0)
+
+
+def _loss_and_grads(model, fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    (loss / 7).backward()  # a scale, as the engine divides by the step's tokens
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2", "gpt_neox"])
+def test_chunked_head_loss_equals_the_plain_loss(arch, tiny_factory, monkeypatch):
+    """The head and loss in chunks of rows (gradients made chunk by chunk) give the
+    one-piece loss and gradients up to rounding, with and without gradients, and the
+    head itself then runs on no rows."""
+    from grass_cli.evaluate import loss_sum, row_loss_sums
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory(arch, 2), dtype=torch.float32)
+    batch = _batch(1, (40, 23, 57, 9))
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    vocab = model.get_output_embeddings().out_features
+    ref, ref_grads = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    with torch.no_grad():
+        ref_rows, ref_counts = row_loss_sums(model, batch)
+    assert loss_module._chunk_rows(model, model.get_output_embeddings(), n) == 0  # one piece
+
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 4 * vocab * 16)  # 16 rows a chunk
+    assert loss_module._chunk_rows(model, model.get_output_embeddings(), n) == 16 < n
+    rows_seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: rows_seen.append(args[0].shape[0])
+    )
+    ours, our_grads = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    hook.remove()
+    assert rows_seen == [0]  # no (N, V) logits were made by the model
+    assert float(ours) == pytest.approx(float(ref), rel=1e-6)
+    assert len(our_grads) == len(ref_grads)
+    for a, b in zip(our_grads, ref_grads, strict=True):
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm())  # sums in another order
+    with torch.no_grad():
+        assert float(loss_sum(model, batch)) == pytest.approx(float(ref), rel=1e-6)
+        rows, counts = row_loss_sums(model, batch)
+    assert torch.equal(counts, ref_counts)
+    assert torch.allclose(rows, ref_rows, rtol=1e-6)
+
+
+def test_chunked_head_loss_with_a_frozen_head_and_under_bf16_autocast(tiny_factory, monkeypatch):
+    """A frozen head (GRASS's and LISA's default) gets no gradient buffer, the hidden
+    states still get theirs; under bf16 autocast the chunked loss stays within
+    bf16 rounding of the plain one."""
+    from grass_cli.evaluate import loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory("llama", 2), dtype=torch.float32)
+    model.get_input_embeddings().weight.requires_grad_(False)  # tied: the head too
+    batch = _batch(2, (50, 31))
+    ref, ref_grads = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16, ref16_grads = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 4 * 49152 * 8)
+    ours, our_grads = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    assert model.get_output_embeddings().weight.grad is None
+    assert float(ours) == pytest.approx(float(ref), rel=1e-6)
+    for a, b in zip(our_grads, ref_grads, strict=True):
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm())  # sums in another order
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours16, our16_grads = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    assert float(ours16) == pytest.approx(float(ref16), rel=1e-2)
+    for a, b in zip(our16_grads, ref16_grads, strict=True):
+        assert float((a - b).norm()) <= 0.05 * float(b.norm())
+
+
+def test_heads_followed_by_a_scale_keep_the_plain_loss(tiny_factory, monkeypatch):
+    """A model that changes its logits after the head (Gemma 2's soft-capping,
+    Cohere's logit scale) or a head that is not a plain Linear (LoRA-wrapped)
+    is never chunked: the chunked loss would skip what the model does after it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory("llama", 2), dtype=torch.float32)
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_BYTES", 1)
+    head = model.get_output_embeddings()
+    assert loss_module._chunk_rows(model, head, 10) == 1
+    model.config.final_logit_softcapping = 30.0
+    assert loss_module._chunk_rows(model, head, 10) == 0
+    model.config.final_logit_softcapping = None
+    model.config.model_type = "cohere"
+    assert loss_module._chunk_rows(model, head, 10) == 0
+    model.config.model_type = "llama"
+    assert loss_module._chunk_rows(model, torch.nn.Sequential(head), 10) == 0
+
+
+def test_tied_embeddings_get_sparse_backward_and_the_same_dense_gradient(tiny_factory):
+    """The input embedding tied to the head backpropagates sparsely; the weight's
+    gradient is still dense and equals the dense embedding's up to the order in
+    which a repeated token's gradients are summed (bit for bit for the others)."""
+    from grass_cli.evaluate import loss_sum
+    from grass_cli.models import sparse_tied_embedding_grads
+
+    batch = _batch(3, (30, 12, 21))
+    grads = []
+    for sparse in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_factory("llama", 2), dtype=torch.float32)
+        if sparse:
+            assert sparse_tied_embedding_grads(model)
+            assert model.get_input_embeddings().sparse
+        _, g = _loss_and_grads(model, lambda m=model: loss_sum(m, batch))
+        weight = model.get_input_embeddings().weight
+        assert weight.grad is not None and weight.grad.layout == torch.strided
+        grads.append(g)
+    (dense_emb, *dense_rest), (sparse_emb, *sparse_rest) = grads
+    assert all(torch.equal(a, b) for a, b in zip(dense_rest, sparse_rest, strict=True))
+    assert float((dense_emb - sparse_emb).norm()) <= 1e-6 * float(dense_emb.norm())
+    untied = AutoModelForCausalLM.from_pretrained(tiny_factory("qwen2", 2), dtype=torch.float32)
+    assert not sparse_tied_embedding_grads(untied)  # alone, its gradient would stay sparse
+    assert not untied.get_input_embeddings().sparse
+
+
+SPARSE_PEAK = """
+import sys, time, torch
+from pathlib import Path
+V, d = 49152, 576
+emb = torch.nn.Embedding(V, d, sparse=sys.argv[1] == "sparse")
+head = torch.nn.Linear(d, V, bias=False)
+head.weight = emb.weight
+ids = torch.randint(0, V, (8, 64), generator=torch.Generator().manual_seed(0))
+for _ in range(2):
+    emb.weight.grad = None
+    out = head(emb(ids)[:, :4]).sum()
+    Path("/proc/self/clear_refs").write_text("5")
+    out.backward()
+status = Path("/proc/self/status").read_text()
+hwm = [l for l in status.splitlines() if l.startswith("VmHWM:")][0].split()[1]
+rss = [l for l in status.splitlines() if l.startswith("VmRSS:")][0].split()[1]
+print(int(hwm) * 1024 - int(rss) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_sparse_tied_backward_saves_a_vocabulary_sized_buffer(tmp_path):
+    """Measured, not assumed: the high-water mark of the tied weight's backward over
+    what is resident after it, dense and sparse, in fresh processes (SmolLM2's
+    head shape: 49152 x 576 fp32, 113 MB)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "peak.py"
+    script.write_text(SPARSE_PEAK)
+    over = {}
+    for mode in ("dense", "sparse"):
+        out = subprocess.run(
+            [sys.executable, str(script), mode], capture_output=True, text=True, check=True
+        )
+        over[mode] = int(out.stdout.split()[-1])
+    buffer = 49152 * 576 * 4
+    assert over["dense"] - over["sparse"] >= 0.8 * buffer, over

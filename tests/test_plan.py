@@ -149,3 +149,40 @@ def test_plan_command_user_errors(args, message):
     res = CliRunner().invoke(app, ["plan", str(ROOT / "recipes/quickstart.yaml"), *args])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_the_loss_in_chunks_bounds_the_logits_term():
+    """Llama-3's 128k vocabulary at 4096 tokens: the plain loss would hold 12 bytes
+    per token and vocabulary entry (6 GB); the chunked loss holds one chunk, so the
+    plan's activations drop by that much, and models with a scaled head keep the
+    plain term."""
+    from grass_cli.evaluate.loss import head_chunk_rows
+    from grass_cli.planner.activations import activations, logits_bytes, logits_peak
+
+    r = recipe(model__gradient_checkpointing=True, data__max_length=4096)
+    config, name = load_config(r, "llama-3-8b")
+    lay = build_layout(r, config, name)
+    assert lay.chunked_head and lay.vocab == 128256
+    tokens = 4096
+    chunked = logits_bytes(lay, 2, tokens)
+    assert chunked == head_chunk_rows(lay.vocab) * lay.vocab * 10 + tokens * lay.hidden * 2
+    assert chunked < 0.05 * logits_peak(lay, 2) * tokens
+    assert activations(r, lay, 4, True).logits == chunked
+    # few tokens: one chunk, the plain path and its term
+    assert logits_bytes(lay, 2, 8) == logits_peak(lay, 2) * 8
+    plain = type(lay)(**{**lay.__dict__, "chunked_head": False})
+    assert logits_bytes(plain, 2, tokens) == logits_peak(lay, 2) * tokens
+    p_chunked = plan(r, lay, Scenario("grass", "offload", residency="step"))
+    p_plain = plan(r, plain, Scenario("grass", "offload", residency="step"))
+    saved = p_plain.device_peak_bytes - p_chunked.device_peak_bytes
+    assert saved > 0.5 * logits_peak(lay, 2) * tokens  # (the peak moves to another phase)
+
+
+def test_scaled_heads_are_not_chunked():
+    from transformers import Gemma2Config, LlamaConfig
+
+    from grass_cli.evaluate.loss import head_is_plain
+
+    assert head_is_plain(LlamaConfig())
+    assert not head_is_plain(Gemma2Config())  # final_logit_softcapping 30
+    assert not head_is_plain(LlamaConfig(logit_scale=0.5))

@@ -24,7 +24,12 @@ from grass_cli.data.packing import check_model_packs
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
 from grass_cli.errors import GrassError
-from grass_cli.models import load_model_and_tokenizer, max_positions, resolve_device
+from grass_cli.models import (
+    load_model_and_tokenizer,
+    max_positions,
+    resolve_device,
+    sparse_tied_embedding_grads,
+)
 from grass_cli.offload.optimizer import BlockAdamW
 from grass_cli.offload.store import DiskStore, build_store
 from grass_cli.recipe import Recipe
@@ -138,6 +143,7 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[Any, Any, str, Bl
         block_map = lora.adapter_block_map(peft_model, recipe.model.blocks_attr)
     else:
         block_map = build_block_map(model, recipe.model.blocks_attr)
+        sparse_tied_embedding_grads(model)
     recipe.check_against_model(block_map.num_blocks, max_positions(model))
     model.to(device)
     if recipe.data.packing:  # a model that would leak across packed rows is refused

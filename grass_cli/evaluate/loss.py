@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,8 +38,110 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     position ids instead of its attention mask (see data/packing.py); its rows'
     target tokens are the ones they have unpacked, so the sum is the same.
     """
-    logits, labels, _ = target_logits(model, batch)
+    out = _head_output(model, batch, chunked=True)
+    if isinstance(out, _Hidden):
+        if not torch.is_grad_enabled():
+            return out.token_losses().sum()
+        return ChunkedHeadLoss.apply(out.hidden, out.weight, out.bias, out.labels, out.rows)
+    logits, labels, _ = out
     return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+# The head and its loss are computed in chunks of rows whose fp32 logits take at
+# most this many bytes, once a batch's logits would take more (see ChunkedHeadLoss).
+HEAD_CHUNK_BYTES = 32 * 2**20
+
+# Model types whose forward returns the LM head's output unchanged (no soft-capping,
+# no logit scale), so the loss may be computed from the head's input directly.
+# Others (Gemma 2/3, Cohere, Granite, any type not listed) keep the plain path.
+PLAIN_HEAD_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+        "phi", "phi3", "gemma", "gpt2", "gpt_neox", "olmo", "olmo2", "smollm3",
+        "stablelm", "starcoder2", "gptj",
+    }
+)  # fmt: skip
+_SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
+class _Hidden:
+    """The head's input at target positions, with what the chunked loss needs."""
+
+    hidden: torch.Tensor  # (N, d)
+    weight: torch.Tensor  # (V, d)
+    bias: torch.Tensor | None
+    labels: torch.Tensor  # (N,)
+    rows: int  # per chunk
+    keep: torch.Tensor  # (B, T-1) target positions
+
+    @torch.no_grad()
+    def token_losses(self) -> torch.Tensor:
+        """Each target's cross-entropy (N,) fp32, a chunk of logits at a time."""
+        out = []
+        for s in range(0, self.hidden.shape[0], self.rows):
+            logits = F.linear(self.hidden[s : s + self.rows], self.weight, self.bias).float()
+            y = self.labels[s : s + self.rows, None]
+            out.append(torch.logsumexp(logits, -1) - logits.gather(1, y).squeeze(1))
+        return torch.cat(out)
+
+
+def head_is_plain(config: Any) -> bool:
+    """Whether a model of this config returns its LM head's output unchanged (no
+    soft-capping or logit scale after it), so its loss may be chunked."""
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return False
+    return all(getattr(config, k, None) in (None, 1, 1.0) for k in _SCALED_HEAD_KEYS)
+
+
+def head_chunk_rows(vocab: int) -> int:
+    """Target rows per chunk of the chunked loss, for a vocabulary of `vocab`."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+
+
+def _chunk_rows(model: torch.nn.Module, head: torch.nn.Module | None, n: int) -> int:
+    """Rows per chunk when the loss may be chunked and `n` rows need more than one;
+    0 for the plain path (one (N, V) logits tensor, as a model computes it)."""
+    if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or custom head
+        return 0
+    if not head_is_plain(getattr(model, "config", None)):
+        return 0
+    rows = head_chunk_rows(head.out_features)
+    return rows if n > rows else 0
+
+
+def _head_output(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | _Hidden:
+    """The model's forward with its head at target positions only: `target_logits`'
+    triple, or (`chunked`, the logits large and the head plain) the head's input at
+    target positions for a chunked loss, the head itself run on zero rows."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen: list[torch.Tensor] = []
+    rows = _chunk_rows(model, head, int(keep.sum())) if chunked else 0
+
+    def select(_module: torch.nn.Module, args: tuple) -> tuple | None:
+        h = args[0]
+        if seen or h.dim() != 3 or h.shape[:2] != batch["labels"].shape:
+            return None
+        h = h[:, :-1][keep]
+        seen.append(h)
+        return (h[:0] if rows else h, *args[1:])
+
+    handle = head.register_forward_pre_hook(select) if head is not None else None
+    try:
+        logits = model(**model_inputs(batch), use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not seen:  # the head saw something else: full (B, T, V) logits
+        return logits[:, :-1][keep], labels[keep], keep
+    if rows:
+        assert isinstance(head, torch.nn.Linear)
+        return _Hidden(seen[0], head.weight, head.bias, labels[keep], rows, keep)
+    return logits, labels[keep], keep
 
 
 def target_logits(
@@ -57,27 +160,84 @@ def target_logits(
     shapes sums in another order). Models without output embeddings, or whose
     head is not called on (B, T, d) hidden states, get the full logits, selected.
     """
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    seen: list[bool] = []
+    out = _head_output(model, batch, chunked=False)
+    assert not isinstance(out, _Hidden)
+    return out
 
-    def select(_module: torch.nn.Module, args: tuple) -> tuple | None:
-        h = args[0]
-        if seen or h.dim() != 3 or h.shape[:2] != batch["labels"].shape:
-            return None
-        seen.append(True)
-        return (h[:, :-1][keep], *args[1:])
 
-    handle = head.register_forward_pre_hook(select) if head is not None else None
-    try:
-        logits = model(**model_inputs(batch), use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    if not seen:  # the head saw something else: full (B, T, V) logits
-        logits = logits[:, :-1][keep]
-    return logits, labels[keep], keep
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `labels`, computed
+    `rows` rows at a time, with the gradients made in the same pass.
+
+    The plain path holds the (N, V) logits, the log-softmax autograd saves and, in
+    backward, the gradient of each: three N x V fp32 buffers, which for a 128k
+    vocabulary and a few thousand target tokens are gigabytes, the largest
+    activation of a training step. Here one chunk's logits live at a time: the
+    softmax is made in place from them, its gradient (softmax minus one-hot) goes
+    straight into the gradients of the hidden states and the weight, and backward
+    only scales what forward made by the incoming gradient (the loss's 1/tokens).
+    No matmul is added (forward does the head's forward and both of its backward
+    matmuls); the weight's gradient buffer exists from the end of forward instead
+    of from the start of backward. The idea is Liger Kernel's fused linear
+    cross-entropy, written here for plain torch on any device.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        rows: int,
+    ) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if need_b
+            else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], rows):
+            h, y = hidden[s : s + rows], labels[s : s + rows]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            g[torch.arange(len(y), device=g.device), y] -= 1.0
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            # the matmuls in the dtype the plain backward uses: autocast's, or the weight's
+            if not torch.is_autocast_enabled(g.device.type):
+                g, h = g.to(weight.dtype), h.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[s : s + rows] = g @ weight
+            if grad_w is not None:
+                grad_w += g.T @ h
+            del g, logits
+        # the gradients are made here, not saved inputs: kept on ctx and scaled in place
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        gh, gw, gb = ctx.grads
+        ctx.grads = None  # once: the buffers become the gradients
+        if gh is not None:
+            gh = gh.mul_(grad_out.to(gh.dtype))
+        if gw is not None:
+            gw = gw.mul_(grad_out).to(ctx.dtypes[0])
+        if gb is not None:
+            gb = gb.mul_(grad_out).to(ctx.dtypes[1])
+        return gh, gw, gb, None, None
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -114,8 +274,12 @@ def row_loss_sums(
     The same shift and masking as `loss_sum`, kept per row so eval can report each
     item's loss and multiple choice can compare continuations.
     """
-    logits, labels, keep = target_logits(model, batch)
-    ce = F.cross_entropy(logits.float(), labels, reduction="none").double()  # (N,)
+    out = _head_output(model, batch, chunked=not torch.is_grad_enabled())
+    if isinstance(out, _Hidden):
+        ce, keep = out.token_losses().double(), out.keep
+    else:
+        logits, labels, keep = out
+        ce = F.cross_entropy(logits.float(), labels, reduction="none").double()  # (N,)
     rows = keep.nonzero()[:, 0]  # the row of each target position, in order
     sums = torch.zeros(keep.shape[0], dtype=torch.float64, device=ce.device)
     return sums.index_add_(0, rows, ce), keep.sum(-1)

@@ -42,6 +42,28 @@ def logits_peak(lay: Layout, a: int) -> int:
     return (2 * a + 4 + (4 if a < 4 else 0)) * lay.vocab
 
 
+def logits_bytes(lay: Layout, a: int, tokens: int) -> int:
+    """The loss's peak for `tokens` target tokens. A model whose head the loss may
+    chunk (evaluate/loss.py, ChunkedHeadLoss) holds one chunk's V-wide buffers
+    however many tokens there are (the fp32 logits turned softmax in place, the
+    log-sum-exp's temporary, the gradient's copy in the matmul dtype) and the hidden
+    states' gradient; the plain path holds `logits_peak` per token."""
+    from grass_cli.evaluate.loss import head_chunk_rows
+
+    rows = head_chunk_rows(lay.vocab)
+    if not lay.chunked_head or tokens <= rows:
+        return logits_peak(lay, a) * tokens
+    return rows * lay.vocab * (8 + (a if a < 4 else 0)) + tokens * lay.hidden * a
+
+
+def chunked_head_grad(lay: Layout, tokens: int) -> bool:
+    """Whether the head's gradient is made in fp32 during the forward (the chunked
+    loss), so it exists at the loss in fp32 rather than after it in the weight's dtype."""
+    from grass_cli.evaluate.loss import head_chunk_rows
+
+    return lay.chunked_head and tokens > head_chunk_rows(lay.vocab)
+
+
 # ------------------------------------------------------------------------------ plan
 
 
@@ -55,6 +77,7 @@ class Acts:
     per_layer: list[int]
     saved: list[int]  # what each layer keeps until backward
     work: int  # gradients in flight inside a layer
+    fp32_head_grad: bool = False  # the chunked loss's fp32 head gradient (see logits_bytes)
 
 
 def activations(recipe: Recipe, lay: Layout, active_blocks: int, ckpt: bool) -> Acts:
@@ -67,4 +90,12 @@ def activations(recipe: Recipe, lay: Layout, active_blocks: int, ckpt: bool) -> 
     per_layer = [layer_t if k < active_blocks else layer_f for k in range(L)]
     saved = [layer_in if ckpt else per_layer[k] for k in range(L)]
     work = a * tokens * (2 * lay.hidden + 2 * lay.intermediate)
-    return Acts(logits_peak(lay, a) * tokens, layer_t, layer_in, per_layer, saved, work)
+    return Acts(
+        logits_bytes(lay, a, tokens),
+        layer_t,
+        layer_in,
+        per_layer,
+        saved,
+        work,
+        chunked_head_grad(lay, tokens),
+    )

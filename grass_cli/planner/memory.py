@@ -25,9 +25,10 @@ Activations per token and layer follow from the decoder's shapes (hidden h,
 intermediate i, query and key/value widths), counting what autograd saves for a
 Llama-style block: fp32 RMSNorm inputs, q/k/v/output for attention, and the MLP's
 gate, up and product; a frozen layer between the lowest trained block and the loss
-saves only what the input gradient needs (no matmul inputs). The logits cost
-12 bytes per token and vocabulary entry at their peak (the logits, the copy of the
-shifted logits, the fp32 copy and the log-softmax output of the loss). Layers
+saves only what the input gradient needs (no matmul inputs). The logits cost up to
+12 bytes per token and vocabulary entry at their peak (planner/activations.py), or,
+for models whose loss runs in chunks of rows, one chunk's buffers whatever the
+number of tokens, plus the head's gradient made in fp32 during the forward. Layers
 below the lowest trained block save nothing, which is why layer-wise training
 with frozen embeddings is cheap; the planner assumes the worst draw (the lowest
 block among the active ones).
@@ -210,7 +211,14 @@ def _backward_peak(lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, 
     head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
     block_grads = [grads_of.get(b, 0) for b in lay.blocks]
     g_before = grads if accum else 0
-    peak = base + sum(acts.saved) + acts.logits + max(g_before, head_grads)
+    # the chunked loss makes a trained head's gradient in fp32 during the forward: at
+    # the loss it is that buffer; as backward starts, also its copy in the weight's dtype
+    head = next((g for g in t.groups if g.kind == "head" or (g.kind == "embed" and g.tied)), None)
+    head_numel = lay.vocab * lay.hidden if acts.fp32_head_grad and head is not None else 0
+    loss_grads = head_grads + head_numel * (4 - t.gbytes)
+    peak = base + sum(acts.saved) + acts.logits + max(g_before, loss_grads)
+    if head_numel and t.gbytes < 4:
+        peak = max(peak, base + sum(acts.saved) + max(g_before, loss_grads + head_numel * t.gbytes))
     for k in range(L - 1, -1, -1):
         live = sum(acts.saved[:k]) + (acts.per_layer[k] if ckpt else acts.saved[k]) + acts.work
         produced = head_grads + sum(block_grads[k:])

@@ -48,6 +48,7 @@ class Layout:
     weight_bytes: int  # per parameter, from model.dtype
     params: int
     lora: dict[str, GroupShape] = field(default_factory=dict)  # block name -> adapters
+    chunked_head: bool = False  # the loss runs in chunks of rows (evaluate/loss.py)
 
 
 def load_config(recipe: Recipe, model_config: str | None = None) -> tuple[Any, str]:
@@ -112,6 +113,7 @@ def build_layout(recipe: Recipe, config: Any, name: str) -> Layout:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
+    from grass_cli.evaluate.loss import head_is_plain
     from grass_cli.sampling.blocks import build_block_map, find_blocks
 
     with torch.device("meta"):
@@ -153,4 +155,6 @@ def build_layout(recipe: Recipe, config: Any, name: str) -> Layout:
         weight_bytes=_weight_bytes(recipe, config),
         params=sum(p.numel() for p in model.parameters()),
         lora=lora,
+        chunked_head=head_is_plain(model.config)
+        and type(model.get_output_embeddings()) is nn.Linear,
     )
