@@ -348,3 +348,48 @@ def test_sparse_tied_backward_saves_a_vocabulary_sized_buffer(tmp_path):
         over[mode] = int(out.stdout.split()[-1])
     buffer = 49152 * 576 * 4
     assert over["dense"] - over["sparse"] >= 0.8 * buffer, over
+
+
+def test_one_fused_call_for_all_groups_equals_each_optimizer_stepping():
+    """BlockAdamW steps its fp32 groups together (one fused call per hyperparameter
+    set): bit for bit each optimizer's own step, with the same state tensors, for
+    optimizers at different step counts and with decayed and undecayed groups."""
+    from grass_cli.offload.optimizer import step_together
+
+    def make(seed: int) -> tuple[list[torch.optim.AdamW], list[torch.nn.Parameter]]:
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(8, 4), (4,), (3, 5)]]
+        cfg = OptimizerConfig(fused=True, lr=1e-2, weight_decay=0.1)
+        opts = [
+            adamw(
+                [
+                    {"params": params[:1], "weight_decay": 0.1},
+                    {"params": params[1:2], "weight_decay": 0.0},
+                ],
+                cfg,
+            ),
+            adamw([{"params": params[2:], "weight_decay": 0.1}], cfg),
+        ]
+        return opts, params
+
+    ours, ours_p = make(0)
+    ref, ref_p = make(0)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=g) for p in ours_p]
+        active = [0, 1] if step != 1 else [1]  # the first optimizer skips a step
+        for params in (ours_p, ref_p):
+            owner = [0, 0, 1]  # the optimizer of each parameter
+            for i, p in enumerate(params):
+                p.grad = grads[i].clone() if owner[i] in active else None
+        step_together([ours[i] for i in active])
+        for i in active:
+            ref[i].step()
+        for p, q in zip(ours_p, ref_p, strict=True):
+            assert torch.equal(p, q)
+    for o, r in zip(ours, ref, strict=True):
+        so, sr = o.state_dict()["state"], r.state_dict()["state"]
+        assert so.keys() == sr.keys()
+        for k in so:
+            assert {n: torch.equal(so[k][n], sr[k][n]) for n in so[k]} == {n: True for n in sr[k]}
+    assert float(ours[0].state_dict()["state"][0]["step"]) == 3.0  # skipped one of four

@@ -50,6 +50,49 @@ def adamw(param_groups: list[dict], cfg: OptimizerConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, **kw)
 
 
+def step_together(optimizers: list[torch.optim.AdamW]) -> None:
+    """Step several AdamW instances (one per active group) with one fused call per
+    set of hyperparameters, instead of one call per optimizer and parameter group.
+
+    The fused kernel updates each tensor on its own, so the result is bit for bit
+    what each optimizer's `step()` gives (tested); only the number of calls changes.
+    The state is made and kept as torch's AdamW makes it (`step`, `exp_avg`,
+    `exp_avg_sq`; a float32 step tensor on the parameter's device, as fused keeps
+    it), so checkpoints and the per-group offloading see the same tensors. Optimizers
+    that are not fused, or use amsgrad, step on their own.
+    """
+    from torch.optim.adamw import adamw as adamw_fn
+
+    buckets: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
+    for opt in optimizers:
+        if not opt.defaults.get("fused") or opt.defaults.get("amsgrad"):
+            opt.step()
+            continue
+        for group in opt.param_groups:
+            key = (group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+                   group["maximize"])  # fmt: skip
+            params, grads, avgs, sqs, steps = buckets.setdefault(key, ([], [], [], [], []))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = opt.state[p]
+                if not state:  # as AdamW's lazy initialisation makes it, fused
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                avgs.append(state["exp_avg"])
+                sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+    with torch.no_grad():
+        for (lr, beta1, beta2, eps, weight_decay, maximize), lists in buckets.items():
+            if lists[0]:
+                adamw_fn(*lists[:4], [], lists[4], fused=True, amsgrad=False, beta1=beta1,
+                         beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+                         maximize=maximize)  # fmt: skip
+
+
 class BlockAdamW:
     def __init__(
         self,
@@ -184,19 +227,23 @@ class BlockAdamW:
             self._step_streaming(order)
             self.store.settle()
             return
+        together = []  # fp32 groups: one fused call for all of them
         for name in order:
             st = self.states[name]
             if st.offloaded:  # (interval residency: brought back at its first step)
                 self._bring_back(st)
-            if st.master is not None:
-                for m, p in zip(st.master, st.params, strict=True):
-                    m.grad = None if p.grad is None else p.grad.float()
+            if st.master is None:
+                together.append(st.optimizer)
+                continue
+            # fp32 masters of bf16 weights: one group's fp32 gradient copies at a time
+            for m, p in zip(st.master, st.params, strict=True):
+                m.grad = None if p.grad is None else p.grad.float()
             st.optimizer.step()
-            if st.master is not None:
-                with torch.no_grad():
-                    for m, p in zip(st.master, st.params, strict=True):
-                        p.copy_(m)
-                        m.grad = None
+            with torch.no_grad():
+                for m, p in zip(st.master, st.params, strict=True):
+                    p.copy_(m)
+                    m.grad = None
+        step_together(together)
 
     def _step_streaming(self, order: list[str]) -> None:
         units = [
