@@ -393,3 +393,32 @@ def test_one_fused_call_for_all_groups_equals_each_optimizer_stepping():
         for k in so:
             assert {n: torch.equal(so[k][n], sr[k][n]) for n in so[k]} == {n: True for n in sr[k]}
     assert float(ours[0].state_dict()["state"][0]["step"]) == 3.0  # skipped one of four
+
+
+def test_chunked_head_loss_with_a_bias_and_uneven_chunks():
+    """A head with a bias (Phi's) and a last chunk shorter than the others: the
+    loss and the gradients of hidden states, weight and bias equal the plain ones."""
+    from grass_cli.evaluate.loss import ChunkedHeadLoss
+
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(300, 16, generator=g, requires_grad=True)
+    bias = torch.randn(300, generator=g, requires_grad=True)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (23,), generator=g)
+    results = []
+    for fn in (
+        lambda: F.cross_entropy(F.linear(hidden, weight, bias), labels, reduction="sum"),
+        lambda: ChunkedHeadLoss.apply(hidden, weight, bias, labels, 5),  # 5 x 4 + 3
+    ):
+        weight.grad = bias.grad = hidden.grad = None
+        loss = fn()
+        (loss * 0.37).backward()
+        results.append((float(loss.detach()), [t.grad.clone() for t in (hidden, weight, bias)]))
+    (plain, plain_grads), (ours, our_grads) = results
+    assert ours == pytest.approx(plain, rel=1e-6)
+    for a, b in zip(our_grads, plain_grads, strict=True):
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm())
+    with torch.no_grad():  # no gradient wanted: none made, the same loss
+        assert float(ChunkedHeadLoss.apply(hidden, weight, bias, labels, 5)) == pytest.approx(
+            plain, rel=1e-6
+        )
