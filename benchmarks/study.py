@@ -17,7 +17,9 @@ axis at a time around a base configuration:
    sampling temperature and exploration floor), `head` (embeddings and LM head
    trained or frozen), `probe` (probing steps T_p, the importance's first
    estimate), `update` (T_u, steps between EMA refreshes of the trained blocks'
-   importance), `alpha` (the EMA's weight on the new window).
+   importance), `alpha` (the EMA's weight on the new window), `correction`
+   (our idea: each drawn block's lr scaled by its inverse inclusion
+   probability, `sampler.lr_correction`).
 
 Every choice is made on the validation split's loss (eval.jsonl): the held-out
 split is never read here. Runs are kept in `--work` (default runs/study) and
@@ -52,6 +54,8 @@ AXES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "probe": ("sampler.probe_steps", (16,)),
     "update": ("sampler.update_interval", (5, 25)),
     "alpha": ("sampler.alpha", (0.2, 0.8)),
+    # our idea (not in the paper): lr x (gamma / L) / inclusion probability
+    "correction": ("sampler.lr_correction", ("inverse_probability",)),
 }
 EXTRA = {"head": ("sampler.train_embeddings=true",)}  # tied in SmolLM2: one matrix
 

@@ -122,6 +122,32 @@ def test_resume_is_bit_identical(combo, tiny_factory, tmp_path):
     assert [e["loss"] for e in metrics(tmp_path / "b") if e["event"] == "step"] == ra.losses
 
 
+def test_resume_with_lr_correction_is_bit_identical_and_steps_scaled(tiny_factory, tmp_path):
+    """sampler.lr_correction: each drawn block steps at lr x its scale (read back from
+    the optimizer), the switch events log the scales, and a resume in the middle of
+    a switch interval continues with the same scales, bit for bit."""
+    model_dir = tiny_factory("gpt2", 4)
+    sampler = {"lr_correction": "inverse_probability", "tau": 0.2, "eps": 0.0}
+    opt = {"state_policy": "keep"}
+    a, ra = run_straight(make_recipe(model_dir, tmp_path / "a", "grass", opt, sampler=sampler))
+    b, rb = run_interrupted(
+        make_recipe(model_dir, tmp_path / "b", "grass", opt, sampler=sampler), k=3
+    )
+    assert rb.losses == ra.losses and len(ra.losses) == 7
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    switches = [e for e in metrics(tmp_path / "a") if e["event"] == "switch"]
+    assert switches and all(len(e["lr_scales"]) == len(e["active"]) for e in switches)
+    assert any(abs(v - 1.0) > 1e-3 for e in switches for v in e["lr_scales"])
+    from grass_cli.engine.schedule import lr_at
+
+    last_lr = lr_at(6, 7, 1e-3, a.recipe.training)  # the last step's scheduled lr
+    last = switches[-1]
+    for i, scale in zip(last["active"], last["lr_scales"], strict=True):
+        for group in a.optimizer.states[f"block.{i}"].optimizer.param_groups:
+            assert group["lr"] == pytest.approx(last_lr * scale, rel=1e-12)
+
+
 def test_checkpoint_contents_manifest_and_keep_last(tiny_llama, tmp_path):
     rec = make_recipe(tiny_llama, tmp_path / "run", checkpoint={"interval": 2, "keep_last": 2})
     run_straight(rec)

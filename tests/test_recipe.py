@@ -366,3 +366,20 @@ def test_a_value_pyyaml_cannot_build_is_a_recipe_error(tmp_path):
     assert "malformed YAML: cannot build a value: month must be in 1..12" in error_of(p)
     p = write(tmp_path, {"data": {"train": "t"}}, "b.yaml")
     assert "value is not valid YAML" in error_of(p, ["data.eval=2020-13-45"])
+
+
+def test_lr_correction_only_for_grass_samplers():
+    from grass_cli.errors import RecipeError
+    from grass_cli.recipe import validate_dict
+
+    def recipe(**sampler):
+        d = {"model": {"path": "x"}, "data": {"train": "t.jsonl"}, "sampler": sampler}
+        return validate_dict(d, "r.yaml")
+
+    ok = recipe(strategy="grass-static", lr_correction="inverse_probability")
+    assert ok.sampler.lr_correction == "inverse_probability"
+    assert ok.sampler.lr_correction_clip == 4.0
+    with pytest.raises(RecipeError, match="draws every block with the same probability"):
+        recipe(strategy="lisa", lr_correction="inverse_probability")
+    with pytest.raises(RecipeError, match="lr_correction_clip"):
+        recipe(lr_correction_clip=0.5)

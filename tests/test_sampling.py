@@ -265,3 +265,57 @@ def test_negative_seed_is_folded_and_other_seeds_are_unchanged():
     rng = np.random.Generator(np.random.PCG64(7))
     expect = [sorted(int(i) for i in rng.choice(6, size=2, replace=False)) for _ in range(5)]
     assert [same.active(i) for i in range(5)] == expect
+
+
+# ------------------------------------------------------------------- lr correction
+
+
+def test_inverse_probability_scales():
+    from grass_cli.sampling.samplers import inverse_probability_scales
+
+    assert np.allclose(inverse_probability_scales(np.full(6, 1 / 6), 2, 4.0), 1.0, atol=0.03)
+    p = np.array([0.5, 0.3, 0.1, 0.06, 0.03, 0.01, 0.0])
+    s = inverse_probability_scales(p, 2, 4.0)
+    assert s[0] < s[1] < 1.0 < s[2] < s[3] < s[4] <= 4.0  # rarer: larger steps
+    assert s[5] == 4.0 and s[6] == 4.0  # clipped (p = 0: drawn only to fill the set)
+    assert s[0] >= 0.25
+    assert np.array_equal(s, inverse_probability_scales(p, 2, 4.0))  # the same every call
+    # gamma 1: pi_b = p_b, so E[scale of b] = p_b * s_b = 1 / L for every block
+    p1 = np.array([0.4, 0.3, 0.2, 0.1])
+    assert np.allclose(p1 * inverse_probability_scales(p1, 1, 10.0), 0.25, rtol=0.03)
+
+
+def test_lr_correction_evens_out_expected_steps_without_replacement():
+    """gamma 2 of 5: against the exact inclusion probabilities of drawing without
+    replacement (enumerated), each block's expected lr multiplier per step is a
+    uniform draw's, gamma / L, within the estimate's error."""
+    from grass_cli.sampling.samplers import inclusion_probabilities as estimated
+    from grass_cli.sampling.samplers import inverse_probability_scales
+
+    p = probabilities([1.0, 2.0, 3.0, 0.5, 1.5], 0.5, 0.05)
+    exact = inclusion_probabilities(p, 2)
+    assert np.allclose(estimated(p, 2), exact, atol=0.012)
+    expected = exact * inverse_probability_scales(p, 2, 100.0)
+    assert np.allclose(expected, 2 / 5, rtol=0.04)
+    assert np.ptp(exact) > 0.5  # without the correction: far from even
+
+
+def test_grass_sampler_records_the_drawn_blocks_scales():
+    cfg = SamplerConfig(
+        strategy="grass", gamma=2, switch_interval=1, tau=0.5, lr_correction="inverse_probability"
+    )
+    s = build_sampler(cfg, 5, tracker_with([1.0, 2.0, 3.0, 0.5, 1.5]), seed=0)
+    for step in range(6):
+        active = s.active(step)
+        assert sorted(s.lr_scales) == active
+    assert len({round(v, 6) for v in s.lr_scales.values()}) >= 1
+    state = s.state_dict()
+    b = build_sampler(cfg, 5, tracker_with([1.0, 2.0, 3.0, 0.5, 1.5]), seed=1)
+    b.load_state_dict(state)
+    assert b.lr_scales == s.lr_scales
+    lisa = build_sampler(SamplerConfig(strategy="lisa", gamma=2), 5, tracker_with([1.0] * 5), 0)
+    lisa.active(0)
+    assert lisa.lr_scales == {}
+    plain = build_sampler(SamplerConfig(strategy="grass", gamma=2), 5, tracker_with([1.0] * 5), 0)
+    plain.active(0)
+    assert plain.lr_scales == {}

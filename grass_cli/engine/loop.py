@@ -78,6 +78,7 @@ class Progress:
     start_step: int = 0
     active_names: set[str] = field(default_factory=set)
     reducer_names: set[str] | None = None  # what the reducer's buckets are laid out for
+    lr_scales: dict[int, float] = field(default_factory=dict)  # as last logged
     skipped_in_a_row: int = 0
 
 
@@ -106,7 +107,7 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
-            run.optimizer.step(lr)
+            run.optimizer.step(lr, {f"block.{i}": v for i, v in run.sampler.lr_scales.items()})
             pr.skipped_in_a_row = 0
         run.optimizer.zero_grad()
         if not finite:
@@ -131,6 +132,7 @@ def begin(run: Run) -> Progress:
         return pr
     state = restore(run, run.resume_from)
     pr.start_step, pr.active_names = state.step, set(state.active_names)
+    pr.lr_scales = dict(run.sampler.lr_scales)  # (restored with the sampler)
     r = pr.result
     r.losses, r.eval_losses = list(state.losses), dict(state.eval_losses)
     r.tokens, r.peak_rss, r.skipped = state.tokens, state.peak_rss, state.skipped
@@ -170,9 +172,12 @@ def choose_blocks(run: Run, pr: Progress, step: int) -> list[int]:
     """The sampler's blocks for this step; a new set switches the optimizer."""
     active = run.sampler.active(step)
     names = {f"block.{i}" for i in active} | set(run.always_train)
-    if names != pr.active_names:
+    lr_scales = run.sampler.lr_scales  # (sampler.lr_correction; a redraw of the same
+    # blocks can change them, and that is logged as a switch too)
+    if names != pr.active_names or lr_scales != pr.lr_scales:
         activated, frozen = run.optimizer.set_active(names)
-        pr.active_names = names
+        pr.active_names, pr.lr_scales = names, dict(lr_scales)
+        scales = {"lr_scales": [lr_scales[i] for i in active]} if lr_scales else {}
         run.telemetry.emit(
             "switch",
             step=step,
@@ -180,6 +185,7 @@ def choose_blocks(run: Run, pr: Progress, step: int) -> list[int]:
             activated=activated,
             frozen=frozen,
             next_switch=run.sampler.next_switch(step),
+            **scales,
         )
     if run.reducer is not None and names != pr.reducer_names:
         # every rank must have drawn the same blocks, or they would diverge

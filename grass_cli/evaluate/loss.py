@@ -165,6 +165,16 @@ def target_logits(
     return out
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (torch < 2.4 has no argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T + bias` against `labels`, computed
     `rows` rows at a time, with the gradients made in the same pass.
@@ -215,7 +225,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += g.sum(0)
             # the matmuls in the dtype the plain backward uses: autocast's, or the weight's
-            if not torch.is_autocast_enabled(g.device.type):
+            if not _autocast_on(g.device.type):
                 g, h = g.to(weight.dtype), h.to(weight.dtype)
             if grad_h is not None:
                 grad_h[s : s + rows] = g @ weight

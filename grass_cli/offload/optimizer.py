@@ -207,8 +207,9 @@ class BlockAdamW:
     def trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for name in sorted(self.active) for p in self.groups[name].tensors]
 
-    def step(self, lr: float) -> None:
-        """AdamW on every active group, in a fixed order.
+    def step(self, lr: float, scales: dict[str, float] | None = None) -> None:
+        """AdamW on every active group, in a fixed order; `scales` multiplies the lr
+        of the groups it names (sampler.lr_correction).
 
         With residency `step`, the update streams one parameter at a time: its state
         is fetched just before its update (it was prefetched while the previous
@@ -221,8 +222,9 @@ class BlockAdamW:
         """
         order = sorted(self.active)
         for name in order:
+            scale = scales.get(name, 1.0) if scales else 1.0
             for pg in self.states[name].optimizer.param_groups:
-                pg["lr"] = lr
+                pg["lr"] = lr * scale
         if self.policy == "offload" and self.residency == "step":
             self._step_streaming(order)
             self.store.settle()

@@ -142,6 +142,13 @@ class SamplerConfig(Section):
     # fewer than gamma blocks remain possible the sampler takes those and fills the
     # set with the highest-MGN others (tau -> 0's greedy limit) instead of failing.
     eps: float = Field(0.1, ge=0, le=1)
+    # Our addition to the paper (grass, grass-static): `inverse_probability` scales
+    # each drawn block's lr by how much less likely than a uniform draw it was to be
+    # drawn (clipped to [1/lr_correction_clip, lr_correction_clip]), so that in
+    # expectation every block moves as far as under uniform sampling while the
+    # important ones are still visited more often. `none`: the paper's equal lr.
+    lr_correction: Literal["none", "inverse_probability"] = "none"
+    lr_correction_clip: float = Field(4.0, ge=1)
     # Always-train groups outside the blocks. Tied embedding/head weights are one
     # group, trained when either switch is on.
     train_embeddings: bool = False
@@ -358,6 +365,17 @@ class Recipe(Section):
                 "model.dtype is float16, but training in float16 needs loss scaling, which "
                 "grass does not do (small gradients underflow to zero); use model.dtype: "
                 "bfloat16, or model.dtype: float32 with training.autocast: bf16"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lr_correction_needs_unequal_draws(self) -> Recipe:
+        s = self.sampler
+        if s.lr_correction != "none" and s.strategy not in ("grass", "grass-static"):
+            raise ValueError(
+                f"sampler.lr_correction is {s.lr_correction} but sampler.strategy {s.strategy} "
+                "draws every block with the same probability, so there is nothing to "
+                "correct; use it with strategy grass or grass-static, or set it to none"
             )
         return self
 

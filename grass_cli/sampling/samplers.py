@@ -47,6 +47,43 @@ def draw_distinct(
     return chosen
 
 
+def inclusion_probabilities(p: np.ndarray, gamma: int, draws: int = 20_000) -> np.ndarray:
+    """Each block's probability of being among `gamma` drawn without replacement
+    with probabilities `p` (successive sampling, as `draw_distinct` draws).
+
+    It has no closed form; this estimates it from `draws` Gumbel-top-k draws, which
+    follow the same distribution (the top gamma of log p + Gumbel noise), with a
+    generator of its own and a fixed seed, so the estimate is the same on every
+    call (a resumed run gets the same scales) and the sampler's draws are untouched.
+    Standard error at most 0.5 / sqrt(draws), 0.0035 by default.
+    """
+    L = len(p)
+    if gamma >= L:
+        return np.ones(L)
+    rng = np.random.Generator(np.random.PCG64(0))
+    with np.errstate(divide="ignore"):
+        keys = np.log(np.clip(p, 0.0, None))[None, :] + rng.gumbel(size=(draws, L))
+    top = np.argpartition(-keys, gamma - 1, axis=1)[:, :gamma]
+    return np.bincount(top.ravel(), minlength=L) / draws
+
+
+def inverse_probability_scales(p: np.ndarray, gamma: int, clip: float) -> np.ndarray:
+    """Each block's lr multiplier under `sampler.lr_correction: inverse_probability`.
+
+    A block drawn with inclusion probability pi_b and updated with lr x (gamma / L)
+    / pi_b moves, in expectation over the draws, as far per step as under a uniform
+    draw (pi = gamma / L): the Horvitz-Thompson correction of importance-sampled
+    SGD. GRASS keeps visiting the important blocks more often, and the rarely drawn
+    ones no longer fall behind in how far they have moved. The clip keeps a block
+    drawn almost never (or only to fill the set: p = 0) from taking a step many
+    times the lr.
+    """
+    pi = inclusion_probabilities(np.asarray(p, dtype=np.float64), gamma)
+    with np.errstate(divide="ignore"):
+        scales = (gamma / len(p)) / pi
+    return np.clip(scales, 1.0 / clip, clip)
+
+
 class Sampler(ABC):
     """Base: holds the current active set and refreshes importance every T_u steps.
 
@@ -67,6 +104,8 @@ class Sampler(ABC):
         self.rng = np.random.Generator(np.random.PCG64(seed % 2**64))
         self.current: list[int] = []
         self.last_switch = -1
+        # lr multiplier of each drawn block (sampler.lr_correction); empty: all 1
+        self.lr_scales: dict[int, float] = {}
 
     def switch_due(self, step: int) -> bool:
         return not self.current or step % self.cfg.switch_interval == 0
@@ -97,12 +136,15 @@ class Sampler(ABC):
             "rng": self.rng.bit_generator.state,
             "current": self.current,
             "last_switch": self.last_switch,
+            "lr_scales": [[i, v] for i, v in sorted(self.lr_scales.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.current = list(state["current"])
         self.last_switch = int(state["last_switch"])
+        # (checkpoints from before lr_correction have none: every scale was 1)
+        self.lr_scales = {int(i): float(v) for i, v in state.get("lr_scales", [])}
 
 
 class FullSampler(Sampler):
@@ -145,7 +187,11 @@ class GrassSampler(Sampler):
         p = np.asarray(self.probabilities())
         # Highest MGN first (never-observed NaN last): the tau -> 0 limit of sampling.
         by_mgn = np.argsort(-self.tracker.mgn.numpy(), kind="stable")
-        return draw_distinct(self.rng, p, self.cfg.gamma, by_mgn)
+        drawn = draw_distinct(self.rng, p, self.cfg.gamma, by_mgn)
+        if self.cfg.lr_correction == "inverse_probability":
+            scales = inverse_probability_scales(p, self.cfg.gamma, self.cfg.lr_correction_clip)
+            self.lr_scales = {int(i): float(scales[i]) for i in drawn}
+        return drawn
 
 
 class StaticGrassSampler(GrassSampler):
