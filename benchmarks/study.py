@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare  # noqa: E402  (the bench's run/reuse machinery)
 
+from grass_cli.atomic import write_atomic_text  # noqa: E402
+
 TASK = "reversal"
 # Axis -> (recipe key, values tried besides the base). The base is the bench
 # recipe's value (recipes/bench/grass.yaml), with the lr the `lr` axis chose.
@@ -102,7 +104,9 @@ def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int =
     return [rows[lr] for lr in sorted(rows)]
 
 
-def screen(args: argparse.Namespace, log) -> dict[str, Any]:
+def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, Any]:
+    """Stage 1; `save(results)` is called after every run, so an interrupted
+    screen leaves the table of what it finished."""
     mode = compare.Mode(
         steps=args.steps,
         micro_batch=args.batch,
@@ -121,15 +125,16 @@ def screen(args: argparse.Namespace, log) -> dict[str, Any]:
     out["lr"] = lr
     base = run(args.work, mode, (), lr, log)
     out["base"] = base
+    save(out)
     for axis in args.axes:
         if axis == "lr":
             continue
         key, values = AXES[axis]
-        rows = [{**base, "value": _base_value(recipe, key)}]
+        rows = out["axes"][axis] = [{**base, "value": _base_value(recipe, key)}]
         for v in values:
             ov = (f"{key}={str(v).lower() if isinstance(v, bool) else v}", *EXTRA.get(axis, ()))
             rows.append({**run(args.work, mode, ov, lr, log), "value": v})
-        out["axes"][axis] = rows
+            save(out)
     return out
 
 
@@ -179,14 +184,18 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    res = screen(args, log)
     command = "python benchmarks/study.py " + " ".join(sys.argv[1:])
-    res["command"] = command
     path = ROOT / "benchmarks/results/study-screen"
-    path.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    text = render(res, command)
-    path.with_suffix(".md").write_text(text)
-    print(text)
+
+    def save(res: dict[str, Any]) -> None:
+        res["command"] = command
+        # atomic: the study writes these after every run, and may be killed at any time
+        write_atomic_text(path.with_suffix(".json"), json.dumps(res, indent=2))
+        write_atomic_text(path.with_suffix(".md"), render(res, command))
+
+    res = screen(args, log, save)
+    save(res)
+    print(render(res, command))
 
 
 if __name__ == "__main__":
