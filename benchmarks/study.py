@@ -139,8 +139,13 @@ def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, An
 
 
 def _base_value(recipe: dict[str, Any], key: str) -> Any:
+    """The bench recipe's value of `key`, or the recipe default it leaves in place."""
+    from grass_cli.recipe.sections import Recipe
+
     section, name = key.split(".")
-    return recipe[section][name]
+    if name in recipe.get(section, {}):
+        return recipe[section][name]
+    return Recipe.model_fields[section].annotation.model_fields[name].default
 
 
 def render(res: dict[str, Any], command: str) -> str:

@@ -54,3 +54,13 @@ def test_screen_extends_the_lr_grid_until_interior_and_saves_every_run(monkeypat
     assert len(saved) == 1 + 2  # after the base run, then after each gamma run
     text = study.render(res, "python benchmarks/study.py screen")
     assert "| gamma | 8 | **0.0150** |" in text
+
+
+def test_an_axis_the_bench_recipe_leaves_at_its_default():
+    """sampler.lr_correction is not in recipes/bench/grass.yaml: its base value is the
+    recipe default."""
+    study = load_study()
+    recipe = study.compare._recipe("grass")
+    assert "lr_correction" not in recipe["sampler"]
+    assert study._base_value(recipe, "sampler.lr_correction") == "none"
+    assert study._base_value(recipe, "sampler.gamma") == recipe["sampler"]["gamma"]
