@@ -78,12 +78,29 @@ class _Hidden:
     @torch.no_grad()
     def token_losses(self) -> torch.Tensor:
         """Each target's cross-entropy (N,) fp32, a chunk of logits at a time."""
-        out = []
-        for s in range(0, self.hidden.shape[0], self.rows):
-            logits = F.linear(self.hidden[s : s + self.rows], self.weight, self.bias).float()
-            y = self.labels[s : s + self.rows, None]
-            out.append(torch.logsumexp(logits, -1) - logits.gather(1, y).squeeze(1))
-        return torch.cat(out)
+        n, rows = self.hidden.shape[0], self.rows
+        return torch.cat(
+            [
+                _chunk_loss(self.hidden, self.weight, self.bias, self.labels, slice(s, s + rows))[3]
+                for s in range(0, n, rows)
+            ]
+        )
+
+
+def _chunk_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    at: slice,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of targets: its fp32 logits (V wide), their log-sum-exp, its labels
+    and each target's cross-entropy. (A function, not a generator: the caller drops
+    a chunk's logits before the next chunk's are made.)"""
+    logits = F.linear(hidden[at], weight, bias).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    y = labels[at]
+    return logits, lse, y, lse - logits.gather(1, y[:, None]).squeeze(1)
 
 
 def head_is_plain(config: Any) -> bool:
@@ -113,9 +130,22 @@ def _chunk_rows(model: torch.nn.Module, head: torch.nn.Module | None, n: int) ->
 def _head_output(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | _Hidden:
-    """The model's forward with its head at target positions only: `target_logits`'
-    triple, or (`chunked`, the logits large and the head plain) the head's input at
-    target positions for a chunked loss, the head itself run on zero rows."""
+    """The model's forward with its head at target positions only: the logits there
+    (N, V), their labels (N,) and the (B, T-1) mask of those positions (position t
+    predicts token t+1); or, `chunked` with large logits and a plain head, the
+    head's input at those positions for a chunked loss (`_Hidden`), the head itself
+    run on zero rows.
+
+    The LM head is the largest matmul of a small model (49152 x 576 per token for
+    SmolLM2-135M) and its softmax runs over the whole vocabulary, so computing it
+    at prompt and padding positions, whose logits no loss reads, costs about a
+    third of a step. A pre-hook on the output embeddings hands the head only the
+    hidden states of target positions; whatever the model does after the head
+    (Gemma's soft-capping, a logit scale) is elementwise and sees the same values.
+    The result equals the full computation up to float rounding (a matmul of other
+    shapes sums in another order). Models without output embeddings, or whose
+    head is not called on (B, T, d) hidden states, get the full logits, selected.
+    """
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -142,27 +172,6 @@ def _head_output(
         assert isinstance(head, torch.nn.Linear)
         return _Hidden(seen[0], head.weight, head.bias, labels[keep], rows, keep)
     return logits, labels[keep], keep
-
-
-def target_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the positions that carry loss only: (N, V), their labels (N,), and
-    the (B, T-1) mask of those positions (position t predicts token t+1).
-
-    The LM head is the largest matmul of a small model (49152 x 576 per token for
-    SmolLM2-135M) and its softmax runs over the whole vocabulary, so computing it
-    at prompt and padding positions, whose logits no loss reads, costs about a
-    third of a step. A pre-hook on the output embeddings hands the head only the
-    hidden states of target positions; whatever the model does after the head
-    (Gemma's soft-capping, a logit scale) is elementwise and sees the same values.
-    The result equals the full computation up to float rounding (a matmul of other
-    shapes sums in another order). Models without output embeddings, or whose
-    head is not called on (B, T, d) hidden states, get the full logits, selected.
-    """
-    out = _head_output(model, batch, chunked=False)
-    assert not isinstance(out, _Hidden)
-    return out
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -214,12 +223,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], rows):
-            h, y = hidden[s : s + rows], labels[s : s + rows]
-            logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            at = slice(s, s + rows)
+            logits, lse, y, ce = _chunk_loss(hidden, weight, bias, labels, at)
+            total += ce.sum()
             if not (need_h or need_w or need_b):
                 continue
+            h = hidden[at]
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
             g[torch.arange(len(y), device=g.device), y] -= 1.0
             if grad_b is not None:
@@ -228,7 +237,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             if not _autocast_on(g.device.type):
                 g, h = g.to(weight.dtype), h.to(weight.dtype)
             if grad_h is not None:
-                grad_h[s : s + rows] = g @ weight
+                grad_h[at] = g @ weight
             if grad_w is not None:
                 grad_w += g.T @ h
             del g, logits

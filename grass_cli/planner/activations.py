@@ -42,26 +42,24 @@ def logits_peak(lay: Layout, a: int) -> int:
     return (2 * a + 4 + (4 if a < 4 else 0)) * lay.vocab
 
 
-def logits_bytes(lay: Layout, a: int, tokens: int) -> int:
-    """The loss's peak for `tokens` target tokens. A model whose head the loss may
-    chunk (evaluate/loss.py, ChunkedHeadLoss) holds one chunk's V-wide buffers
-    however many tokens there are (the fp32 logits turned softmax in place, the
-    log-sum-exp's temporary, the gradient's copy in the matmul dtype) and the hidden
-    states' gradient; the plain path holds `logits_peak` per token."""
+def loss_chunk_rows(lay: Layout, tokens: int) -> int:
+    """Rows per chunk of the chunked loss (evaluate/loss.py, ChunkedHeadLoss) for
+    `tokens` target tokens; 0 for the plain path (a plain head of one chunk or less)."""
     from grass_cli.evaluate.loss import head_chunk_rows
 
     rows = head_chunk_rows(lay.vocab)
-    if not lay.chunked_head or tokens <= rows:
+    return rows if lay.chunked_head and tokens > rows else 0
+
+
+def logits_bytes(lay: Layout, a: int, tokens: int) -> int:
+    """The loss's peak for `tokens` target tokens. The chunked loss holds one chunk's
+    V-wide buffers however many tokens there are (the fp32 logits turned softmax in
+    place, the log-sum-exp's temporary, the gradient's copy in the matmul dtype) and
+    the hidden states' gradient; the plain path holds `logits_peak` per token."""
+    rows = loss_chunk_rows(lay, tokens)
+    if not rows:
         return logits_peak(lay, a) * tokens
     return rows * lay.vocab * (8 + (a if a < 4 else 0)) + tokens * lay.hidden * a
-
-
-def chunked_head_grad(lay: Layout, tokens: int) -> bool:
-    """Whether the head's gradient is made in fp32 during the forward (the chunked
-    loss), so it exists at the loss in fp32 rather than after it in the weight's dtype."""
-    from grass_cli.evaluate.loss import head_chunk_rows
-
-    return lay.chunked_head and tokens > head_chunk_rows(lay.vocab)
 
 
 # ------------------------------------------------------------------------------ plan
@@ -77,7 +75,8 @@ class Acts:
     per_layer: list[int]
     saved: list[int]  # what each layer keeps until backward
     work: int  # gradients in flight inside a layer
-    fp32_head_grad: bool = False  # the chunked loss's fp32 head gradient (see logits_bytes)
+    # the chunked loss makes a trained head's gradient in fp32 during the forward
+    fp32_head_grad: bool = False
 
 
 def activations(recipe: Recipe, lay: Layout, active_blocks: int, ckpt: bool) -> Acts:
@@ -97,5 +96,5 @@ def activations(recipe: Recipe, lay: Layout, active_blocks: int, ckpt: bool) -> 
         per_layer,
         saved,
         work,
-        chunked_head_grad(lay, tokens),
+        loss_chunk_rows(lay, tokens) > 0,
     )

@@ -213,8 +213,8 @@ def _backward_peak(lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, 
     g_before = grads if accum else 0
     # the chunked loss makes a trained head's gradient in fp32 during the forward: at
     # the loss it is that buffer; as backward starts, also its copy in the weight's dtype
-    head = next((g for g in t.groups if g.kind == "head" or (g.kind == "embed" and g.tied)), None)
-    head_numel = lay.vocab * lay.hidden if acts.fp32_head_grad and head is not None else 0
+    head = any(g.kind == "head" or (g.kind == "embed" and g.tied) for g in t.groups)
+    head_numel = lay.vocab * lay.hidden if acts.fp32_head_grad and head else 0
     loss_grads = head_grads + head_numel * (4 - t.gbytes)
     peak = base + sum(acts.saved) + acts.logits + max(g_before, loss_grads)
     if head_numel and t.gbytes < 4:
