@@ -3,11 +3,15 @@
     python benchmarks/study.py screen                  # GRASS's axes, one at a time
     python benchmarks/study.py screen --steps 300      # the study's full budget
     python benchmarks/study.py screen --axes lr gamma  # some axes only
+    python benchmarks/study.py screen --axes gamma --seeds 0 1 2   # their spread
 
 `screen` trains GRASS on the reversal task (seed 0) at a budget where the sampler
 switches many times (default 150 steps x batch 8: 15 switches of 4 blocks of 30,
 so every block is drawn about twice; `--steps 300` doubles that), changing one
-axis at a time around a base configuration:
+axis at a time around a base configuration. With `--seeds`, every variant but the
+lr grid trains once per seed and the table gives the mean and spread of its
+validation loss (benchmarks/results/study-seeds.*): whether an axis's effect is
+larger than what a different seed does by itself.
 
 1. `lr`: a x2 grid from the bench recipe's lr, extended on the side of the best
    value until it is interior (a best value at the edge of a grid is no optimum);
@@ -20,6 +24,8 @@ axis at a time around a base configuration:
    importance), `alpha` (the EMA's weight on the new window), `correction`
    (our idea: each drawn block's lr scaled by its inverse inclusion
    probability, `sampler.lr_correction`).
+3. `combo`: the single-axis winners together (stage 2: does what helped alone
+   add up?).
 
 Every choice is made on the validation split's loss (eval.jsonl): the held-out
 split is never read here. Runs are kept in `--work` (default runs/study) and
@@ -33,8 +39,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,8 @@ AXES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "alpha": ("sampler.alpha", (0.2, 0.8)),
     # our idea (not in the paper): lr x (gamma / L) / inclusion probability
     "correction": ("sampler.lr_correction", ("inverse_probability",)),
+    # stage 2: the single-axis winners together (a value here is a set of overrides)
+    "combo": ("", ({"sampler.gamma": 8, "sampler.lr_correction": "inverse_probability"},)),
 }
 EXTRA = {"head": ("sampler.train_embeddings=true",)}  # tied in SmolLM2: one matrix
 
@@ -73,14 +83,17 @@ def slug(overrides: tuple[str, ...]) -> str:
     return "+".join(o.split(".", 1)[1].replace("=", "-") for o in overrides)
 
 
-def run(work: Path, mode: compare.Mode, overrides: tuple[str, ...], lr: float, log) -> dict:
+def run(
+    work: Path, mode: compare.Mode, overrides: tuple[str, ...], lr: float, log, seed: int = 0
+) -> dict:
     """One GRASS training of the variant `overrides` at `lr` (reused when done)."""
     r = compare.train_one(
-        work / slug(overrides), TASK, "grass", lr, mode.seeds[0], variant_mode(mode, overrides), log
+        work / slug(overrides), TASK, "grass", lr, seed, variant_mode(mode, overrides), log
     )
     return {
         "overrides": list(overrides),
         "lr": lr,
+        "seed": seed,
         "val_loss": r["val_loss"],
         "tokens_per_s": r["tokens_per_s"],
         "train_peak_rss": r["train_peak_rss"],
@@ -88,10 +101,29 @@ def run(work: Path, mode: compare.Mode, overrides: tuple[str, ...], lr: float, l
     }
 
 
-def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int = 3) -> list[dict]:
-    """x2 grid around `start`, extended until its best value is interior."""
-    lrs = [start / 2, start, start * 2]
-    rows = {lr: run(work, mode, (), lr, log) for lr in lrs}
+def variant(
+    work: Path, mode: compare.Mode, overrides: tuple[str, ...], lr: float, seeds, log
+) -> dict:
+    """The variant over `seeds`: mean validation loss, its spread, and each seed's."""
+    runs = [run(work, mode, overrides, lr, log, s) for s in seeds]
+    mean, sd = compare.mean_sd([r["val_loss"] for r in runs])
+    return {
+        **runs[0],
+        "seed": None,
+        "seeds": list(seeds),
+        "val_loss": mean,
+        "val_loss_sd": sd,
+        "val_losses": [r["val_loss"] for r in runs],
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+        "train_peak_rss": max(r["train_peak_rss"] for r in runs),
+        "train_s": statistics.mean(r["train_s"] for r in runs),
+    }
+
+
+def extend_grid(train: Callable[[float], dict], start: float, max_extend: int = 3) -> dict:
+    """x2 grid around `start`, extended on the side of its best value until that value
+    is interior (a best value at the edge of a grid is no optimum): lr -> result."""
+    rows = {lr: train(lr) for lr in (start / 2, start, start * 2)}
     for _ in range(max_extend):
         best = min(rows, key=lambda lr: rows[lr]["val_loss"])
         lo, hi = min(rows), max(rows)
@@ -100,8 +132,14 @@ def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int =
         nxt = lo / 2 if best == lo else hi * 2
         if nxt > 1e-2:  # beyond any sane AdamW lr for fine-tuning
             break
-        rows[nxt] = run(work, mode, (), nxt, log)
-    return [rows[lr] for lr in sorted(rows)]
+        rows[nxt] = train(nxt)
+    return dict(sorted(rows.items()))
+
+
+def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int = 3) -> list[dict]:
+    """GRASS's base configuration over an extended x2 grid around `start` (seed 0)."""
+    rows = extend_grid(lambda lr: run(work, mode, (), lr, log), start, max_extend)
+    return list(rows.values())
 
 
 def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, Any]:
@@ -117,25 +155,34 @@ def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, An
         overrides=("output.save_model=false",),  # validation loss is all a screen reads
     )
     recipe = compare._recipe("grass")
-    out: dict[str, Any] = {"steps": args.steps, "batch": args.batch, "axes": {}}
+    seeds = list(getattr(args, "seeds", None) or [0])
+    out: dict[str, Any] = {"steps": args.steps, "batch": args.batch, "seeds": seeds, "axes": {}}
     lr = float(args.lr or recipe["optimizer"]["lr"])
     if "lr" in args.axes:
         out["axes"]["lr"] = tune_lr(args.work, mode, lr, log)
         lr = min(out["axes"]["lr"], key=lambda r: r["val_loss"])["lr"]
     out["lr"] = lr
-    base = run(args.work, mode, (), lr, log)
+    base = variant(args.work, mode, (), lr, seeds, log)
     out["base"] = base
     save(out)
     for axis in args.axes:
         if axis == "lr":
             continue
         key, values = AXES[axis]
-        rows = out["axes"][axis] = [{**base, "value": _base_value(recipe, key)}]
+        base_value = _base_value(recipe, key) if key else "base"
+        rows = out["axes"][axis] = [{**base, "value": base_value}]
         for v in values:
-            ov = (f"{key}={str(v).lower() if isinstance(v, bool) else v}", *EXTRA.get(axis, ()))
-            rows.append({**run(args.work, mode, ov, lr, log), "value": v})
+            pairs = v.items() if isinstance(v, dict) else [(key, v)]
+            ov = (*(f"{k}={_text(x)}" for k, x in pairs), *EXTRA.get(axis, ()))
+            label = " + ".join(f"{k.split('.')[1]} {x}" for k, x in pairs) if key == "" else v
+            rows.append({**variant(args.work, mode, ov, lr, seeds, log), "value": label})
             save(out)
     return out
+
+
+def _text(v: Any) -> str:
+    """A value as a recipe override writes it (YAML booleans in lower case)."""
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _base_value(recipe: dict[str, Any], key: str) -> Any:
@@ -149,15 +196,21 @@ def _base_value(recipe: dict[str, Any], key: str) -> Any:
 
 
 def render(res: dict[str, Any], command: str) -> str:
+    seeds = res.get("seeds", [0])
+    spread = len(seeds) > 1
     lines = [
-        "# GRASS study, stage 1: one axis at a time (validation loss, reversal, seed 0)",
+        f"# GRASS study, stage 1: one axis at a time (validation loss, reversal, "
+        f"seed{'s' if spread else ''} {', '.join(map(str, seeds))})",
         "",
         f"{res['steps']} steps x batch {res['batch']}; base: recipes/bench/grass.yaml at lr "
-        f"{res['lr']:.1e} (validation loss {res['base']['val_loss']:.4f}). Lower is better; "
-        "the held-out split is not read.",
+        f"{res['lr']:.1e} (validation loss {res['base']['val_loss']:.4f}"
+        + (f" ± {res['base']['val_loss_sd']:.4f}" if spread else "")
+        + "). Lower is better; the held-out split is not read."
+        + (" Loss: mean ± sd over the seeds; each seed's in the last column." if spread else ""),
         "",
-        "| axis | value | validation loss | vs base | tokens/s | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| axis | value | validation loss | vs base | tokens/s | peak RSS (GiB) |"
+        + (" per seed |" if spread else ""),
+        "|---|---|---|---|---|---|" + ("---|" if spread else ""),
     ]
     b = res["base"]["val_loss"]
     for axis, rows in res["axes"].items():
@@ -165,11 +218,19 @@ def render(res: dict[str, Any], command: str) -> str:
         for r in rows:
             value = f"{r['lr']:.1e}" if axis == "lr" else str(r["value"])
             mark = "**" if r["val_loss"] == best else ""
-            lines.append(
-                f"| {axis} | {value} | {mark}{r['val_loss']:.4f}{mark} | "
-                f"{r['val_loss'] - b:+.4f} | {r['tokens_per_s']:.0f} | "
-                f"{r['train_peak_rss'] / 2**30:.2f} |"
-            )
+            many = spread and len(r.get("val_losses", [])) > 1  # the lr axis: seed 0 only
+            loss = f"{r['val_loss']:.4f}" + (f" ± {r['val_loss_sd']:.4f}" if many else "")
+            cells = [
+                axis,
+                value,
+                f"{mark}{loss}{mark}",
+                f"{r['val_loss'] - b:+.4f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['train_peak_rss'] / 2**30:.2f}",
+            ]
+            if spread:
+                cells.append(", ".join(f"{x:.4f}" for x in r.get("val_losses", [r["val_loss"]])))
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"command: `{command}`", "", f"machine: {compare.machine(False)}", ""]
     return "\n".join(lines)
 
@@ -182,6 +243,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--val-limit", type=int, default=100)
     ap.add_argument("--lr", type=float, default=None, help="start (or, without lr, fix) the lr")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="seeds per variant (lr: first only)"
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "runs/study")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -190,7 +254,9 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", file=sys.stderr, flush=True)
 
     command = "python benchmarks/study.py " + " ".join(sys.argv[1:])
-    path = ROOT / "benchmarks/results/study-screen"
+    # one seed: the screen; more: the seed check of chosen axes, in a file of its own
+    name = "study-screen" if args.seeds == [0] else "study-seeds"
+    path = ROOT / f"benchmarks/results/{name}"
 
     def save(res: dict[str, Any]) -> None:
         res["command"] = command

@@ -64,3 +64,40 @@ def test_an_axis_the_bench_recipe_leaves_at_its_default():
     assert "lr_correction" not in recipe["sampler"]
     assert study._base_value(recipe, "sampler.lr_correction") == "none"
     assert study._base_value(recipe, "sampler.gamma") == recipe["sampler"]["gamma"]
+
+
+def test_seeds_give_each_variant_its_mean_and_spread_and_combo_joins_overrides(
+    monkeypatch, tmp_path
+):
+    study = load_study()
+    trained: list[tuple[int, tuple[str, ...]]] = []
+
+    def fake_train_one(work, task, method, lr, seed, mode, log):
+        trained.append((seed, tuple(mode.overrides)))
+        loss = 0.02 + 1e-3 * seed  # seeds 0, 1, 2: mean 0.021, sd 0.001
+        if "sampler.gamma=8" in mode.overrides:
+            loss -= 5e-3
+        if "sampler.lr_correction=inverse_probability" in mode.overrides:
+            loss -= 1e-3
+        return {"val_loss": loss, "tokens_per_s": 100.0, "train_peak_rss": 2**30, "train_s": 1.0}
+
+    monkeypatch.setattr(study.compare, "train_one", fake_train_one)
+    args = argparse.Namespace(
+        axes=["combo"], steps=10, batch=2, val_limit=5, lr=8e-4, work=tmp_path, seeds=[0, 1, 2]
+    )
+    res = study.screen(args, lambda msg: None)
+
+    assert res["base"]["val_losses"] == [0.02, 0.021, 0.022]
+    assert math.isclose(res["base"]["val_loss"], 0.021)
+    assert math.isclose(res["base"]["val_loss_sd"], 0.001)
+    base, combo = res["axes"]["combo"]
+    assert base["value"] == "base"
+    assert combo["value"] == "gamma 8 + lr_correction inverse_probability"
+    assert math.isclose(combo["val_loss"], 0.015)
+    # every seed of the combo ran with both overrides at once
+    both = ("sampler.gamma=8", "sampler.lr_correction=inverse_probability")
+    assert sorted(s for s, o in trained if o[1:] == both) == [0, 1, 2]
+    assert len(trained) == 6
+    text = study.render(res, "python benchmarks/study.py screen --seeds 0 1 2")
+    assert "| combo | gamma 8 + lr_correction inverse_probability | **0.0150 ± 0.0010** |" in text
+    assert "0.0140, 0.0150, 0.0160 |" in text
