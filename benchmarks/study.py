@@ -4,6 +4,7 @@
     python benchmarks/study.py screen --steps 300      # the study's full budget
     python benchmarks/study.py screen --axes lr gamma  # some axes only
     python benchmarks/study.py screen --axes gamma --seeds 0 1 2   # their spread
+    python benchmarks/study.py compare --grass sampler.gamma=8    # against the others
 
 `screen` trains GRASS on the reversal task (seed 0) at a budget where the sampler
 switches many times (default 150 steps x batch 8: 15 switches of 4 blocks of 30,
@@ -27,6 +28,10 @@ larger than what a different seed does by itself.
 3. `combo`: the single-axis winners together (stage 2: does what helped alone
    add up?).
 
+`compare` (stage 3, benchmarks/study_compare.py) sets the chosen configuration
+against full fine-tuning, LoRA, LISA and GRASS-static at equal steps, equal
+wall-clock and equal peak memory, with held-out accuracy over three seeds.
+
 Every choice is made on the validation split's loss (eval.jsonl): the held-out
 split is never read here. Runs are kept in `--work` (default runs/study) and
 reused when their recipe and overrides are unchanged (benchmarks/compare.py's
@@ -49,6 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare  # noqa: E402  (the bench's run/reuse machinery)
+import study_compare  # noqa: E402  (stage 3)
 
 from grass_cli.atomic import write_atomic_text  # noqa: E402
 
@@ -237,7 +243,7 @@ def render(res: dict[str, Any], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["screen"])
+    ap.add_argument("stage", choices=["screen", "compare"])
     ap.add_argument("--axes", nargs="+", default=["lr", *AXES], choices=["lr", *AXES])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=8)
@@ -246,7 +252,15 @@ def main() -> None:
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="seeds per variant (lr: first only)"
     )
-    ap.add_argument("--work", type=Path, default=ROOT / "runs/study")
+    ap.add_argument("--work", type=Path, default=None, help="default runs/study(-compare)")
+    ap.add_argument(
+        "--grass", nargs="*", default=[], metavar="KEY=VALUE",
+        help="compare: GRASS's configuration (recipe overrides), for GRASS-static too",
+    )  # fmt: skip
+    ap.add_argument(
+        "--only", nargs="+", default=list(study_compare.STAGES), choices=study_compare.STAGES,
+        help="compare: these comparisons only (the ones they need run first)",
+    )  # fmt: skip
     args = ap.parse_args()
     t0 = time.perf_counter()
 
@@ -254,8 +268,11 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", file=sys.stderr, flush=True)
 
     command = "python benchmarks/study.py " + " ".join(sys.argv[1:])
-    # one seed: the screen; more: the seed check of chosen axes, in a file of its own
-    name = "study-screen" if args.seeds == [0] else "study-seeds"
+    if args.stage == "compare":
+        name, render = "study-compare", study_compare.render
+    else:
+        # one seed: the screen; more: the seed check of chosen axes, in a file of its own
+        name, render = ("study-screen" if args.seeds == [0] else "study-seeds"), globals()["render"]
     path = ROOT / f"benchmarks/results/{name}"
 
     def save(res: dict[str, Any]) -> None:
@@ -264,7 +281,13 @@ def main() -> None:
         write_atomic_text(path.with_suffix(".json"), json.dumps(res, indent=2))
         write_atomic_text(path.with_suffix(".md"), render(res, command))
 
-    res = screen(args, log, save)
+    if args.stage == "compare":
+        work = args.work or ROOT / "runs/study-compare"
+        study = study_compare.Study(work, tuple(args.grass), log, save, grass_lr=args.lr)
+        res = study_compare.run_stages(study, tuple(args.only))
+    else:
+        args.work = args.work or ROOT / "runs/study"
+        res = screen(args, log, save)
     save(res)
     print(render(res, command))
 

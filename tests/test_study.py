@@ -101,3 +101,89 @@ def test_seeds_give_each_variant_its_mean_and_spread_and_combo_joins_overrides(
     text = study.render(res, "python benchmarks/study.py screen --seeds 0 1 2")
     assert "| combo | gamma 8 + lr_correction inverse_probability | **0.0150 ± 0.0010** |" in text
     assert "0.0140, 0.0150, 0.0160 |" in text
+
+
+def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path):
+    """Stage 3 on known surfaces: lr grids extended until interior, GRASS-static on
+    GRASS's lr, the largest gamma whose probe peak fits LoRA's, and the steps each
+    method gets in GRASS's seconds."""
+    load_study()  # puts benchmarks/ on the path
+    import study_compare
+
+    best_lr = {"full": 1e-4, "lora": 2e-3, "lisa": 4e-4, "grass": 8e-4, "grass-static": 8e-4}
+    s_per_step = {"full": 2.0, "lora": 1.0, "lisa": 1.25, "grass": 100 / 150, "grass-static": 0.7}
+    accuracy = {"full": 0.64, "lora": 0.55, "lisa": 0.50, "grass": 0.60, "grass-static": 0.58}
+    calls: dict[tuple, dict] = {}
+
+    def gamma_of(mode):
+        over = [o for o in mode.extra_by_method.get("grass", ()) if o.startswith("sampler.gamma=")]
+        return int(over[-1].split("=")[1]) if over else 4
+
+    def fake_train(work, task, method, lr, seed, mode, log):
+        gamma = gamma_of(mode) if method == "grass" else None
+        key = (str(work), task, method, round(lr, 10), seed, mode.steps, gamma)
+        if key not in calls:  # train_one reuses a finished run
+            peak = {"lora": 2.5, "full": 3.3, "lisa": 2.6, "grass-static": 2.0}.get(method)
+            calls[key] = {
+                "task": task, "method": method, "lr": lr, "seed": seed,
+                "run_dir": f"{work}/run{len(calls)}",
+                "val_loss": 0.02 + math.log2(lr / best_lr[method]) ** 2 * 1e-3,
+                "train_peak_rss": (peak or 2.0 + 0.1 * (gamma - 4)) * 2**30,
+                "train_s": s_per_step[method] * mode.steps, "tokens_per_s": 100.0,
+                "peak_rss": 3 * 2**30, "state_bytes_device": 0, "trainable_params": 1e7,
+                "wall_s": 1.0, "tokens": 1000, "losses": [1.0], "key": {},
+            }  # fmt: skip
+        return calls[key]
+
+    def fake_held_out(result, mode, log):
+        acc = accuracy[result["method"]] + (0.03 if "equal-memory" in result["run_dir"] else 0)
+        return {"accuracy": acc, "correct": int(200 * acc), "scored": 200}
+
+    saved: list[int] = []
+    study = study_compare.Study(
+        tmp_path, ("sampler.lr_correction=inverse_probability",), lambda m: None,
+        lambda res: saved.append(1), fake_train, fake_held_out,
+    )  # fmt: skip
+    res = study_compare.run_stages(study)
+
+    chosen = {m: round(lr, 10) for m, lr in res["chosen_lr"].items()}
+    assert chosen == {m: round(best_lr[m], 10) for m in study_compare.METHODS}
+    assert sorted(float(x) for x in res["lr"]["full"]) == [5e-5, 1e-4, 2e-4, 4e-4]  # extended
+    assert len(res["lr"]["lora"]) == 3  # interior at once
+    # GRASS-static shares GRASS's configuration, our lr correction included
+    assert study.mode.extra_by_method["grass-static"] == (
+        "sampler.lr_correction=inverse_probability",
+    )
+
+    steps = res["equal_steps"]
+    assert len(steps) == 5 * 2 * 3 and {r["steps"] for r in steps} == {150}
+    # the tuning runs at the chosen lr were reused as seed 0's runs, not trained again
+    at_150 = [k for k in calls if k[5] == 150 and "equal-memory" not in k[0]]
+    assert len(at_150) == 4 + 3 + 3 + 3 + 5 * 2 * 3 - 4
+
+    mem = res["equal_memory"]
+    assert mem["gamma"] == {"reversal": 8, "family": 8}  # 10 would peak at 2.6 > 2.5 GiB
+    probes = {g: round(p / 2**30, 2) for g, p in mem["probes"]["reversal"].items()}
+    assert probes == {"4": 2.0, "6": 2.2, "8": 2.4, "10": 2.6}
+    assert len(mem["runs"]) == 6 and {r["gamma"] for r in mem["runs"]} == {8}
+
+    tm = res["equal_time"]
+    assert tm["budget_s"]["reversal"] == 100.0
+    assert tm["steps"]["reversal"] == {
+        "full": 50, "lora": 100, "lisa": 80, "grass-static": 143, "grass": 150
+    }  # fmt: skip
+    assert {(r["method"], r["steps"]) for r in tm["runs"]} == {
+        ("full", 50), ("lora", 100), ("lisa", 80), ("grass-static", 143)
+    }  # fmt: skip
+    assert len(saved) > len(steps)  # saved after every run
+
+    text = study_compare.render(res, "python benchmarks/study.py compare")
+    for heading in ("## Equal steps", "## Equal peak memory", "## Equal wall-clock"):
+        assert heading in text
+    goals = study_compare.goals(res)
+    assert "- [x] equal steps: GRASS at least 5 points above LISA: 60.0 vs 50.0" in goals
+    assert "- [x] equal steps: GRASS at least GRASS-static: 60.0 vs 58.0" in goals
+    assert "- [ ] equal steps: GRASS within 2 points of full FT: 60.0 vs 64.0" in goals
+    assert "- [ ] equal steps: GRASS's peak at most 0.6x full FT's: 0.61x" in goals
+    assert "- [x] equal wall-clock: GRASS at least LoRA's accuracy: 60.0 vs 55.0" in goals
+    assert "- [x] equal memory: GRASS at least LoRA's accuracy: 63.0 vs 55.0" in goals

@@ -1,0 +1,322 @@
+"""Stage 3 of the GRASS study (issue 18): GRASS against the methods a user would pick
+instead, at equal steps, equal wall-clock and equal peak memory.
+
+    python benchmarks/study.py compare --grass sampler.gamma=8 sampler.tau=1.0
+    python benchmarks/study.py compare --only lr steps    # some comparisons only
+
+Budget: the screen's (150 steps x batch 8, max_length 96), seeds 0, 1, 2, both tasks;
+validation on the first 100 rows of eval.jsonl, held-out accuracy on the first 200
+of test.jsonl through `grass eval` (greedy, the task's scorer). `--grass` is the
+configuration stages 1 and 2 chose, applied to GRASS and GRASS-static alike, so that
+the two differ only in whether the importance is refreshed.
+
+1. `lr`: every method's lr on reversal's validation loss (seed 0), over a x2 grid
+   around START_LR (the full comparison's choices), extended until the chosen
+   value is interior; GRASS-static takes GRASS's lr.
+2. `steps` (equal steps): every method, task and seed at the tuned lr.
+3. `memory` (equal peak memory): LoRA's training peak on a task (mean over its
+   seeds) is the budget; GRASS's gamma is raised by 2 from the chosen value while
+   a short probe run (PROBE_STEPS steps: probing and two switches, where GRASS
+   reaches its peak) stays within it; the largest such gamma then trains on every
+   seed. The probe of the chosen gamma is set beside that gamma's full runs, so
+   the probe's fidelity is in the results.
+4. `time` (equal wall-clock): GRASS's training seconds on a task (mean over its
+   seeds at equal steps) is the budget; every other method trains for as many
+   steps as fit in it at its own seconds per step (mean over its equal-steps runs)
+   at its tuned lr. Seconds are only comparable when nothing else runs on the
+   machine: run the study alone.
+
+Runs live in --work (default runs/study-compare) and are reused when their recipe and
+overrides are unchanged (compare.train_one); results are saved after every run to
+benchmarks/results/study-compare.{json,md}. Nothing is chosen on the held-out split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import compare
+
+METHODS = ("full", "lora", "lisa", "grass-static", "grass")
+MODE = compare.Mode(
+    steps=150,
+    micro_batch=8,
+    seeds=(0, 1, 2),
+    lr_grid=(1.0,),
+    val_limit=100,
+    test_limit=200,
+    tune_task="reversal",
+)
+# centres of the lr grids: what the full comparison (60 steps x batch 4) chose
+START_LR = {"full": 2e-4, "lora": 2e-3, "lisa": 4e-4, "grass": 8e-4}
+PROBE_STEPS = 30
+BLOCKS = 30  # SmolLM2-135M's decoder layers: the most gamma can be
+STAGES = ("lr", "steps", "memory", "time")
+
+
+class Study:
+    """The comparison's state: every result so far, saved after every run."""
+
+    def __init__(
+        self,
+        work: Path,
+        grass: tuple[str, ...],
+        log: Callable[[str], None],
+        save: Callable[[dict], None] = lambda res: None,
+        train: Callable[..., dict] | None = None,
+        held_out: Callable[..., dict] | None = None,
+        mode: compare.Mode = MODE,
+        grass_lr: float | None = None,
+    ) -> None:
+        self.work, self.log, self._save = work, log, save
+        self.train = train or compare.train_one
+        self.held = held_out or compare.held_out
+        self.mode = dataclasses.replace(
+            mode, extra_by_method={"grass": grass, "grass-static": grass}
+        )
+        self.start = {**START_LR, **({"grass": grass_lr} if grass_lr else {})}
+        self.res: dict[str, Any] = {"grass_overrides": list(grass), "lr": {}, "chosen_lr": {}}
+
+    def save(self) -> None:
+        self._save(self.res)
+
+    def _run(self, task: str, method: str, lr: float, seed: int, mode: compare.Mode) -> dict:
+        r = self.train(self.work, task, method, lr, seed, mode, self.log)
+        out = {k: v for k, v in r.items() if k not in ("losses", "key")}
+        return {**out, "steps": mode.steps, **self.held(r, mode, self.log)}
+
+    # ------------------------------------------------------------------ stages
+    def tune(self) -> dict[str, float]:
+        """Stage 1: each method's lr on the tuning task's validation loss (seed 0)."""
+        from study import extend_grid
+
+        task, seed = self.mode.tune_task, self.mode.seeds[0]
+        for method in ("grass", "lora", "full", "lisa"):
+            if method in self.res["chosen_lr"]:
+                continue
+            rows = extend_grid(
+                lambda lr, m=method: self.train(self.work, task, m, lr, seed, self.mode, self.log),
+                self.start[method],
+            )
+            self.res["lr"][method] = {f"{lr:.2e}": r["val_loss"] for lr, r in rows.items()}
+            best = min(rows, key=lambda lr: (rows[lr]["val_loss"], lr))
+            self.res["chosen_lr"][method] = best
+            for lr in rows:  # the models of the lrs not chosen are not needed
+                if lr != best:
+                    run = compare.run_dir_for(self.work, task, method, lr, seed, self.mode)
+                    compare.shutil.rmtree(run / "final", ignore_errors=True)
+            self.save()
+        self.res["chosen_lr"]["grass-static"] = self.res["chosen_lr"]["grass"]
+        return self.res["chosen_lr"]
+
+    def equal_steps(self) -> list[dict]:
+        """Stage 2: every method, task and seed at its tuned lr and the same steps."""
+        rows = self.res.setdefault("equal_steps", [])
+        # GRASS and LoRA first: the memory and time comparisons need them
+        for method in ("grass", "lora", "full", "lisa", "grass-static"):
+            for task in compare.TASKS:
+                for seed in self.mode.seeds:
+                    if _has(rows, task, method, seed):
+                        continue
+                    lr = self.res["chosen_lr"][method]
+                    rows.append(self._run(task, method, lr, seed, self.mode))
+                    self.save()
+        return rows
+
+    def equal_memory(self) -> dict[str, Any]:
+        """Stage 3: GRASS with the largest gamma whose peak stays within LoRA's."""
+        mem = self.res.setdefault("equal_memory", {"budget": {}, "probes": {}, "gamma": {}})
+        runs = mem.setdefault("runs", [])
+        base_gamma = _gamma(self.mode.extra_by_method["grass"])
+        probe_mode = dataclasses.replace(self.mode, steps=PROBE_STEPS)
+        lr = self.res["chosen_lr"]["grass"]
+        for task in compare.TASKS:
+            lora = [
+                r for r in self.res["equal_steps"] if r["method"] == "lora" and r["task"] == task
+            ]
+            mem["budget"][task] = statistics.mean(r["train_peak_rss"] for r in lora)
+            probes = mem["probes"].setdefault(task, {})
+
+            def fits(gamma: int, task: str = task, probes: dict = probes) -> bool:
+                if str(gamma) not in probes:
+                    r = self.train(
+                        self.work / "memory-probe" / f"gamma-{gamma}", task, "grass", lr,
+                        self.mode.seeds[0], _with_gamma(probe_mode, gamma), self.log,
+                    )  # fmt: skip
+                    probes[str(gamma)] = r["train_peak_rss"]
+                    # a probe's model is never evaluated
+                    compare.shutil.rmtree(Path(r["run_dir"]) / "final", ignore_errors=True)
+                    self.save()
+                return probes[str(gamma)] <= mem["budget"][task]
+
+            chosen = base_gamma
+            if fits(chosen):
+                while chosen + 2 <= BLOCKS and fits(chosen + 2):
+                    chosen += 2
+            else:  # already above LoRA's peak: fewer blocks until it fits (never below 1)
+                chosen -= 1
+                while chosen > 1 and not fits(chosen):
+                    chosen -= 1
+            mem["gamma"][task] = chosen
+            for seed in self.mode.seeds:
+                if _has(runs, task, "grass", seed):
+                    continue
+                mode = _with_gamma(self.mode, chosen)
+                work = self.work / "equal-memory" / f"gamma-{chosen}"
+                r = self.train(work, task, "grass", lr, seed, mode, self.log)
+                held = self.held(r, mode, self.log)
+                out = {k: v for k, v in r.items() if k not in ("losses", "key")}
+                runs.append({**out, "steps": mode.steps, "gamma": chosen, **held})
+                self.save()
+        return mem
+
+    def equal_time(self) -> dict[str, Any]:
+        """Stage 4: every method trains for the seconds GRASS trains at equal steps."""
+        tm = self.res.setdefault("equal_time", {"budget_s": {}, "steps": {}})
+        runs = tm.setdefault("runs", [])
+        steps_rows = self.res["equal_steps"]
+        for task in compare.TASKS:
+            mine = [r for r in steps_rows if r["task"] == task]
+            grass = [r for r in mine if r["method"] == "grass"]
+            budget = tm["budget_s"][task] = statistics.mean(r["train_s"] for r in grass)
+            per = tm["steps"].setdefault(task, {})
+            for method in METHODS:
+                if method == "grass":
+                    per[method] = self.mode.steps
+                    continue
+                own = [r for r in mine if r["method"] == method]
+                if not own:
+                    continue
+                s_per_step = statistics.mean(r["train_s"] / r["steps"] for r in own)
+                per[method] = max(1, round(budget / s_per_step))
+                mode = dataclasses.replace(self.mode, steps=per[method])
+                for seed in self.mode.seeds:
+                    if _has(runs, task, method, seed):
+                        continue
+                    lr = self.res["chosen_lr"][method]
+                    runs.append(self._run(task, method, lr, seed, mode))
+                    self.save()
+        return tm
+
+
+def _has(rows: list[dict], task: str, method: str, seed: int) -> bool:
+    return any(r["task"] == task and r["method"] == method and r["seed"] == seed for r in rows)
+
+
+def _gamma(overrides: tuple[str, ...]) -> int:
+    """GRASS's gamma: the --grass override's, else the bench recipe's."""
+    for o in overrides:
+        if o.startswith("sampler.gamma="):
+            return int(o.split("=", 1)[1])
+    return int(compare._recipe("grass")["sampler"]["gamma"])
+
+
+def _with_gamma(mode: compare.Mode, gamma: int) -> compare.Mode:
+    grass = tuple(o for o in mode.extra_by_method["grass"] if not o.startswith("sampler.gamma="))
+    extra = {**mode.extra_by_method, "grass": (*grass, f"sampler.gamma={gamma}")}
+    return dataclasses.replace(mode, extra_by_method=extra)
+
+
+def run_stages(study: Study, only: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    """The stages in order; a later one needs the earlier ones' results (reused)."""
+    study.tune()
+    if set(only) & {"steps", "memory", "time"}:
+        study.equal_steps()
+    if "memory" in only:
+        study.equal_memory()
+    if "time" in only:
+        study.equal_time()
+    study.save()
+    return study.res
+
+
+# ----------------------------------------------------------------------- report
+
+
+def goals(res: dict[str, Any]) -> list[str]:
+    """Issue 18's goals, judged by the numbers (held-out accuracy, mean over the tasks)."""
+    out: list[str] = []
+
+    def acc(rows: list[dict], method: str) -> float | None:
+        agg = compare.aggregate([r for r in rows if r["method"] == method], False)
+        return agg[method]["mean_accuracy"][0] if method in agg else None
+
+    def check(ok: bool, text: str) -> None:
+        out.append(f"- [{'x' if ok else ' '}] {text}")
+
+    steps = res.get("equal_steps", [])
+    g = acc(steps, "grass")
+    if g is not None:
+        for other, margin, text in (("lisa", 5.0, "at least 5 points above LISA"),
+                                    ("grass-static", 0.0, "at least GRASS-static"),
+                                    ("full", -2.0, "within 2 points of full FT")):  # fmt: skip
+            o = acc(steps, other)
+            if o is not None:
+                check(g >= o + margin, f"equal steps: GRASS {text}: {g:.1f} vs {o:.1f}")
+        full = [r for r in steps if r["method"] == "full"]
+        if full:
+            m = statistics.mean(r["train_peak_rss"] for r in steps if r["method"] == "grass")
+            ratio = m / statistics.mean(r["train_peak_rss"] for r in full)
+            check(ratio <= 0.6, f"equal steps: GRASS's peak at most 0.6x full FT's: {ratio:.2f}x")
+    for name, key in (("equal wall-clock", "equal_time"), ("equal memory", "equal_memory")):
+        runs = res.get(key, {}).get("runs", [])
+        lora_rows = runs if key == "equal_time" else steps
+        grass_rows = steps if key == "equal_time" else runs
+        g, lo = acc(grass_rows, "grass"), acc(lora_rows, "lora")
+        if g is not None and lo is not None:
+            check(g >= lo, f"{name}: GRASS at least LoRA's accuracy: {g:.1f} vs {lo:.1f}")
+    return out
+
+
+def render(res: dict[str, Any], command: str) -> str:
+    """The comparison's Markdown: one table per comparison, then the goals."""
+    grass = " ".join(res["grass_overrides"]) or "the bench recipe's"
+    m = MODE
+    lines = [
+        "# GRASS study, stage 3: GRASS against the other methods (held-out accuracy)",
+        "",
+        f"{m.steps} steps x batch {m.micro_batch}, seeds {list(m.seeds)}, validation: first "
+        f"{m.val_limit} rows of eval.jsonl (lr choice), held out: first {m.test_limit} rows "
+        f"of test.jsonl. GRASS and GRASS-static configuration: {grass}.",
+        "",
+    ]
+    if res.get("lr"):
+        tuning = {m: {float(lr): v for lr, v in by.items()} for m, by in res["lr"].items()}
+        lines += ["## lr (reversal, validation loss, seed 0)", "",
+                  compare.tuning_table({"reversal": tuning}), ""]  # fmt: skip
+    steps = res.get("equal_steps", [])
+    if steps:
+        lines += ["## Equal steps", "", compare.table(compare.aggregate(steps, False), False), ""]
+    mem = res.get("equal_memory", {})
+    if mem.get("runs"):
+        rows = [r for r in steps if r["method"] == "lora"] + mem["runs"]
+        budget = ", ".join(f"{t} {b / 2**30:.2f} GiB" for t, b in mem["budget"].items())
+        gammas = ", ".join(f"{t} {g}" for t, g in mem["gamma"].items())
+        probes = "; ".join(
+            f"{t}: " + ", ".join(f"gamma {g} {p / 2**30:.2f}" for g, p in by.items())
+            for t, by in mem["probes"].items()
+        )
+        lines += ["## Equal peak memory", "",
+                  f"LoRA's peak (the budget): {budget}. GRASS's gamma: {gammas}. "
+                  f"Probe peaks ({PROBE_STEPS} steps, GiB): {probes}.", "",
+                  compare.table(compare.aggregate(rows, False), False), ""]  # fmt: skip
+    tm = res.get("equal_time", {})
+    if tm.get("runs"):
+        rows = [r for r in steps if r["method"] == "grass"] + tm["runs"]
+        budget = ", ".join(f"{t} {s:.0f} s" for t, s in tm["budget_s"].items())
+        per = "; ".join(
+            f"{t}: " + ", ".join(f"{compare.LABELS[m]} {n}" for m, n in by.items())
+            for t, by in tm["steps"].items()
+        )
+        lines += ["## Equal wall-clock", "",
+                  f"GRASS's training seconds (the budget): {budget}. Steps: {per}.", "",
+                  compare.table(compare.aggregate(rows, False), False), ""]  # fmt: skip
+    checks = goals(res)
+    if checks:
+        lines += ["## Goals (issue 18)", "", *checks, ""]
+    lines += [f"command: `{command}`", "", f"machine: {compare.machine(False)}", ""]
+    return "\n".join(lines)
