@@ -63,7 +63,7 @@ TASK = "reversal"
 # recipe's value (recipes/bench/grass.yaml), with the lr the `lr` axis chose.
 AXES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "gamma": ("sampler.gamma", (2, 8)),
-    "switch": ("sampler.switch_interval", (5, 25)),
+    "switch": ("sampler.switch_interval", (5, 25, 50)),
     "tau": ("sampler.tau", (0.25, 1.0, 2.0)),
     "eps": ("sampler.eps", (0.0, 0.3)),
     "head": ("sampler.train_head", (True,)),
