@@ -47,7 +47,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,25 +125,9 @@ def variant(
     }
 
 
-def extend_grid(train: Callable[[float], dict], start: float, max_extend: int = 3) -> dict:
-    """x2 grid around `start`, extended on the side of its best value until that value
-    is interior (a best value at the edge of a grid is no optimum): lr -> result."""
-    rows = {lr: train(lr) for lr in (start / 2, start, start * 2)}
-    for _ in range(max_extend):
-        best = min(rows, key=lambda lr: rows[lr]["val_loss"])
-        lo, hi = min(rows), max(rows)
-        if best not in (lo, hi):
-            break
-        nxt = lo / 2 if best == lo else hi * 2
-        if nxt > 1e-2:  # beyond any sane AdamW lr for fine-tuning
-            break
-        rows[nxt] = train(nxt)
-    return dict(sorted(rows.items()))
-
-
 def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int = 3) -> list[dict]:
     """GRASS's base configuration over an extended x2 grid around `start` (seed 0)."""
-    rows = extend_grid(lambda lr: run(work, mode, (), lr, log), start, max_extend)
+    rows = study_compare.extend_grid(lambda lr: run(work, mode, (), lr, log), start, max_extend)
     return list(rows.values())
 
 
@@ -261,6 +244,10 @@ def main() -> None:
         "--only", nargs="+", default=list(study_compare.STAGES), choices=study_compare.STAGES,
         help="compare: these comparisons only (the ones they need run first)",
     )  # fmt: skip
+    ap.add_argument(
+        "--methods", nargs="+", default=list(study_compare.METHODS),
+        choices=study_compare.METHODS, help="compare: these methods only",
+    )  # fmt: skip
     args = ap.parse_args()
     t0 = time.perf_counter()
 
@@ -283,7 +270,9 @@ def main() -> None:
 
     if args.stage == "compare":
         work = args.work or ROOT / "runs/study-compare"
-        study = study_compare.Study(work, tuple(args.grass), log, save, grass_lr=args.lr)
+        study = study_compare.Study(
+            work, tuple(args.grass), log, save, grass_lr=args.lr, methods=tuple(args.methods)
+        )
         res = study_compare.run_stages(study, tuple(args.only))
     else:
         args.work = args.work or ROOT / "runs/study"

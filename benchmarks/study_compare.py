@@ -3,6 +3,7 @@ instead, at equal steps, equal wall-clock and equal peak memory.
 
     python benchmarks/study.py compare --grass sampler.gamma=8 sampler.tau=1.0
     python benchmarks/study.py compare --only lr steps    # some comparisons only
+    python benchmarks/study.py compare --only lr --methods lora full   # some methods only
 
 Budget: the screen's (150 steps x batch 8, max_length 96), seeds 0, 1, 2, both tasks;
 validation on the first 100 rows of eval.jsonl, held-out accuracy on the first 200
@@ -58,6 +59,22 @@ BLOCKS = 30  # SmolLM2-135M's decoder layers: the most gamma can be
 STAGES = ("lr", "steps", "memory", "time")
 
 
+def extend_grid(train: Callable[[float], dict], start: float, max_extend: int = 3) -> dict:
+    """x2 grid around `start`, extended on the side of its best value until that value
+    is interior (a best value at the edge of a grid is no optimum): lr -> result."""
+    rows = {lr: train(lr) for lr in (start / 2, start, start * 2)}
+    for _ in range(max_extend):
+        best = min(rows, key=lambda lr: rows[lr]["val_loss"])
+        lo, hi = min(rows), max(rows)
+        if best not in (lo, hi):
+            break
+        nxt = lo / 2 if best == lo else hi * 2
+        if nxt > 1e-2:  # beyond any sane AdamW lr for fine-tuning
+            break
+        rows[nxt] = train(nxt)
+    return dict(sorted(rows.items()))
+
+
 class Study:
     """The comparison's state: every result so far, saved after every run."""
 
@@ -71,8 +88,10 @@ class Study:
         held_out: Callable[..., dict] | None = None,
         mode: compare.Mode = MODE,
         grass_lr: float | None = None,
+        methods: tuple[str, ...] = METHODS,
     ) -> None:
         self.work, self.log, self._save = work, log, save
+        self.methods = methods
         self.train = train or compare.train_one
         self.held = held_out or compare.held_out
         self.mode = dataclasses.replace(
@@ -92,11 +111,9 @@ class Study:
     # ------------------------------------------------------------------ stages
     def tune(self) -> dict[str, float]:
         """Stage 1: each method's lr on the tuning task's validation loss (seed 0)."""
-        from study import extend_grid
-
         task, seed = self.mode.tune_task, self.mode.seeds[0]
         for method in ("grass", "lora", "full", "lisa"):
-            if method in self.res["chosen_lr"]:
+            if method in self.res["chosen_lr"] or method not in self.methods:
                 continue
             rows = extend_grid(
                 lambda lr, m=method: self.train(self.work, task, m, lr, seed, self.mode, self.log),
@@ -110,7 +127,8 @@ class Study:
                     run = compare.run_dir_for(self.work, task, method, lr, seed, self.mode)
                     compare.shutil.rmtree(run / "final", ignore_errors=True)
             self.save()
-        self.res["chosen_lr"]["grass-static"] = self.res["chosen_lr"]["grass"]
+        if "grass" in self.res["chosen_lr"]:
+            self.res["chosen_lr"]["grass-static"] = self.res["chosen_lr"]["grass"]
         return self.res["chosen_lr"]
 
     def equal_steps(self) -> list[dict]:
@@ -118,6 +136,8 @@ class Study:
         rows = self.res.setdefault("equal_steps", [])
         # GRASS and LoRA first: the memory and time comparisons need them
         for method in ("grass", "lora", "full", "lisa", "grass-static"):
+            if method not in self.methods:
+                continue
             for task in compare.TASKS:
                 for seed in self.mode.seeds:
                     if _has(rows, task, method, seed):
@@ -184,7 +204,7 @@ class Study:
             grass = [r for r in mine if r["method"] == "grass"]
             budget = tm["budget_s"][task] = statistics.mean(r["train_s"] for r in grass)
             per = tm["steps"].setdefault(task, {})
-            for method in METHODS:
+            for method in self.methods:
                 if method == "grass":
                     per[method] = self.mode.steps
                     continue

@@ -187,3 +187,19 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert "- [ ] equal steps: GRASS's peak at most 0.6x full FT's: 0.61x" in goals
     assert "- [x] equal wall-clock: GRASS at least LoRA's accuracy: 60.0 vs 55.0" in goals
     assert "- [x] equal memory: GRASS at least LoRA's accuracy: 63.0 vs 55.0" in goals
+
+
+def test_compare_for_some_methods_only_trains_those(tmp_path):
+    load_study()
+    import study_compare
+
+    trained: list[str] = []
+
+    def fake_train(work, task, method, lr, seed, mode, log):
+        trained.append(method)
+        return {"val_loss": abs(math.log2(lr / 2e-3)), "run_dir": str(tmp_path)}
+
+    study = study_compare.Study(tmp_path, (), lambda m: None, train=fake_train, methods=("lora",))
+    res = study_compare.run_stages(study, ("lr",))
+    assert res["chosen_lr"] == {"lora": 2e-3}
+    assert set(trained) == {"lora"} and len(trained) == 3
