@@ -6,13 +6,15 @@
     python benchmarks/study.py screen --axes gamma --seeds 0 1 2   # their spread
     python benchmarks/study.py compare --grass sampler.gamma=8    # against the others
 
-`screen` trains GRASS on the reversal task (seed 0) at a budget where the sampler
-switches many times (default 150 steps x batch 8: 15 switches of 4 blocks of 30,
-so every block is drawn about twice; `--steps 300` doubles that), changing one
-axis at a time around a base configuration. With `--seeds`, every variant but the
-lr grid trains once per seed and the table gives the mean and spread of its
-validation loss (benchmarks/results/study-seeds.*): whether an axis's effect is
-larger than what a different seed does by itself.
+`screen` trains GRASS on the reversal task (`--task family`: the other; seed 0) at
+a budget where the sampler switches many times (default 150 steps x batch 8: 15
+switches of 4 blocks of 30, so every block is drawn about twice; `--steps 300`
+doubles that), changing one axis at a time around a base configuration. With
+`--seeds`, every variant but the lr grid trains once per seed and the table gives
+the mean and spread of its validation loss, and its difference from the base seed
+by seed (the same seed gives both the same data order), in
+benchmarks/results/study-seeds.*: whether an axis's effect is larger than what a
+different seed does by itself.
 
 1. `lr`: a x2 grid from the bench recipe's lr, extended on the side of the best
    value until it is interior (a best value at the edge of a grid is no optimum);
@@ -93,7 +95,13 @@ def run(
 ) -> dict:
     """One GRASS training of the variant `overrides` at `lr` (reused when done)."""
     r = compare.train_one(
-        work / slug(overrides), TASK, "grass", lr, seed, variant_mode(mode, overrides), log
+        work / slug(overrides),
+        mode.tune_task or TASK,
+        "grass",
+        lr,
+        seed,
+        variant_mode(mode, overrides),
+        log,
     )
     return {
         "overrides": list(overrides),
@@ -142,10 +150,17 @@ def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, An
         val_limit=args.val_limit,
         test_limit=0,
         overrides=("output.save_model=false",),  # validation loss is all a screen reads
+        tune_task=getattr(args, "task", TASK),  # the task every variant trains on
     )
     recipe = compare._recipe("grass")
     seeds = list(getattr(args, "seeds", None) or [0])
-    out: dict[str, Any] = {"steps": args.steps, "batch": args.batch, "seeds": seeds, "axes": {}}
+    out: dict[str, Any] = {
+        "task": mode.tune_task,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seeds": seeds,
+        "axes": {},
+    }
     lr = float(args.lr or recipe["optimizer"]["lr"])
     if "lr" in args.axes:
         out["axes"]["lr"] = tune_lr(args.work, mode, lr, log)
@@ -169,6 +184,14 @@ def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, An
     return out
 
 
+def _versus(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """Paired difference from the base over the seeds both ran: mean ± sd."""
+    pairs = dict(zip(base["seeds"], base["val_losses"], strict=True))
+    diffs = [x - pairs[s] for s, x in zip(row["seeds"], row["val_losses"], strict=True)]
+    mean, sd = compare.mean_sd(diffs)
+    return f"{mean:+.4f} ± {sd:.4f}"
+
+
 def _text(v: Any) -> str:
     """A value as a recipe override writes it (YAML booleans in lower case)."""
     return str(v).lower() if isinstance(v, bool) else str(v)
@@ -188,14 +211,21 @@ def render(res: dict[str, Any], command: str) -> str:
     seeds = res.get("seeds", [0])
     spread = len(seeds) > 1
     lines = [
-        f"# GRASS study, stage 1: one axis at a time (validation loss, reversal, "
+        f"# GRASS study, stage 1: one axis at a time (validation loss, "
+        f"{res.get('task', TASK)}, "
         f"seed{'s' if spread else ''} {', '.join(map(str, seeds))})",
         "",
         f"{res['steps']} steps x batch {res['batch']}; base: recipes/bench/grass.yaml at lr "
         f"{res['lr']:.1e} (validation loss {res['base']['val_loss']:.4f}"
         + (f" ± {res['base']['val_loss_sd']:.4f}" if spread else "")
         + "). Lower is better; the held-out split is not read."
-        + (" Loss: mean ± sd over the seeds; each seed's in the last column." if spread else ""),
+        + (
+            " Loss: mean ± sd over the seeds, each seed's in the last column; vs base: the"
+            " mean ± sd of the seed-by-seed differences (the same seed gives both runs the"
+            " same data order, so the pair's difference is the variant's own effect)."
+            if spread
+            else ""
+        ),
         "",
         "| axis | value | validation loss | vs base | tokens/s | peak RSS (GiB) |"
         + (" per seed |" if spread else ""),
@@ -213,7 +243,7 @@ def render(res: dict[str, Any], command: str) -> str:
                 axis,
                 value,
                 f"{mark}{loss}{mark}",
-                f"{r['val_loss'] - b:+.4f}",
+                _versus(r, res["base"]) if many else f"{r['val_loss'] - b:+.4f}",
                 f"{r['tokens_per_s']:.0f}",
                 f"{r['train_peak_rss'] / 2**30:.2f}",
             ]
@@ -231,6 +261,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--val-limit", type=int, default=100)
+    ap.add_argument("--task", default=TASK, choices=list(compare.TASKS), help="screen: the task")
     ap.add_argument("--lr", type=float, default=None, help="start (or, without lr, fix) the lr")
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="seeds per variant (lr: first only)"
@@ -259,7 +290,9 @@ def main() -> None:
         name, render = "study-compare", study_compare.render
     else:
         # one seed: the screen; more: the seed check of chosen axes, in a file of its own
-        name, render = ("study-screen" if args.seeds == [0] else "study-seeds"), globals()["render"]
+        name = "study-screen" if args.seeds == [0] else "study-seeds"
+        name += "" if args.task == TASK else f"-{args.task}"
+        render = globals()["render"]
     path = ROOT / f"benchmarks/results/{name}"
 
     def save(res: dict[str, Any]) -> None:
