@@ -35,6 +35,7 @@ benchmarks/results/study-compare.{json,md}. Nothing is chosen on the held-out sp
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -103,8 +104,11 @@ class Study:
     def save(self) -> None:
         self._save(self.res)
 
-    def _run(self, task: str, method: str, lr: float, seed: int, mode: compare.Mode) -> dict:
-        r = self.train(self.work, task, method, lr, seed, mode, self.log)
+    def _run(
+        self, task: str, method: str, lr: float, seed: int, mode: compare.Mode, work=None
+    ) -> dict:
+        """One training (reused when done) and its held-out score, as a table row."""
+        r = self.train(work or self.work, task, method, lr, seed, mode, self.log)
         out = {k: v for k, v in r.items() if k not in ("losses", "key")}
         return {**out, "steps": mode.steps, **self.held(r, mode, self.log)}
 
@@ -125,7 +129,7 @@ class Study:
             for lr in rows:  # the models of the lrs not chosen are not needed
                 if lr != best:
                     run = compare.run_dir_for(self.work, task, method, lr, seed, self.mode)
-                    compare.shutil.rmtree(run / "final", ignore_errors=True)
+                    shutil.rmtree(run / "final", ignore_errors=True)
             self.save()
         if "grass" in self.res["chosen_lr"]:
             self.res["chosen_lr"]["grass-static"] = self.res["chosen_lr"]["grass"]
@@ -169,7 +173,7 @@ class Study:
                     )  # fmt: skip
                     probes[str(gamma)] = r["train_peak_rss"]
                     # a probe's model is never evaluated
-                    compare.shutil.rmtree(Path(r["run_dir"]) / "final", ignore_errors=True)
+                    shutil.rmtree(Path(r["run_dir"]) / "final", ignore_errors=True)
                     self.save()
                 return probes[str(gamma)] <= mem["budget"][task]
 
@@ -187,10 +191,7 @@ class Study:
                     continue
                 mode = _with_gamma(self.mode, chosen)
                 work = self.work / "equal-memory" / f"gamma-{chosen}"
-                r = self.train(work, task, "grass", lr, seed, mode, self.log)
-                held = self.held(r, mode, self.log)
-                out = {k: v for k, v in r.items() if k not in ("losses", "key")}
-                runs.append({**out, "steps": mode.steps, "gamma": chosen, **held})
+                runs.append({**self._run(task, "grass", lr, seed, mode, work), "gamma": chosen})
                 self.save()
         return mem
 
@@ -305,7 +306,7 @@ def render(res: dict[str, Any], command: str) -> str:
         "",
     ]
     if res.get("lr"):
-        tuning = {m: {float(lr): v for lr, v in by.items()} for m, by in res["lr"].items()}
+        tuning = {k: {float(lr): v for lr, v in by.items()} for k, by in res["lr"].items()}
         lines += ["## lr (reversal, validation loss, seed 0)", "",
                   compare.tuning_table({"reversal": tuning}), ""]  # fmt: skip
     steps = res.get("equal_steps", [])
