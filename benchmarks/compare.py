@@ -170,14 +170,12 @@ def run_dir_for(work: Path, task: str, method: str, lr: float, seed: int, mode: 
     return work / task / method / f"lr{lr:.2e}-seed{seed}-{shape}"
 
 
-def train_one(
-    work: Path, task: str, method: str, lr: float, seed: int, mode: Mode, log
-) -> dict[str, Any]:
-    """One training run, reused when its result.json was made with the same recipe and
-    overrides. A run redone over an older one keeps the older held-out score only if
-    every training loss is bitwise the same: then it trained the same model."""
+def run_key(
+    work: Path, task: str, method: str, lr: float, seed: int, mode: Mode
+) -> tuple[Path, Path, list[str], dict[str, Any]]:
+    """A run's folder, recipe, overrides and key (the recipe's hash and the overrides:
+    what result.json must carry for the run to be reused)."""
     out = run_dir_for(work, task, method, lr, seed, mode)
-    done = out / "result.json"
     t = TASKS[task]
     recipe = ROOT / f"recipes/bench/{method}.yaml"
     overrides = [
@@ -201,6 +199,17 @@ def train_one(
         *mode.extra_by_method.get(method, ()),
     ]
     key = {"recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(), "overrides": overrides}
+    return out, recipe, overrides, key
+
+
+def train_one(
+    work: Path, task: str, method: str, lr: float, seed: int, mode: Mode, log
+) -> dict[str, Any]:
+    """One training run, reused when its result.json was made with the same recipe and
+    overrides. A run redone over an older one keeps the older held-out score only if
+    every training loss is bitwise the same: then it trained the same model."""
+    out, recipe, overrides, key = run_key(work, task, method, lr, seed, mode)
+    done = out / "result.json"
     before = json.loads(done.read_text()) if done.exists() else None
     if before is not None and before.get("key") == key:
         return before

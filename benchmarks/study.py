@@ -184,6 +184,20 @@ def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, An
     return out
 
 
+def screened(screen_work: Path):
+    """Where the screen left a GRASS run that `compare` would make again: the variant
+    of GRASS's --grass overrides (study_compare.Study checks that the keys agree)."""
+
+    def look(task: str, method: str, lr: float, seed: int, mode: compare.Mode) -> dict | None:
+        if method != "grass":
+            return None
+        work = screen_work / slug(tuple(mode.extra_by_method.get("grass", ())))
+        done = compare.run_dir_for(work, task, method, lr, seed, mode) / "result.json"
+        return json.loads(done.read_text()) if done.exists() else None
+
+    return look
+
+
 def _versus(row: dict[str, Any], base: dict[str, Any]) -> str:
     """Paired difference from the base over the seeds both ran: mean ± sd."""
     pairs = dict(zip(base["seeds"], base["val_losses"], strict=True))
@@ -272,6 +286,10 @@ def main() -> None:
         help="compare: GRASS's configuration (recipe overrides), for GRASS-static too",
     )  # fmt: skip
     ap.add_argument(
+        "--screen-work", type=Path, default=ROOT / "runs/study",
+        help="compare: the screen's runs, whose equal GRASS lr runs tuning reuses",
+    )  # fmt: skip
+    ap.add_argument(
         "--only", nargs="+", default=list(study_compare.STAGES), choices=study_compare.STAGES,
         help="compare: these comparisons only (the ones they need run first)",
     )  # fmt: skip
@@ -304,8 +322,9 @@ def main() -> None:
     if args.stage == "compare":
         work = args.work or ROOT / "runs/study-compare"
         study = study_compare.Study(
-            work, tuple(args.grass), log, save, grass_lr=args.lr, methods=tuple(args.methods)
-        )
+            work, tuple(args.grass), log, save, grass_lr=args.lr, methods=tuple(args.methods),
+            prior=screened(args.screen_work),
+        )  # fmt: skip
         res = study_compare.run_stages(study, tuple(args.only))
     else:
         args.work = args.work or ROOT / "runs/study"

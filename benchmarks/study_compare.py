@@ -90,8 +90,11 @@ class Study:
         mode: compare.Mode = MODE,
         grass_lr: float | None = None,
         methods: tuple[str, ...] = METHODS,
+        prior: Callable[..., dict | None] | None = None,
     ) -> None:
         self.work, self.log, self._save = work, log, save
+        # where an equal earlier run may be (the screen's): (task, method, lr, seed, mode)
+        self.prior = prior or (lambda *a: None)
         self.methods = methods
         self.train = train or compare.train_one
         self.held = held_out or compare.held_out
@@ -112,6 +115,19 @@ class Study:
         out = {k: v for k, v in r.items() if k not in ("losses", "key")}
         return {**out, "steps": mode.steps, **self.held(r, mode, self.log)}
 
+    def _tuning_run(self, task: str, method: str, lr: float, seed: int) -> dict:
+        """A tuning run, or an earlier one (the screen's) that trained the same model:
+        the same recipe and overrides but for where it was written and whether the
+        model was kept. A tuning run is read for its validation loss only, and the
+        chosen lr's model is trained again in `equal_steps` where it is needed."""
+        r = self.prior(task, method, lr, seed, self.mode)
+        if r is not None:
+            want = compare.run_key(self.work, task, method, lr, seed, self.mode)[3]
+            if _same_training(r.get("key", {}), want):
+                self.res.setdefault("reused", {}).setdefault(method, []).append(r["run_dir"])
+                return r
+        return self.train(self.work, task, method, lr, seed, self.mode, self.log)
+
     # ------------------------------------------------------------------ stages
     def tune(self) -> dict[str, float]:
         """Stage 1: each method's lr on the tuning task's validation loss (seed 0)."""
@@ -120,7 +136,7 @@ class Study:
             if method in self.res["chosen_lr"] or method not in self.methods:
                 continue
             rows = extend_grid(
-                lambda lr, m=method: self.train(self.work, task, m, lr, seed, self.mode, self.log),
+                lambda lr, m=method: self._tuning_run(task, m, lr, seed),
                 self.start[method],
             )
             self.res["lr"][method] = {f"{lr:.2e}": r["val_loss"] for lr, r in rows.items()}
@@ -224,6 +240,18 @@ class Study:
         return tm
 
 
+def _same_training(a: dict, b: dict) -> bool:
+    """Two run keys train the same model: one recipe, the same overrides once where
+    the run was written and whether its model was saved are set aside."""
+
+    def core(key: dict) -> tuple:
+        skip = ("output.dir=", "output.save_model=")
+        kept = tuple(o for o in key.get("overrides", []) if not o.startswith(skip))
+        return key.get("recipe_sha256"), kept
+
+    return core(a) == core(b)
+
+
 def _has(rows: list[dict], task: str, method: str, seed: int) -> bool:
     return any(r["task"] == task and r["method"] == method and r["seed"] == seed for r in rows)
 
@@ -309,6 +337,10 @@ def render(res: dict[str, Any], command: str) -> str:
         tuning = {k: {float(lr): v for lr, v in by.items()} for k, by in res["lr"].items()}
         lines += ["## lr (reversal, validation loss, seed 0)", "",
                   compare.tuning_table({"reversal": tuning}), ""]  # fmt: skip
+        for method, dirs in res.get("reused", {}).items():
+            where = sorted({str(Path(d).parent.parent.parent.name) for d in dirs})
+            lines += [f"{compare.LABELS[method]}'s lr runs: the screen's, which trained the "
+                      f"same models (variant {', '.join(where)} in runs/study).", ""]  # fmt: skip
     steps = res.get("equal_steps", [])
     if steps:
         lines += ["## Equal steps", "", compare.table(compare.aggregate(steps, False), False), ""]

@@ -206,3 +206,56 @@ def test_compare_for_some_methods_only_trains_those(tmp_path):
     res = study_compare.run_stages(study, ("lr",))
     assert res["chosen_lr"] == {"lora": 2e-3}
     assert set(trained) == {"lora"} and len(trained) == 3
+
+
+def test_compare_reuses_the_screens_equal_grass_runs_for_its_lr_grid(monkeypatch, tmp_path):
+    """The screen's GRASS runs at the lrs of compare's grid trained the same models
+    (same recipe and overrides but for the folder and whether the model was kept):
+    compare reads their validation loss instead of training them again; a screen run
+    with other overrides (another recipe hash here) is not reused."""
+    study = load_study()
+    import json
+
+    import study_compare
+
+    def write_run(work, task, method, lr, seed, mode, log):
+        out, _, _, key = study.compare.run_key(work, task, method, lr, seed, mode)
+        out.mkdir(parents=True, exist_ok=True)
+        r = {"val_loss": abs(math.log2(lr / 8e-4)) + 0.01, "tokens_per_s": 1.0,
+             "train_peak_rss": 1, "train_s": 1.0, "run_dir": str(out), "key": key}  # fmt: skip
+        (out / "result.json").write_text(json.dumps(r))
+        return r
+
+    monkeypatch.setattr(study.compare, "train_one", write_run)
+    screen_work = tmp_path / "screen"
+    args = argparse.Namespace(
+        axes=["lr"], steps=150, batch=8, val_limit=100, lr=8e-4, work=screen_work
+    )
+    study.screen(args, lambda msg: None)  # writes lrs 4e-4, 8e-4, 1.6e-3 at seed 0
+    stale = (
+        study.compare.run_dir_for(
+            screen_work / "base", "reversal", "grass", 1.6e-3, 0, study_compare.MODE
+        )
+        / "result.json"
+    )
+    r = json.loads(stale.read_text())
+    r["key"]["recipe_sha256"] = "another recipe"
+    stale.write_text(json.dumps(r))
+
+    trained: list[float] = []
+
+    def fake_train(work, task, method, lr, seed, mode, log):
+        trained.append(lr)
+        return {"val_loss": 1.0, "run_dir": str(work)}
+
+    s = study_compare.Study(
+        tmp_path / "compare", (), lambda m: None, train=fake_train, methods=("grass",),
+        prior=study.screened(screen_work),
+    )  # fmt: skip
+    res = study_compare.run_stages(s, ("lr",))
+    assert trained == [1.6e-3]  # the only screen run whose training differs
+    assert res["lr"]["grass"] == {"4.00e-04": 1.01, "8.00e-04": 0.01, "1.60e-03": 1.0}
+    assert res["chosen_lr"]["grass"] == 8e-4
+    assert len(res["reused"]["grass"]) == 2
+    text = study_compare.render(res, "python benchmarks/study.py compare --only lr")
+    assert "GRASS's lr runs: the screen's, which trained the same models (variant base" in text
