@@ -16,10 +16,11 @@ the two differ only in whether the importance is refreshed.
    value is interior; GRASS-static takes GRASS's lr.
 2. `steps` (equal steps): every method, task and seed at the tuned lr.
 3. `memory` (equal peak memory): LoRA's training peak on a task (mean over its
-   seeds) is the budget; GRASS's gamma is raised by 2 from the chosen value while
-   a short probe run (PROBE_STEPS steps: probing and two switches, where GRASS
-   reaches its peak) stays within it; the largest such gamma then trains on every
-   seed. The probe of the chosen gamma is set beside that gamma's full runs, so
+   seeds) is the budget; the largest gamma whose short probe run (PROBE_STEPS
+   steps: probing and two switches) stays within it, found by bisection, trains on
+   every seed. A probe can stop short of a full run's peak: the shortfall of the
+   base gamma's probe against the base's full runs (equal steps) is taken off the
+   budget. The probe of the chosen gamma is set beside that gamma's full runs, so
    the probe's fidelity is in the results.
 4. `time` (equal wall-clock): GRASS's training seconds on a task (mean over its
    seeds at equal steps) is the budget; every other method trains for as many
@@ -180,8 +181,16 @@ class Study:
             ]
             mem["budget"][task] = statistics.mean(r["train_peak_rss"] for r in lora)
             probes = mem["probes"].setdefault(task, {})
+            # a probe is short, so it can miss the peak a full run reaches later: the
+            # base gamma's probe is calibrated against the base's full runs, and every
+            # probe must fit the budget less that shortfall
+            base_full = statistics.mean(
+                r["train_peak_rss"]
+                for r in self.res["equal_steps"]
+                if r["method"] == "grass" and r["task"] == task
+            )
 
-            def fits(gamma: int, task: str = task, probes: dict = probes) -> bool:
+            def probe(gamma: int, task: str = task, probes: dict = probes) -> float:
                 if str(gamma) not in probes:
                     r = self.train(
                         self.work / "memory-probe" / f"gamma-{gamma}", task, "grass", lr,
@@ -191,16 +200,12 @@ class Study:
                     # a probe's model is never evaluated
                     shutil.rmtree(Path(r["run_dir"]) / "final", ignore_errors=True)
                     self.save()
-                return probes[str(gamma)] <= mem["budget"][task]
+                return probes[str(gamma)]
 
-            chosen = base_gamma
-            if fits(chosen):
-                while chosen + 2 <= BLOCKS and fits(chosen + 2):
-                    chosen += 2
-            else:  # already above LoRA's peak: fewer blocks until it fits (never below 1)
-                chosen -= 1
-                while chosen > 1 and not fits(chosen):
-                    chosen -= 1
+            shortfall = max(0.0, base_full - probe(base_gamma))
+            mem.setdefault("shortfall", {})[task] = shortfall
+            limit = mem["budget"][task] - shortfall
+            chosen = largest_fitting(lambda g, m=limit: probe(g) <= m, base_gamma, BLOCKS)
             mem["gamma"][task] = chosen
             for seed in self.mode.seeds:
                 if _has(runs, task, "grass", seed):
@@ -250,6 +255,17 @@ def _same_training(a: dict, b: dict) -> bool:
         return key.get("recipe_sha256"), kept
 
     return core(a) == core(b)
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, most: int) -> int:
+    """The largest gamma in [1, most] that fits, by bisection from `start` (peak memory
+    grows with the blocks trained at once, so what fits is a prefix): about log2(most)
+    probes where stepping would take one per value. Never below 1."""
+    lo, hi = (start, most + 1) if fits(start) else (0, start)  # lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return max(lo, 1)
 
 
 def _has(rows: list[dict], task: str, method: str, seed: int) -> bool:

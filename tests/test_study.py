@@ -126,12 +126,15 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
         gamma = gamma_of(mode) if method == "grass" else None
         key = (str(work), task, method, round(lr, 10), seed, mode.steps, gamma)
         if key not in calls:  # train_one reuses a finished run
-            peak = {"lora": 2.5, "full": 3.3, "lisa": 2.6, "grass-static": 2.0}.get(method)
+            peak = {"lora": 2.55, "full": 3.3, "lisa": 2.6, "grass-static": 2.0}.get(method)
             calls[key] = {
                 "task": task, "method": method, "lr": lr, "seed": seed,
                 "run_dir": f"{work}/run{len(calls)}",
                 "val_loss": 0.02 + math.log2(lr / best_lr[method]) ** 2 * 1e-3,
-                "train_peak_rss": (peak or 2.0 + 0.1 * (gamma - 4)) * 2**30,
+                # GRASS: +0.1 GiB per block; a 30-step probe stops 0.15 GiB short
+                "train_peak_rss": (
+                    peak or 2.0 + 0.1 * (gamma - 4) - (0.15 if mode.steps == 30 else 0)
+                ) * 2**30,
                 "train_s": s_per_step[method] * mode.steps, "tokens_per_s": 100.0,
                 "peak_rss": 3 * 2**30, "state_bytes_device": 0, "trainable_params": 1e7,
                 "wall_s": 1.0, "tokens": 1000, "losses": [1.0], "key": {},
@@ -165,10 +168,15 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert len(at_150) == 4 + 3 + 3 + 3 + 5 * 2 * 3 - 4
 
     mem = res["equal_memory"]
-    assert mem["gamma"] == {"reversal": 8, "family": 8}  # 10 would peak at 2.6 > 2.5 GiB
+    # the probes, by bisection from gamma 4; each must fit LoRA's 2.55 GiB less the
+    # base probe's 0.15 GiB shortfall against the base's full runs: 9 (probe 2.35,
+    # full run 2.5), where the uncalibrated probes would have chosen 11 (full run 2.7)
+    assert mem["gamma"] == {"reversal": 9, "family": 9}
+    assert round(mem["shortfall"]["reversal"] / 2**30, 2) == 0.15
     probes = {g: round(p / 2**30, 2) for g, p in mem["probes"]["reversal"].items()}
-    assert probes == {"4": 2.0, "6": 2.2, "8": 2.4, "10": 2.6}
-    assert len(mem["runs"]) == 6 and {r["gamma"] for r in mem["runs"]} == {8}
+    assert probes == {"4": 1.85, "17": 3.15, "10": 2.45, "7": 2.15, "8": 2.25, "9": 2.35}
+    assert len(mem["runs"]) == 6 and {r["gamma"] for r in mem["runs"]} == {9}
+    assert all(r["train_peak_rss"] <= 2.55 * 2**30 for r in mem["runs"])
 
     tm = res["equal_time"]
     assert tm["budget_s"]["reversal"] == 100.0
@@ -190,6 +198,24 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert "- [ ] equal steps: GRASS's peak at most 0.6x full FT's: 0.61x" in goals
     assert "- [x] equal wall-clock: GRASS at least LoRA's accuracy: 60.0 vs 55.0" in goals
     assert "- [x] equal memory: GRASS at least LoRA's accuracy: 63.0 vs 55.0" in goals
+
+
+def test_largest_fitting_gamma_by_bisection():
+    load_study()
+    import study_compare
+
+    for limit in range(0, 32):
+        tried: list[int] = []
+
+        def fits(g: int, limit: int = limit, tried: list[int] = tried) -> bool:
+            tried.append(g)
+            return g <= limit
+
+        for start in (1, 4, 8, 30):
+            tried.clear()
+            got = study_compare.largest_fitting(fits, start, 30)
+            assert got == max(1, min(limit, 30)), (limit, start)
+            assert len(tried) <= 6  # bisection: log2(30) + the start, not one per value
 
 
 def test_compare_for_some_methods_only_trains_those(tmp_path):
