@@ -200,6 +200,33 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert "- [x] equal memory: GRASS at least LoRA's accuracy: 63.0 vs 55.0" in goals
 
 
+def test_a_partial_comparison_is_not_judged():
+    """One memory-matched GRASS run against LoRA's six: no goal line claims a result."""
+    load_study()
+    import study_compare
+
+    def row(method, task, seed, acc):
+        return {
+            "method": method, "task": task, "seed": seed, "accuracy": acc,
+            "correct": int(200 * acc), "scored": 200, "val_loss": 0.1,
+            "train_peak_rss": 2**30, "tokens_per_s": 1.0, "train_s": 1.0, "steps": 150,
+            "wall_s": 1.0, "lr": 1e-3, "trainable_params": 1, "state_bytes_device": 0,
+            "peak_rss": 2**30, "cuda_peak": 0, "tokens": 1,
+        }  # fmt: skip
+
+    lora = [row("lora", t, s, 0.8) for t in ("family", "reversal") for s in (0, 1, 2)]
+    res = {"equal_steps": lora, "equal_memory": {"runs": [row("grass", "family", 0, 0.2)]}}
+    assert study_compare.goals(res) == [
+        "- [ ] equal memory: not judged yet: GRASS has 1 of LoRA's 6 task-seed runs"
+    ]
+    res["equal_memory"]["runs"] = [
+        row("grass", t, s, 0.9) for t in ("family", "reversal") for s in (0, 1, 2)
+    ]
+    assert study_compare.goals(res) == [
+        "- [x] equal memory: GRASS at least LoRA's accuracy: 90.0 vs 80.0"
+    ]
+
+
 def test_largest_fitting_gamma_by_bisection():
     load_study()
     import study_compare
