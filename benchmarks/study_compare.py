@@ -274,7 +274,7 @@ def _cells(rows: list[dict], method: str) -> set[tuple[str, int]]:
 
 
 def _has(rows: list[dict], task: str, method: str, seed: int) -> bool:
-    return any(r["task"] == task and r["method"] == method and r["seed"] == seed for r in rows)
+    return (task, seed) in _cells(rows, method)
 
 
 def _gamma(overrides: tuple[str, ...]) -> int:
@@ -365,7 +365,7 @@ def render(res: dict[str, Any], command: str) -> str:
         lines += ["## lr (reversal, validation loss, seed 0)", "",
                   compare.tuning_table({"reversal": tuning}), ""]  # fmt: skip
         for method, dirs in res.get("reused", {}).items():
-            where = sorted({str(Path(d).parent.parent.parent.name) for d in dirs})
+            where = sorted({Path(d).parent.parent.parent.name for d in dirs})
             lines += [f"{compare.LABELS[method]}'s lr runs: the screen's, which trained the "
                       f"same models (variant {', '.join(where)} in runs/study).", ""]  # fmt: skip
     steps = res.get("equal_steps", [])
