@@ -21,7 +21,9 @@ the two differ only in whether the importance is refreshed.
    every seed. A probe can stop short of a full run's peak: the shortfall of the
    base gamma's probe against the base's full runs (equal steps) is taken off the
    budget. The probe of the chosen gamma is set beside that gamma's full runs, so
-   the probe's fidelity is in the results.
+   the probe's fidelity is in the results. GRASS's lr is tuned again at the chosen
+   gamma (the tuning task's validation loss, seed 0, a grid from a quarter of
+   stage 1's lr): an lr right for a few blocks at once is too high for most of them.
 4. `time` (equal wall-clock): GRASS's training seconds on a task (mean over its
    seeds at equal steps) is the budget; every other method trains for as many
    steps as fit in it at its own seconds per step (mean over its equal-steps runs)
@@ -130,6 +132,15 @@ class Study:
         return self.train(self.work, task, method, lr, seed, self.mode, self.log)
 
     # ------------------------------------------------------------------ stages
+    def _choose(self, rows: dict[float, dict], run_dir: Callable[[float], Path]) -> float:
+        """The lr of least validation loss (the smaller on a tie); the models of the
+        others are deleted: a tuning run is read for its validation loss only."""
+        best = min(rows, key=lambda lr: (rows[lr]["val_loss"], lr))
+        for lr in rows:
+            if lr != best:
+                shutil.rmtree(run_dir(lr) / "final", ignore_errors=True)
+        return best
+
     def tune(self) -> dict[str, float]:
         """Stage 1: each method's lr on the tuning task's validation loss (seed 0)."""
         task, seed = self.mode.tune_task, self.mode.seeds[0]
@@ -141,12 +152,10 @@ class Study:
                 self.start[method],
             )
             self.res["lr"][method] = {f"{lr:.2e}": r["val_loss"] for lr, r in rows.items()}
-            best = min(rows, key=lambda lr: (rows[lr]["val_loss"], lr))
-            self.res["chosen_lr"][method] = best
-            for lr in rows:  # the models of the lrs not chosen are not needed
-                if lr != best:
-                    run = compare.run_dir_for(self.work, task, method, lr, seed, self.mode)
-                    shutil.rmtree(run / "final", ignore_errors=True)
+            self.res["chosen_lr"][method] = self._choose(
+                rows,
+                lambda lr, m=method: compare.run_dir_for(self.work, task, m, lr, seed, self.mode),
+            )
             self.save()
         if "grass" in self.res["chosen_lr"]:
             self.res["chosen_lr"]["grass-static"] = self.res["chosen_lr"]["grass"]
@@ -169,9 +178,9 @@ class Study:
         return rows
 
     def equal_memory(self) -> dict[str, Any]:
-        """Stage 3: GRASS with the largest gamma whose peak stays within LoRA's."""
+        """Stage 3: GRASS with the largest gamma whose peak stays within LoRA's, at an
+        lr tuned for that gamma."""
         mem = self.res.setdefault("equal_memory", {"budget": {}, "probes": {}, "gamma": {}})
-        runs = mem.setdefault("runs", [])
         base_gamma = _gamma(self.mode.extra_by_method["grass"])
         probe_mode = dataclasses.replace(self.mode, steps=PROBE_STEPS)
         lr = self.res["chosen_lr"]["grass"]
@@ -207,14 +216,52 @@ class Study:
             limit = mem["budget"][task] - shortfall
             chosen = largest_fitting(lambda g, m=limit: probe(g) <= m, base_gamma, BLOCKS)
             mem["gamma"][task] = chosen
+        tuned = self._tune_gammas(mem, lr)
+        runs = mem["runs"] = []  # rebuilt from the finished runs, which are reused
+        for task in compare.TASKS:
+            gamma = mem["gamma"][task]
+            mode, work = (
+                _with_gamma(self.mode, gamma),
+                self.work / "equal-memory" / f"gamma-{gamma}",
+            )
             for seed in self.mode.seeds:
-                if _has(runs, task, "grass", seed):
-                    continue
-                mode = _with_gamma(self.mode, chosen)
-                work = self.work / "equal-memory" / f"gamma-{chosen}"
-                runs.append({**self._run(task, "grass", lr, seed, mode, work), "gamma": chosen})
+                runs.append(
+                    {**self._run(task, "grass", tuned[gamma], seed, mode, work), "gamma": gamma}
+                )
                 self.save()
         return mem
+
+    def _tune_gammas(self, mem: dict[str, Any], start: float) -> dict[int, float]:
+        """GRASS's lr at each chosen gamma, on the tuning task's validation loss (seed
+        0), like stage 1's: an lr tuned for a few blocks at once can be far too high for
+        most of them (gamma 23 at gamma 4's lr collapsed on family, 19.5% held out). The
+        grid starts 4x below `start` (with most blocks trained GRASS is near full
+        fine-tuning, whose lr the 60-step comparison put 4x below GRASS's) and extends
+        itself until its choice is interior, as stage 1's do."""
+        task, seed = self.mode.tune_task, self.mode.seeds[0]
+        grids, chosen = mem.setdefault("lr", {}), mem.setdefault("chosen_lr", {})
+        for gamma in sorted(set(mem["gamma"].values())):
+            if str(gamma) in chosen:
+                continue
+            mode, work = (
+                _with_gamma(self.mode, gamma),
+                self.work / "equal-memory" / f"gamma-{gamma}",
+            )
+            rows = extend_grid(
+                lambda lr, mode=mode, work=work: self.train(
+                    work, task, "grass", lr, seed, mode, self.log
+                ),
+                start / 4,
+            )
+            grids[str(gamma)] = {f"{lr:.2e}": r["val_loss"] for lr, r in rows.items()}
+            chosen[str(gamma)] = self._choose(
+                rows,
+                lambda lr, mode=mode, work=work: compare.run_dir_for(
+                    work, task, "grass", lr, seed, mode
+                ),
+            )
+            self.save()
+        return {int(g): lr for g, lr in chosen.items()}
 
     def equal_time(self) -> dict[str, Any]:
         """Stage 4: every method trains for the seconds GRASS trains at equal steps."""
@@ -380,9 +427,16 @@ def render(res: dict[str, Any], command: str) -> str:
             f"{t}: " + ", ".join(f"gamma {g} {p / 2**30:.2f}" for g, p in by.items())
             for t, by in mem["probes"].items()
         )
+        lrs = "; ".join(
+            f"gamma {g}: "
+            + ", ".join(f"{lr} {v:.4f}" for lr, v in grid.items())
+            + f" (chosen {mem['chosen_lr'][g]:.2e})"
+            for g, grid in mem.get("lr", {}).items()
+        )
         lines += ["## Equal peak memory", "",
                   f"LoRA's peak (the budget): {budget}. GRASS's gamma: {gammas}. "
-                  f"Probe peaks ({PROBE_STEPS} steps, GiB): {probes}.", "",
+                  f"Probe peaks ({PROBE_STEPS} steps, GiB): {probes}. GRASS's lr at that "
+                  f"gamma ({MODE.tune_task} validation loss, seed 0): {lrs}.", "",
                   compare.table(compare.aggregate(rows, False), False), ""]  # fmt: skip
     tm = res.get("equal_time", {})
     if tm.get("runs"):
