@@ -21,9 +21,10 @@ the two differ only in whether the importance is refreshed.
    every seed. A probe can stop short of a full run's peak: the shortfall of the
    base gamma's probe against the base's full runs (equal steps) is taken off the
    budget. The probe of the chosen gamma is set beside that gamma's full runs, so
-   the probe's fidelity is in the results. GRASS's lr is tuned again at the chosen
-   gamma (the tuning task's validation loss, seed 0, a grid from a quarter of
-   stage 1's lr): an lr right for a few blocks at once is too high for most of them.
+   the probe's fidelity is in the results. GRASS's lr is tuned again at the tuning
+   task's chosen gamma (its validation loss, seed 0, a grid from a quarter of stage
+   1's lr) and used at every task's gamma: an lr right for a few blocks at once is
+   too high for most of them.
 4. `time` (equal wall-clock): GRASS's training seconds on a task (mean over its
    seeds at equal steps) is the budget; every other method trains for as many
    steps as fit in it at its own seconds per step (mean over its equal-steps runs)
@@ -179,7 +180,7 @@ class Study:
 
     def equal_memory(self) -> dict[str, Any]:
         """Stage 3: GRASS with the largest gamma whose peak stays within LoRA's, at an
-        lr tuned for that gamma."""
+        lr tuned for the tuning task's gamma."""
         mem = self.res.setdefault("equal_memory", {"budget": {}, "probes": {}, "gamma": {}})
         base_gamma = _gamma(self.mode.extra_by_method["grass"])
         probe_mode = dataclasses.replace(self.mode, steps=PROBE_STEPS)
@@ -216,7 +217,7 @@ class Study:
             limit = mem["budget"][task] - shortfall
             chosen = largest_fitting(lambda g, m=limit: probe(g) <= m, base_gamma, BLOCKS)
             mem["gamma"][task] = chosen
-        tuned = self._tune_gammas(mem, lr)
+        tuned = self._tune_at_gamma(mem, lr)
         runs = mem["runs"] = []  # rebuilt from the finished runs, which are reused
         for task in compare.TASKS:
             gamma = mem["gamma"][task]
@@ -225,43 +226,39 @@ class Study:
                 self.work / "equal-memory" / f"gamma-{gamma}",
             )
             for seed in self.mode.seeds:
-                runs.append(
-                    {**self._run(task, "grass", tuned[gamma], seed, mode, work), "gamma": gamma}
-                )
+                runs.append({**self._run(task, "grass", tuned, seed, mode, work), "gamma": gamma})
                 self.save()
         return mem
 
-    def _tune_gammas(self, mem: dict[str, Any], start: float) -> dict[int, float]:
-        """GRASS's lr at each chosen gamma, on the tuning task's validation loss (seed
+    def _tune_at_gamma(self, mem: dict[str, Any], start: float) -> float:
+        """GRASS's lr at the tuning task's chosen gamma, on its validation loss (seed
         0), like stage 1's: an lr tuned for a few blocks at once can be far too high for
         most of them (gamma 23 at gamma 4's lr collapsed on family, 19.5% held out). The
         grid starts 4x below `start` (with most blocks trained GRASS is near full
         fine-tuning, whose lr the 60-step comparison put 4x below GRASS's) and extends
-        itself until its choice is interior, as stage 1's do."""
+        itself until its choice is interior, as stage 1's do. One grid serves every
+        task: the tasks share the model and max_length, so their gammas differ by a
+        probe's noise (family 23, reversal 24), and a grid per gamma would double the
+        stage's cost for no information."""
         task, seed = self.mode.tune_task, self.mode.seeds[0]
-        grids, chosen = mem.setdefault("lr", {}), mem.setdefault("chosen_lr", {})
-        for gamma in sorted(set(mem["gamma"].values())):
-            if str(gamma) in chosen:
-                continue
-            mode, work = (
-                _with_gamma(self.mode, gamma),
-                self.work / "equal-memory" / f"gamma-{gamma}",
-            )
-            rows = extend_grid(
-                lambda lr, mode=mode, work=work: self.train(
-                    work, task, "grass", lr, seed, mode, self.log
-                ),
-                start / 4,
-            )
-            grids[str(gamma)] = {f"{lr:.2e}": r["val_loss"] for lr, r in rows.items()}
-            chosen[str(gamma)] = self._choose(
-                rows,
-                lambda lr, mode=mode, work=work: compare.run_dir_for(
-                    work, task, "grass", lr, seed, mode
-                ),
-            )
-            self.save()
-        return {int(g): lr for g, lr in chosen.items()}
+        gamma = mem["gamma"][task]
+        tuned = mem.get("lr")
+        if tuned and tuned["gamma"] == gamma:
+            return tuned["chosen"]
+        mode, work = _with_gamma(self.mode, gamma), self.work / "equal-memory" / f"gamma-{gamma}"
+        rows = extend_grid(
+            lambda lr: self.train(work, task, "grass", lr, seed, mode, self.log), start / 4
+        )
+        chosen = self._choose(
+            rows, lambda lr: compare.run_dir_for(work, task, "grass", lr, seed, mode)
+        )
+        mem["lr"] = {
+            "gamma": gamma,
+            "grid": {f"{lr:.2e}": r["val_loss"] for lr, r in rows.items()},
+            "chosen": chosen,
+        }
+        self.save()
+        return chosen
 
     def equal_time(self) -> dict[str, Any]:
         """Stage 4: every method trains for the seconds GRASS trains at equal steps."""
@@ -427,16 +424,14 @@ def render(res: dict[str, Any], command: str) -> str:
             f"{t}: " + ", ".join(f"gamma {g} {p / 2**30:.2f}" for g, p in by.items())
             for t, by in mem["probes"].items()
         )
-        lrs = "; ".join(
-            f"gamma {g}: "
-            + ", ".join(f"{lr} {v:.4f}" for lr, v in grid.items())
-            + f" (chosen {mem['chosen_lr'][g]:.2e})"
-            for g, grid in mem.get("lr", {}).items()
-        )
+        tuned = mem["lr"]
+        lrs = ", ".join(f"{lr} {v:.4f}" for lr, v in tuned["grid"].items())
         lines += ["## Equal peak memory", "",
                   f"LoRA's peak (the budget): {budget}. GRASS's gamma: {gammas}. "
-                  f"Probe peaks ({PROBE_STEPS} steps, GiB): {probes}. GRASS's lr at that "
-                  f"gamma ({MODE.tune_task} validation loss, seed 0): {lrs}.", "",
+                  f"Probe peaks ({PROBE_STEPS} steps, GiB): {probes}. GRASS's lr, tuned at "
+                  f"{MODE.tune_task}'s gamma {tuned['gamma']} ({MODE.tune_task} validation "
+                  f"loss, seed 0) and used for every task: {lrs} (chosen "
+                  f"{tuned['chosen']:.2e}).", "",
                   compare.table(compare.aggregate(rows, False), False), ""]  # fmt: skip
     tm = res.get("equal_time", {})
     if tm.get("runs"):
