@@ -221,14 +221,16 @@ class Study:
         runs = mem["runs"] = []  # rebuilt from the finished runs, which are reused
         for task in compare.TASKS:
             gamma = mem["gamma"][task]
-            mode, work = (
-                _with_gamma(self.mode, gamma),
-                self.work / "equal-memory" / f"gamma-{gamma}",
-            )
+            mode, work = self._at_gamma(gamma)
             for seed in self.mode.seeds:
                 runs.append({**self._run(task, "grass", tuned, seed, mode, work), "gamma": gamma})
                 self.save()
         return mem
+
+    def _at_gamma(self, gamma: int) -> tuple[compare.Mode, Path]:
+        """The mode and folder of a memory-matched run at `gamma`: one place, so that the
+        lr grid's run at the chosen lr is the seeds' run at that gamma, reused."""
+        return _with_gamma(self.mode, gamma), self.work / "equal-memory" / f"gamma-{gamma}"
 
     def _tune_at_gamma(self, mem: dict[str, Any], start: float) -> float:
         """GRASS's lr at the tuning task's chosen gamma, on its validation loss (seed
@@ -245,7 +247,7 @@ class Study:
         tuned = mem.get("lr")
         if tuned and tuned["gamma"] == gamma:
             return tuned["chosen"]
-        mode, work = _with_gamma(self.mode, gamma), self.work / "equal-memory" / f"gamma-{gamma}"
+        mode, work = self._at_gamma(gamma)
         rows = extend_grid(
             lambda lr: self.train(work, task, "grass", lr, seed, mode, self.log), start / 4
         )
