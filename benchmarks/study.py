@@ -315,6 +315,8 @@ def main() -> None:
 
     def save(res: dict[str, Any]) -> None:
         res["command"] = command
+        if args.stage == "compare" and command not in res.setdefault("commands", []):
+            res["commands"].append(command)
         # atomic: the study writes these after every run, and may be killed at any time
         write_atomic_text(path.with_suffix(".json"), json.dumps(res, indent=2))
         write_atomic_text(path.with_suffix(".md"), render(res, command))
@@ -324,6 +326,9 @@ def main() -> None:
         study = study_compare.Study(
             work, tuple(args.grass), log, save, grass_lr=args.lr, methods=tuple(args.methods),
             prior=screened(args.screen_work),
+            earlier=json.loads(path.with_suffix(".json").read_text())
+            if path.with_suffix(".json").exists() else None,
+            only=tuple(args.only),
         )  # fmt: skip
         res = study_compare.run_stages(study, tuple(args.only))
     else:

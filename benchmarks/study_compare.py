@@ -95,6 +95,8 @@ class Study:
         grass_lr: float | None = None,
         methods: tuple[str, ...] = METHODS,
         prior: Callable[..., dict | None] | None = None,
+        earlier: dict[str, Any] | None = None,
+        only: tuple[str, ...] = STAGES,
     ) -> None:
         self.work, self.log, self._save = work, log, save
         # where an equal earlier run may be (the screen's): (task, method, lr, seed, mode)
@@ -107,6 +109,8 @@ class Study:
         )
         self.start = {**START_LR, **({"grass": grass_lr} if grass_lr else {})}
         self.res: dict[str, Any] = {"grass_overrides": list(grass), "lr": {}, "chosen_lr": {}}
+        if earlier and earlier.get("grass_overrides") == list(grass):
+            self.res.update(carry_over(earlier, methods, only))
 
     def save(self) -> None:
         self._save(self.res)
@@ -272,9 +276,9 @@ class Study:
             grass = [r for r in mine if r["method"] == "grass"]
             budget = tm["budget_s"][task] = statistics.mean(r["train_s"] for r in grass)
             per = tm["steps"].setdefault(task, {})
+            per["grass"] = self.mode.steps  # the budget's own steps
             for method in self.methods:
                 if method == "grass":
-                    per[method] = self.mode.steps
                     continue
                 own = [r for r in mine if r["method"] == method]
                 if not own:
@@ -289,6 +293,43 @@ class Study:
                     runs.append(self._run(task, method, lr, seed, mode))
                     self.save()
         return tm
+
+
+def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[str, ...]) -> dict:
+    """What a results file holds for the methods and comparisons a run leaves alone, so
+    that `--only steps --methods lisa` adds LISA's rows to the file instead of writing
+    a file of LISA alone. What the run does touch is rebuilt from the finished runs
+    (reused), never carried: a method redone in it shows its new rows only. An earlier
+    file of another GRASS configuration is not carried at all (the caller checks)."""
+
+    def other(method: str) -> bool:
+        # GRASS-static takes GRASS's lr: re-tuning GRASS re-decides it too
+        return method not in methods and not (method == "grass-static" and "grass" in methods)
+
+    out: dict[str, Any] = {"carried": []}
+    for key in ("lr", "chosen_lr", "reused"):
+        kept = {m: v for m, v in earlier.get(key, {}).items() if other(m)}
+        if kept:
+            out[key] = kept
+    rows = [r for r in earlier.get("equal_steps", []) if other(r["method"])]
+    if rows:
+        out["equal_steps"] = rows
+    if "memory" not in only and "equal_memory" in earlier:
+        out["equal_memory"] = earlier["equal_memory"]
+    tm = earlier.get("equal_time")
+    if tm is not None:
+        if "time" not in only:
+            out["equal_time"] = tm
+        else:
+            steps = {t: {m: n for m, n in by.items() if other(m) and m != "grass"}
+                     for t, by in tm.get("steps", {}).items()}  # fmt: skip
+            runs = [r for r in tm.get("runs", []) if other(r["method"])]
+            out["equal_time"] = {"budget_s": {}, "steps": steps, "runs": runs}
+    out["carried"] = sorted(k for k in out if k != "carried")
+    if out["carried"]:  # the commands that made what is carried
+        made = [earlier["command"]] if "command" in earlier else []
+        out["commands"] = earlier.get("commands", made)
+    return out
 
 
 def _same_training(a: dict, b: dict) -> bool:
@@ -449,5 +490,10 @@ def render(res: dict[str, Any], command: str) -> str:
     checks = goals(res)
     if checks:
         lines += ["## Goals (issue 18)", "", *checks, ""]
-    lines += [f"command: `{command}`", "", f"machine: {compare.machine(False)}", ""]
+    lines += [f"command: `{command}`", ""]
+    before = [c for c in res.get("commands", []) if c != command]
+    if before:
+        lines += ["kept from earlier commands (" + ", ".join(res.get("carried", [])) + "): "
+                  + "; ".join(f"`{c}`" for c in before), ""]  # fmt: skip
+    lines += [f"machine: {compare.machine(False)}", ""]
     return "\n".join(lines)

@@ -217,6 +217,45 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert "- [x] equal wall-clock: GRASS at least LoRA's accuracy: 60.0 vs 55.0" in goals
     assert "- [x] equal memory: GRASS at least LoRA's accuracy: 63.0 vs 55.0" in goals
 
+    # a later run of some methods and comparisons adds to the results file: what it
+    # leaves alone is carried, what it touches is rebuilt from the (reused) runs
+    import copy
+
+    res["commands"] = ["python benchmarks/study.py compare"]
+    before, n_calls = copy.deepcopy(res), len(calls)
+    again = study_compare.Study(
+        tmp_path, ("sampler.lr_correction=inverse_probability",), lambda m: None,
+        train=fake_train, held_out=fake_held_out, methods=("lisa",), earlier=before,
+        only=("steps",),
+    )  # fmt: skip
+    res2 = study_compare.run_stages(again, ("steps",))
+    assert len(calls) == n_calls  # nothing trained again
+    assert res2["equal_steps"] == [r for r in steps if r["method"] != "lisa"] + [
+        r for r in steps if r["method"] == "lisa"
+    ]
+    assert res2["equal_memory"] == mem and res2["equal_time"] == tm
+    assert res2["chosen_lr"] == res["chosen_lr"]
+    assert res2["carried"] == ["chosen_lr", "equal_memory", "equal_steps", "equal_time", "lr"]
+    text = study_compare.render(res2, "python benchmarks/study.py compare --methods lisa")
+    assert "kept from earlier commands (chosen_lr, equal_memory, " in text
+    assert "`python benchmarks/study.py compare`" in text
+    # equal time for LoRA alone: the others' runs carried, LoRA's rebuilt
+    again = study_compare.Study(
+        tmp_path, ("sampler.lr_correction=inverse_probability",), lambda m: None,
+        train=fake_train, held_out=fake_held_out, methods=("lora",), earlier=before,
+        only=("time",),
+    )  # fmt: skip
+    res3 = study_compare.run_stages(again, ("time",))
+    assert "equal_memory" in res3["carried"] and res3["equal_memory"] == mem
+    assert sorted(map(str, res3["equal_steps"])) == sorted(map(str, steps))
+    assert sorted(map(str, res3["equal_time"]["runs"])) == sorted(map(str, tm["runs"]))
+    assert res3["equal_time"]["steps"] == tm["steps"]
+    # an earlier file of another GRASS configuration is not carried
+    other = study_compare.Study(
+        tmp_path, (), lambda m: None, train=fake_train, methods=("lisa",), earlier=before
+    )
+    assert "equal_steps" not in other.res and "carried" not in other.res
+
 
 def test_a_partial_comparison_is_not_judged():
     """One memory-matched GRASS run against LoRA's six: no goal line claims a result."""
