@@ -282,6 +282,14 @@ def test_a_partial_comparison_is_not_judged():
     assert study_compare.goals(res) == [
         "- [x] equal memory: GRASS at least LoRA's accuracy: 90.0 vs 80.0"
     ]
+    # the same at equal steps: one LISA run against GRASS's six claims nothing
+    grass = [row("grass", t, s, 0.7) for t in ("family", "reversal") for s in (0, 1, 2)]
+    full = [row("full", "family", 0, 0.5)]
+    res = {"equal_steps": grass + [row("lisa", "family", 0, 0.6)] + full}
+    assert study_compare.goals(res) == [
+        "- [ ] equal steps: not judged yet: LISA has 1 of GRASS's 6 task-seed runs",
+        "- [ ] equal steps: not judged yet: full FT has 1 of GRASS's 6 task-seed runs",
+    ]
 
 
 def test_largest_fitting_gamma_by_bisection():
