@@ -323,11 +323,11 @@ def main() -> None:
 
     if args.stage == "compare":
         work = args.work or ROOT / "runs/study-compare"
+        done = path.with_suffix(".json")  # what earlier commands found: added to, not replaced
         study = study_compare.Study(
             work, tuple(args.grass), log, save, grass_lr=args.lr, methods=tuple(args.methods),
             prior=screened(args.screen_work),
-            earlier=json.loads(path.with_suffix(".json").read_text())
-            if path.with_suffix(".json").exists() else None,
+            earlier=json.loads(done.read_text()) if done.exists() else None,
             only=tuple(args.only),
         )  # fmt: skip
         res = study_compare.run_stages(study, tuple(args.only))

@@ -306,7 +306,7 @@ def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[st
         # GRASS-static takes GRASS's lr: re-tuning GRASS re-decides it too
         return method not in methods and not (method == "grass-static" and "grass" in methods)
 
-    out: dict[str, Any] = {"carried": []}
+    out: dict[str, Any] = {}
     for key in ("lr", "chosen_lr", "reused"):
         kept = {m: v for m, v in earlier.get(key, {}).items() if other(m)}
         if kept:
@@ -321,11 +321,11 @@ def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[st
         if "time" not in only:
             out["equal_time"] = tm
         else:
-            steps = {t: {m: n for m, n in by.items() if other(m) and m != "grass"}
+            steps = {t: {m: n for m, n in by.items() if other(m)}
                      for t, by in tm.get("steps", {}).items()}  # fmt: skip
             runs = [r for r in tm.get("runs", []) if other(r["method"])]
             out["equal_time"] = {"budget_s": {}, "steps": steps, "runs": runs}
-    out["carried"] = sorted(k for k in out if k != "carried")
+    out["carried"] = sorted(out)
     if out["carried"]:  # the commands that made what is carried
         made = [earlier["command"]] if "command" in earlier else []
         out["commands"] = earlier.get("commands", made)

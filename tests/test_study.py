@@ -223,12 +223,16 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
 
     res["commands"] = ["python benchmarks/study.py compare"]
     before, n_calls = copy.deepcopy(res), len(calls)
-    again = study_compare.Study(
-        tmp_path, ("sampler.lr_correction=inverse_probability",), lambda m: None,
-        train=fake_train, held_out=fake_held_out, methods=("lisa",), earlier=before,
-        only=("steps",),
-    )  # fmt: skip
-    res2 = study_compare.run_stages(again, ("steps",))
+
+    def rerun(methods: tuple[str, ...], only: tuple[str, ...]) -> dict:
+        again = study_compare.Study(
+            tmp_path, ("sampler.lr_correction=inverse_probability",), lambda m: None,
+            train=fake_train, held_out=fake_held_out, methods=methods, earlier=before,
+            only=only,
+        )  # fmt: skip
+        return study_compare.run_stages(again, only)
+
+    res2 = rerun(("lisa",), ("steps",))
     assert len(calls) == n_calls  # nothing trained again
     assert res2["equal_steps"] == [r for r in steps if r["method"] != "lisa"] + [
         r for r in steps if r["method"] == "lisa"
@@ -240,12 +244,7 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert "kept from earlier commands (chosen_lr, equal_memory, " in text
     assert "`python benchmarks/study.py compare`" in text
     # equal time for LoRA alone: the others' runs carried, LoRA's rebuilt
-    again = study_compare.Study(
-        tmp_path, ("sampler.lr_correction=inverse_probability",), lambda m: None,
-        train=fake_train, held_out=fake_held_out, methods=("lora",), earlier=before,
-        only=("time",),
-    )  # fmt: skip
-    res3 = study_compare.run_stages(again, ("time",))
+    res3 = rerun(("lora",), ("time",))
     assert "equal_memory" in res3["carried"] and res3["equal_memory"] == mem
     assert sorted(map(str, res3["equal_steps"])) == sorted(map(str, steps))
     assert sorted(map(str, res3["equal_time"]["runs"])) == sorted(map(str, tm["runs"]))
