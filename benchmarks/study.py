@@ -37,8 +37,13 @@ wall-clock and equal peak memory, with held-out accuracy over three seeds.
 Every choice is made on the validation split's loss (eval.jsonl): the held-out
 split is never read here. Runs are kept in `--work` (default runs/study) and
 reused when their recipe and overrides are unchanged (benchmarks/compare.py's
-train_one), so an interrupted study continues where it stopped; results go to
-benchmarks/results/study-screen.{json,md}.
+train_one), so an interrupted study continues where it stopped; a run the
+comparison made (`--compare-work`, default runs/study-compare) that trained the
+same model is read instead of trained again (its equal-steps GRASS runs are the
+base on three seeds). Results go to benchmarks/results/study-screen.{json,md}
+(study-seeds with `--seeds`, `-TASK` for a task other than reversal); a screen of
+some axes adds them to that file when it screened the same task, budget, seeds
+and lr, so the axes can be run a few at a time.
 """
 
 from __future__ import annotations
@@ -91,18 +96,21 @@ def slug(overrides: tuple[str, ...]) -> str:
 
 
 def run(
-    work: Path, mode: compare.Mode, overrides: tuple[str, ...], lr: float, log, seed: int = 0
+    work: Path,
+    mode: compare.Mode,
+    overrides: tuple[str, ...],
+    lr: float,
+    log,
+    seed: int = 0,
+    elsewhere: Path | None = None,
 ) -> dict:
-    """One GRASS training of the variant `overrides` at `lr` (reused when done)."""
-    r = compare.train_one(
-        work / slug(overrides),
-        mode.tune_task or TASK,
-        "grass",
-        lr,
-        seed,
-        variant_mode(mode, overrides),
-        log,
-    )
+    """One GRASS training of the variant `overrides` at `lr` (reused when done, or
+    when `elsewhere`, the comparison's runs, holds one that trained the same model)."""
+    task, vmode = mode.tune_task or TASK, variant_mode(mode, overrides)
+    r = _done_elsewhere(elsewhere, work / slug(overrides), task, lr, seed, vmode)
+    reused = [r["run_dir"]] if r is not None else []
+    if r is None:
+        r = compare.train_one(work / slug(overrides), task, "grass", lr, seed, vmode, log)
     return {
         "overrides": list(overrides),
         "lr": lr,
@@ -111,14 +119,39 @@ def run(
         "tokens_per_s": r["tokens_per_s"],
         "train_peak_rss": r["train_peak_rss"],
         "train_s": r["train_s"],
+        "run_dir": r.get("run_dir"),
+        "reused": reused,
     }
 
 
+def _done_elsewhere(
+    elsewhere: Path | None, work: Path, task: str, lr: float, seed: int, mode: compare.Mode
+) -> dict | None:
+    """The comparison's GRASS run of this task, lr and seed, if it trained the same model
+    as the screen would (same recipe and overrides but for where it was written and
+    whether the model was kept): the comparison's equal-steps runs of the base
+    configuration are the screen's base on three seeds, 7 minutes each here."""
+    if elsewhere is None:
+        return None
+    done = compare.run_dir_for(elsewhere, task, "grass", lr, seed, mode) / "result.json"
+    if not done.exists():
+        return None
+    r = json.loads(done.read_text())
+    want = compare.run_key(work, task, "grass", lr, seed, mode)[3]
+    return r if study_compare._same_training(r.get("key", {}), want) else None
+
+
 def variant(
-    work: Path, mode: compare.Mode, overrides: tuple[str, ...], lr: float, seeds, log
+    work: Path,
+    mode: compare.Mode,
+    overrides: tuple[str, ...],
+    lr: float,
+    seeds,
+    log,
+    elsewhere: Path | None = None,
 ) -> dict:
     """The variant over `seeds`: mean validation loss, its spread, and each seed's."""
-    runs = [run(work, mode, overrides, lr, log, s) for s in seeds]
+    runs = [run(work, mode, overrides, lr, log, s, elsewhere) for s in seeds]
     mean, sd = compare.mean_sd([r["val_loss"] for r in runs])
     return {
         **runs[0],
@@ -127,6 +160,7 @@ def variant(
         "val_loss": mean,
         "val_loss_sd": sd,
         "val_losses": [r["val_loss"] for r in runs],
+        "reused": [d for r in runs for d in r["reused"]],
         "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
         "train_peak_rss": max(r["train_peak_rss"] for r in runs),
         "train_s": statistics.mean(r["train_s"] for r in runs),
@@ -139,9 +173,13 @@ def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int =
     return list(rows.values())
 
 
-def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, Any]:
+def screen(
+    args: argparse.Namespace, log, save=lambda res: None, earlier: dict | None = None
+) -> dict[str, Any]:
     """Stage 1; `save(results)` is called after every run, so an interrupted
-    screen leaves the table of what it finished."""
+    screen leaves the table of what it finished. `earlier`: the results file of an
+    earlier screen; where it screened the same task, budget, seeds and lr, the axes
+    it has and this one does not run are kept (a screen of one axis adds to it)."""
     mode = compare.Mode(
         steps=args.steps,
         micro_batch=args.batch,
@@ -166,8 +204,14 @@ def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, An
         out["axes"]["lr"] = tune_lr(args.work, mode, lr, log)
         lr = min(out["axes"]["lr"], key=lambda r: r["val_loss"])["lr"]
     out["lr"] = lr
-    base = variant(args.work, mode, (), lr, seeds, log)
+    elsewhere = getattr(args, "compare_work", None)
+    base = variant(args.work, mode, (), lr, seeds, log, elsewhere)
     out["base"] = base
+    same = ("task", "steps", "batch", "seeds", "lr")
+    if earlier and all(earlier.get(k) == out[k] for k in same):
+        kept = {a: rows for a, rows in earlier["axes"].items() if a not in args.axes}
+        out["axes"] = {**kept, **out["axes"]}
+        out["commands"] = list(earlier.get("commands", [earlier.get("command")]))
     save(out)
     for axis in args.axes:
         if axis == "lr":
@@ -179,7 +223,8 @@ def screen(args: argparse.Namespace, log, save=lambda res: None) -> dict[str, An
             pairs = v.items() if isinstance(v, dict) else [(key, v)]
             ov = (*(f"{k}={_text(x)}" for k, x in pairs), *EXTRA.get(axis, ()))
             label = " + ".join(f"{k.split('.')[1]} {x}" for k, x in pairs) if key == "" else v
-            rows.append({**variant(args.work, mode, ov, lr, seeds, log), "value": label})
+            row = variant(args.work, mode, ov, lr, seeds, log, elsewhere)
+            rows.append({**row, "value": label})
             save(out)
     return out
 
@@ -219,6 +264,11 @@ def _base_value(recipe: dict[str, Any], key: str) -> Any:
     if name in recipe.get(section, {}):
         return recipe[section][name]
     return Recipe.model_fields[section].annotation.model_fields[name].default
+
+
+def _rel(path: str) -> str:
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
 
 
 def render(res: dict[str, Any], command: str) -> str:
@@ -264,7 +314,16 @@ def render(res: dict[str, Any], command: str) -> str:
             if spread:
                 cells.append(", ".join(f"{x:.4f}" for x in r.get("val_losses", [r["val_loss"]])))
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"command: `{command}`", "", f"machine: {compare.machine(False)}", ""]
+    reused = {d for rows in [[res["base"]], *res["axes"].values()] for r in rows
+              for d in r.get("reused", [])}  # fmt: skip
+    if reused:
+        lines += ["", "Runs of the comparison that trained the same models, reused: "
+                  + ", ".join(f"`{_rel(d)}`" for d in sorted(reused))]  # fmt: skip
+    earlier = [c for c in res.get("commands", []) if c and c != command]
+    lines += ["", f"command: `{command}`"]
+    if earlier:
+        lines += ["", "kept from earlier commands: " + "; ".join(f"`{c}`" for c in earlier)]
+    lines += ["", f"machine: {compare.machine(False)}", ""]
     return "\n".join(lines)
 
 
@@ -288,6 +347,10 @@ def main() -> None:
     ap.add_argument(
         "--screen-work", type=Path, default=ROOT / "runs/study",
         help="compare: the screen's runs, whose equal GRASS lr runs tuning reuses",
+    )  # fmt: skip
+    ap.add_argument(
+        "--compare-work", type=Path, default=ROOT / "runs/study-compare",
+        help="screen: the comparison's runs, whose equal GRASS runs the screen reuses",
     )  # fmt: skip
     ap.add_argument(
         "--only", nargs="+", default=list(study_compare.STAGES), choices=study_compare.STAGES,
@@ -315,7 +378,7 @@ def main() -> None:
 
     def save(res: dict[str, Any]) -> None:
         res["command"] = command
-        if args.stage == "compare" and command not in res.setdefault("commands", []):
+        if command not in res.setdefault("commands", []):
             res["commands"].append(command)
         # atomic: the study writes these after every run, and may be killed at any time
         write_atomic_text(path.with_suffix(".json"), json.dumps(res, indent=2))
@@ -333,7 +396,8 @@ def main() -> None:
         res = study_compare.run_stages(study, tuple(args.only))
     else:
         args.work = args.work or ROOT / "runs/study"
-        res = screen(args, log, save)
+        done = path.with_suffix(".json")  # an earlier screen's axes: added to
+        res = screen(args, log, save, json.loads(done.read_text()) if done.exists() else None)
     save(res)
     print(render(res, command))
 

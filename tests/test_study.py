@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import math
 import sys
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,3 +377,70 @@ def test_compare_reuses_the_screens_equal_grass_runs_for_its_lr_grid(monkeypatch
     assert len(res["reused"]["grass"]) == 2
     text = study_compare.render(res, "python benchmarks/study.py compare --only lr")
     assert "GRASS's lr runs: the screen's, which trained the same models (variant base" in text
+
+
+def test_a_seeded_screen_reuses_the_comparisons_equal_runs_and_adds_to_earlier_axes(
+    monkeypatch, tmp_path
+):
+    """The comparison's GRASS runs at equal steps trained the screen's base on three
+    seeds (same recipe and overrides but for the folder and the kept model): a seeded
+    screen reads them instead of training again, and says so. A later screen of other
+    axes keeps the earlier screen's axes when task, budget, seeds and lr agree, and
+    starts afresh when they do not."""
+    study = load_study()
+    import json
+
+    import study_compare
+
+    def write_run(work, task, method, lr, seed, mode, log):
+        out, _, _, key = study.compare.run_key(work, task, method, lr, seed, mode)
+        out.mkdir(parents=True, exist_ok=True)
+        r = {"val_loss": 0.2 + 0.01 * seed, "tokens_per_s": 1.0, "train_peak_rss": 1,
+             "train_s": 1.0, "run_dir": str(out), "key": key}  # fmt: skip
+        (out / "result.json").write_text(json.dumps(r))
+        return r
+
+    compare_work = tmp_path / "compare"
+    mode = dataclasses_replace(study_compare.MODE, tune_task="family")
+    for seed in (0, 1, 2):  # the comparison's equal-steps runs of the base
+        write_run(compare_work, "family", "grass", 8e-4, seed, mode, None)
+    write_run(compare_work, "family", "grass", 8e-4, 3, mode, None)  # a seed not asked for
+
+    trained: list[tuple[int, tuple[str, ...]]] = []
+
+    def fake_train_one(work, task, method, lr, seed, mode, log):
+        trained.append((seed, tuple(mode.overrides)))
+        return write_run(work, task, method, lr, seed, mode, log)
+
+    monkeypatch.setattr(study.compare, "train_one", fake_train_one)
+
+    def args(axes, seeds=(0, 1, 2)):
+        return argparse.Namespace(
+            axes=axes, steps=150, batch=8, val_limit=100, lr=8e-4, task="family",
+            work=tmp_path / "screen", seeds=list(seeds), compare_work=compare_work,
+        )  # fmt: skip
+
+    first = study.screen(args(["tau"]), lambda m: None)
+    first["commands"] = ["python benchmarks/study.py screen --axes tau"]
+    # only the variant trained: the base's three seeds were the comparison's
+    assert sorted(trained) == sorted(
+        (s, ("output.save_model=false", f"sampler.tau={tau}"))
+        for tau in (0.25, 1.0, 2.0)
+        for s in (0, 1, 2)
+    )
+    assert first["base"]["val_losses"] == [0.2 + 0.01 * s for s in (0, 1, 2)]
+    assert len(first["base"]["reused"]) == 3
+    assert all(d.startswith(str(compare_work)) for d in first["base"]["reused"])
+    text = study.render(first, "python benchmarks/study.py screen --axes tau")
+    assert "Runs of the comparison that trained the same models, reused:" in text
+
+    trained.clear()
+    second = study.screen(args(["eps"]), lambda m: None, earlier=first)
+    assert list(second["axes"]) == ["tau", "eps"]  # kept, then added
+    assert second["axes"]["tau"] == first["axes"]["tau"]
+    assert len(trained) == 2 * 3  # eps 0.0 and 0.3 on three seeds; tau not again
+    text = study.render(second, "python benchmarks/study.py screen --axes eps")
+    assert "kept from earlier commands: `python benchmarks/study.py screen --axes tau`" in text
+
+    other = study.screen(args(["eps"], seeds=(0, 1)), lambda m: None, earlier=first)
+    assert list(other["axes"]) == ["eps"]  # other seeds: nothing of the first kept
