@@ -4,6 +4,7 @@
     python benchmarks/study.py screen --steps 300      # the study's full budget
     python benchmarks/study.py screen --axes lr gamma  # some axes only
     python benchmarks/study.py screen --axes gamma --seeds 0 1 2   # their spread
+    python benchmarks/study.py screen --task family --seeds 0 1 2 --axes tau --values 1.0
     python benchmarks/study.py compare --grass sampler.gamma=8    # against the others
 
 `screen` trains GRASS on the reversal task (`--task family`: the other; seed 0) at
@@ -217,6 +218,7 @@ def screen(
         if axis == "lr":
             continue
         key, values = AXES[axis]
+        values = tuple(getattr(args, "values", None) or values)  # --values: these only
         base_value = _base_value(recipe, key) if key else "base"
         rows = out["axes"][axis] = [{**base, "value": base_value}]
         for v in values:
@@ -331,6 +333,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=["screen", "compare"])
     ap.add_argument("--axes", nargs="+", default=["lr", *AXES], choices=["lr", *AXES])
+    ap.add_argument(
+        "--values", nargs="+", default=None, metavar="VALUE",
+        help="screen: try these values of the one axis in --axes instead of its defaults",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--val-limit", type=int, default=100)
@@ -361,6 +367,13 @@ def main() -> None:
         choices=study_compare.METHODS, help="compare: these methods only",
     )  # fmt: skip
     args = ap.parse_args()
+    if args.values:
+        screened_axes = [a for a in args.axes if a != "lr"]
+        if args.stage != "screen" or len(screened_axes) != 1 or screened_axes == ["combo"]:
+            ap.error("--values needs `screen` and exactly one axis (not combo) in --axes")
+        import yaml  # a value as a recipe would read it: 1.0 a float, true a bool
+
+        args.values = [yaml.safe_load(v) for v in args.values]
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:

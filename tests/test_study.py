@@ -444,3 +444,21 @@ def test_a_seeded_screen_reuses_the_comparisons_equal_runs_and_adds_to_earlier_a
 
     other = study.screen(args(["eps"], seeds=(0, 1)), lambda m: None, earlier=first)
     assert list(other["axes"]) == ["eps"]  # other seeds: nothing of the first kept
+
+
+def test_values_screen_only_the_values_asked_for(monkeypatch, tmp_path):
+    study = load_study()
+    trained: list[tuple[str, ...]] = []
+
+    def fake_train_one(work, task, method, lr, seed, mode, log):
+        trained.append(tuple(mode.overrides[1:]))
+        loss = 0.02 - (1e-3 if "sampler.tau=1.0" in mode.overrides else 0)
+        return {"val_loss": loss, "tokens_per_s": 1.0, "train_peak_rss": 1, "train_s": 1.0}
+
+    monkeypatch.setattr(study.compare, "train_one", fake_train_one)
+    args = argparse.Namespace(
+        axes=["tau"], values=[1.0], steps=10, batch=2, val_limit=5, lr=8e-4, work=tmp_path
+    )
+    res = study.screen(args, lambda m: None)
+    assert trained == [(), ("sampler.tau=1.0",)]  # the base, then tau 1.0 alone
+    assert [r["value"] for r in res["axes"]["tau"]] == [0.5, 1.0]
