@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # runstats, also when loaded by the tests
 import runstats  # noqa: E402  (light: grass_cli is imported inside train_child)
 
+from grass_cli.atomic import write_atomic_text  # noqa: E402  (light: no torch)
+
 METHODS = ("full", "lora", "lisa", "grass", "grass-static", "cyclic")
 LABELS = {
     "full": "full FT",
@@ -198,20 +200,57 @@ def run_key(
         *mode.overrides,
         *mode.extra_by_method.get(method, ()),
     ]
-    key = {"recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(), "overrides": overrides}
-    return out, recipe, overrides, key
+    return out, recipe, overrides, _key(recipe, overrides)
+
+
+# Overrides that change where a run is written and what it keeps, not what it trains.
+PLACE = ("output.dir=", "output.save_model=")
+
+
+def _key(recipe: Path, overrides: list[str]) -> dict[str, str]:
+    """What a run's result.json must carry for the run to be reused: hashes of the
+    recipe as the run reads it (the YAML parsed, the overrides applied), so editing a
+    comment, or a value every run overrides (the lr), keeps the cached runs.
+    `training`: the same without the overrides in PLACE, equal for two runs that
+    trained the same model in different folders."""
+    from grass_cli.recipe.loading import apply_overrides, load_yaml
+
+    def sha(kept: list[str]) -> str:
+        data = load_yaml(recipe)
+        apply_overrides(data, kept)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    return {
+        "effective_sha256": sha(overrides),
+        "training_sha256": sha([o for o in overrides if not o.startswith(PLACE)]),
+    }
+
+
+def stored_key(result: dict[str, Any], recipe: Path) -> dict[str, Any]:
+    """A result's key, as `_key` makes it: a key of the older form (the recipe file's
+    bytes hashed, the overrides listed) is read as the recipe it names, while that
+    file is unchanged; after a change it matches nothing, as before."""
+    key = result.get("key", {})
+    if "recipe_sha256" not in key:
+        return key
+    if key["recipe_sha256"] != hashlib.sha256(recipe.read_bytes()).hexdigest():
+        return {}
+    return _key(recipe, key["overrides"])
 
 
 def train_one(
     work: Path, task: str, method: str, lr: float, seed: int, mode: Mode, log
 ) -> dict[str, Any]:
     """One training run, reused when its result.json was made with the same recipe and
-    overrides. A run redone over an older one keeps the older held-out score only if
+    overrides (the recipe as read: comments and overridden values aside, `_key`). A run redone over an older one keeps the older held-out score only if
     every training loss is bitwise the same: then it trained the same model."""
     out, recipe, overrides, key = run_key(work, task, method, lr, seed, mode)
     done = out / "result.json"
     before = json.loads(done.read_text()) if done.exists() else None
-    if before is not None and before.get("key") == key:
+    if before is not None and stored_key(before, recipe) == key:
+        if before.get("key") != key:  # the older form: written again in this one
+            before["key"] = key
+            write_atomic_text(done, json.dumps(before))
         return before
     log(f"train {task:<9} {method:<12} lr={lr:.2e} seed={seed}")
     t0 = time.perf_counter()
@@ -237,7 +276,7 @@ def train_one(
             else:
                 stale.unlink()
     result["key"] = key
-    done.write_text(json.dumps(result))
+    write_atomic_text(done, json.dumps(result))
     return result
 
 

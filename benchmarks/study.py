@@ -138,8 +138,8 @@ def _done_elsewhere(
     if not done.exists():
         return None
     r = json.loads(done.read_text())
-    want = compare.run_key(work, task, "grass", lr, seed, mode)[3]
-    return r if study_compare._same_training(r.get("key", {}), want) else None
+    _, recipe, _, want = compare.run_key(work, task, "grass", lr, seed, mode)
+    return r if study_compare._same_training(compare.stored_key(r, recipe), want) else None
 
 
 def variant(

@@ -130,8 +130,8 @@ class Study:
         chosen lr's model is trained again in `equal_steps` where it is needed."""
         r = self.prior(task, method, lr, seed, self.mode)
         if r is not None:
-            want = compare.run_key(self.work, task, method, lr, seed, self.mode)[3]
-            if _same_training(r.get("key", {}), want):
+            _, recipe, _, want = compare.run_key(self.work, task, method, lr, seed, self.mode)
+            if _same_training(compare.stored_key(r, recipe), want):
                 self.res.setdefault("reused", {}).setdefault(method, []).append(r["run_dir"])
                 return r
         return self.train(self.work, task, method, lr, seed, self.mode, self.log)
@@ -333,15 +333,11 @@ def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[st
 
 
 def _same_training(a: dict, b: dict) -> bool:
-    """Two run keys train the same model: one recipe, the same overrides once where
-    the run was written and whether its model was saved are set aside."""
-
-    def core(key: dict) -> tuple:
-        skip = ("output.dir=", "output.save_model=")
-        kept = tuple(o for o in key.get("overrides", []) if not o.startswith(skip))
-        return key.get("recipe_sha256"), kept
-
-    return core(a) == core(b)
+    """Two run keys (compare.stored_key's form) train the same model: the same recipe
+    once where the run was written and whether its model was saved are set aside."""
+    return a.get("training_sha256") is not None and a.get("training_sha256") == b.get(
+        "training_sha256"
+    )
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int, most: int) -> int:

@@ -152,7 +152,8 @@ def test_runs_are_reused_only_with_the_same_settings(compare, tmp_path, monkeypa
     first = train(quick)
     overrides = children[0][children[0].index("--child") + 2 :]
     assert "training.eval_batch_size=4" in overrides  # validation at the micro-batch
-    assert first["key"]["overrides"] == overrides
+    recipe = compare.ROOT / "recipes/bench/grass.yaml"
+    assert first["key"] == compare._key(recipe, overrides)
     assert train(quick) == first and len(children) == 1  # same settings: reused
 
     out = Path(first["run_dir"])
@@ -174,3 +175,32 @@ def test_describe_says_whether_lrs_were_tuned(compare):
     quick = compare.describe(compare.MODES["quick"])
     assert "each recipe's lr (no tuning)" in quick and "tuned" not in quick.replace("no tuning", "")
     assert "tuned on each task's" in compare.describe(compare.MODES["gpu"])
+
+
+def test_a_runs_key_is_the_recipe_it_reads_not_the_files_bytes(compare, tmp_path):
+    """Editing a comment, or a value an override replaces, keeps a run's key (its cached
+    result is still the same training); a value the run reads changes it. A key of the
+    older form (the file's bytes hashed) is read as the new one while the file is
+    unchanged, and matches nothing after a change."""
+    import hashlib
+
+    recipe = tmp_path / "grass.yaml"
+    recipe.write_text("sampler:\n  gamma: 4   # of 30\noptimizer:\n  lr: 2.0e-4\n")
+    overrides = ["optimizer.lr=0.0008", "output.dir=/runs/a", "output.save_model=true"]
+    key = compare._key(recipe, overrides)
+    old_form = {"key": {"recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(),
+                        "overrides": overrides}}  # fmt: skip
+    assert compare.stored_key(old_form, recipe) == key
+
+    recipe.write_text("# the study's winner\nsampler: {gamma: 4}\noptimizer:\n  lr: 8.0e-4\n")
+    assert compare._key(recipe, overrides) == key  # a comment and an overridden lr
+    assert compare.stored_key(old_form, recipe) == {}  # the file changed: not vouched for
+
+    elsewhere = ["optimizer.lr=0.0008", "output.dir=/runs/b", "output.save_model=false"]
+    moved = compare._key(recipe, elsewhere)
+    assert moved["training_sha256"] == key["training_sha256"]  # same training, elsewhere
+    assert moved["effective_sha256"] != key["effective_sha256"]
+
+    recipe.write_text("sampler: {gamma: 8}\noptimizer:\n  lr: 8.0e-4\n")
+    changed = compare._key(recipe, overrides)
+    assert changed["training_sha256"] != key["training_sha256"]  # gamma is read

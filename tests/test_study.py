@@ -357,7 +357,7 @@ def test_compare_reuses_the_screens_equal_grass_runs_for_its_lr_grid(monkeypatch
         / "result.json"
     )
     r = json.loads(stale.read_text())
-    r["key"]["recipe_sha256"] = "another recipe"
+    r["key"]["training_sha256"] = "another recipe"
     stale.write_text(json.dumps(r))
 
     trained: list[float] = []
