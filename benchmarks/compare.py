@@ -242,8 +242,9 @@ def train_one(
     work: Path, task: str, method: str, lr: float, seed: int, mode: Mode, log
 ) -> dict[str, Any]:
     """One training run, reused when its result.json was made with the same recipe and
-    overrides (the recipe as read: comments and overridden values aside, `_key`). A run redone over an older one keeps the older held-out score only if
-    every training loss is bitwise the same: then it trained the same model."""
+    overrides (the recipe as read: comments and overridden values aside, `_key`). A
+    run redone over an older one keeps the older held-out score only if every
+    training loss is bitwise the same: then it trained the same model."""
     out, recipe, overrides, key = run_key(work, task, method, lr, seed, mode)
     done = out / "result.json"
     before = json.loads(done.read_text()) if done.exists() else None
