@@ -383,3 +383,14 @@ def test_lr_correction_only_for_grass_samplers():
         recipe(strategy="lisa", lr_correction="inverse_probability")
     with pytest.raises(RecipeError, match="lr_correction_clip"):
         recipe(lr_correction_clip=0.5)
+
+
+def test_grass_defaults_are_the_bench_recipes_studied_configuration():
+    """Issue 18: the configuration the study measured (recipes/bench/grass.yaml's
+    sampler) is what `strategy: grass` gets when a recipe sets nothing else."""
+    from grass_cli.recipe.sections import SamplerConfig
+
+    bench = yaml.safe_load((ROOT / "recipes/bench/grass.yaml").read_text())["sampler"]
+    defaults = SamplerConfig().model_dump()
+    assert {k: defaults[k] for k in bench} == bench
+    assert (defaults["gamma"], defaults["tau"], defaults["probe_steps"]) == (4, 0.5, 4)
