@@ -38,6 +38,7 @@ same); results and plots go to benchmarks/results/ and docs/img/.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -215,8 +216,10 @@ def _key(recipe: Path, overrides: list[str]) -> dict[str, str]:
     trained the same model in different folders."""
     from grass_cli.recipe.loading import apply_overrides, load_yaml
 
+    read = load_yaml(recipe)
+
     def sha(kept: list[str]) -> str:
-        data = load_yaml(recipe)
+        data = copy.deepcopy(read)
         apply_overrides(data, kept)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -236,6 +239,27 @@ def stored_key(result: dict[str, Any], recipe: Path) -> dict[str, Any]:
     if key["recipe_sha256"] != hashlib.sha256(recipe.read_bytes()).hexdigest():
         return {}
     return _key(recipe, key["overrides"])
+
+
+def result_in(
+    work: Path, task: str, method: str, lr: float, seed: int, mode: Mode
+) -> dict[str, Any] | None:
+    """The result.json of the run that `work` holds for these settings, if finished."""
+    done = run_dir_for(work, task, method, lr, seed, mode) / "result.json"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
+def same_training(
+    result: dict[str, Any] | None,
+    work: Path, task: str, method: str, lr: float, seed: int, mode: Mode,
+) -> dict[str, Any] | None:  # fmt: skip
+    """`result`, a run written elsewhere (another folder, its model kept or not), if it
+    trained the model that this run in `work` would train: read instead of trained."""
+    if result is None:
+        return None
+    _, recipe, _, want = run_key(work, task, method, lr, seed, mode)
+    have = stored_key(result, recipe).get("training_sha256")
+    return result if have is not None and have == want["training_sha256"] else None
 
 
 def train_one(

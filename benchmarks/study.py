@@ -107,11 +107,15 @@ def run(
 ) -> dict:
     """One GRASS training of the variant `overrides` at `lr` (reused when done, or
     when `elsewhere`, the comparison's runs, holds one that trained the same model)."""
-    task, vmode = mode.tune_task or TASK, variant_mode(mode, overrides)
-    r = _done_elsewhere(elsewhere, work / slug(overrides), task, lr, seed, vmode)
+    task = mode.tune_task or TASK
+    vmode = variant_mode(mode, overrides)
+    here = work / slug(overrides)
+    # the comparison's equal-steps GRASS runs are the screen's base on three seeds
+    made = compare.result_in(elsewhere, task, "grass", lr, seed, vmode) if elsewhere else None
+    r = compare.same_training(made, here, task, "grass", lr, seed, vmode)
     reused = [r["run_dir"]] if r is not None else []
     if r is None:
-        r = compare.train_one(work / slug(overrides), task, "grass", lr, seed, vmode, log)
+        r = compare.train_one(here, task, "grass", lr, seed, vmode, log)
     return {
         "overrides": list(overrides),
         "lr": lr,
@@ -123,23 +127,6 @@ def run(
         "run_dir": r.get("run_dir"),
         "reused": reused,
     }
-
-
-def _done_elsewhere(
-    elsewhere: Path | None, work: Path, task: str, lr: float, seed: int, mode: compare.Mode
-) -> dict | None:
-    """The comparison's GRASS run of this task, lr and seed, if it trained the same model
-    as the screen would (same recipe and overrides but for where it was written and
-    whether the model was kept): the comparison's equal-steps runs of the base
-    configuration are the screen's base on three seeds, 7 minutes each here."""
-    if elsewhere is None:
-        return None
-    done = compare.run_dir_for(elsewhere, task, "grass", lr, seed, mode) / "result.json"
-    if not done.exists():
-        return None
-    r = json.loads(done.read_text())
-    _, recipe, _, want = compare.run_key(work, task, "grass", lr, seed, mode)
-    return r if study_compare._same_training(compare.stored_key(r, recipe), want) else None
 
 
 def variant(
@@ -239,8 +226,7 @@ def screened(screen_work: Path):
         if method != "grass":
             return None
         work = screen_work / slug(tuple(mode.extra_by_method.get("grass", ())))
-        done = compare.run_dir_for(work, task, method, lr, seed, mode) / "result.json"
-        return json.loads(done.read_text()) if done.exists() else None
+        return compare.result_in(work, task, method, lr, seed, mode)
 
     return look
 
@@ -371,9 +357,9 @@ def main() -> None:
         screened_axes = [a for a in args.axes if a != "lr"]
         if args.stage != "screen" or len(screened_axes) != 1 or screened_axes == ["combo"]:
             ap.error("--values needs `screen` and exactly one axis (not combo) in --axes")
-        import yaml  # a value as a recipe would read it: 1.0 a float, true a bool
+        from grass_cli.recipe.loading import parse_yaml  # as an override reads a value
 
-        args.values = [yaml.safe_load(v) for v in args.values]
+        args.values = [parse_yaml(v) for v in args.values]
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -397,20 +383,20 @@ def main() -> None:
         write_atomic_text(path.with_suffix(".json"), json.dumps(res, indent=2))
         write_atomic_text(path.with_suffix(".md"), render(res, command))
 
+    done = path.with_suffix(".json")  # what earlier commands found: added to, not replaced
+    earlier = json.loads(done.read_text()) if done.exists() else None
     if args.stage == "compare":
         work = args.work or ROOT / "runs/study-compare"
-        done = path.with_suffix(".json")  # what earlier commands found: added to, not replaced
         study = study_compare.Study(
             work, tuple(args.grass), log, save, grass_lr=args.lr, methods=tuple(args.methods),
             prior=screened(args.screen_work),
-            earlier=json.loads(done.read_text()) if done.exists() else None,
+            earlier=earlier,
             only=tuple(args.only),
         )  # fmt: skip
         res = study_compare.run_stages(study, tuple(args.only))
     else:
         args.work = args.work or ROOT / "runs/study"
-        done = path.with_suffix(".json")  # an earlier screen's axes: added to
-        res = screen(args, log, save, json.loads(done.read_text()) if done.exists() else None)
+        res = screen(args, log, save, earlier)
     save(res)
     print(render(res, command))
 

@@ -128,12 +128,11 @@ class Study:
         the same recipe and overrides but for where it was written and whether the
         model was kept. A tuning run is read for its validation loss only, and the
         chosen lr's model is trained again in `equal_steps` where it is needed."""
-        r = self.prior(task, method, lr, seed, self.mode)
+        earlier = self.prior(task, method, lr, seed, self.mode)
+        r = compare.same_training(earlier, self.work, task, method, lr, seed, self.mode)
         if r is not None:
-            _, recipe, _, want = compare.run_key(self.work, task, method, lr, seed, self.mode)
-            if _same_training(compare.stored_key(r, recipe), want):
-                self.res.setdefault("reused", {}).setdefault(method, []).append(r["run_dir"])
-                return r
+            self.res.setdefault("reused", {}).setdefault(method, []).append(r["run_dir"])
+            return r
         return self.train(self.work, task, method, lr, seed, self.mode, self.log)
 
     # ------------------------------------------------------------------ stages
@@ -330,14 +329,6 @@ def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[st
         made = [earlier["command"]] if "command" in earlier else []
         out["commands"] = earlier.get("commands", made)
     return out
-
-
-def _same_training(a: dict, b: dict) -> bool:
-    """Two run keys (compare.stored_key's form) train the same model: the same recipe
-    once where the run was written and whether its model was saved are set aside."""
-    return a.get("training_sha256") is not None and a.get("training_sha256") == b.get(
-        "training_sha256"
-    )
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int, most: int) -> int:
