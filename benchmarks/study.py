@@ -27,7 +27,8 @@ different seed does by itself.
    estimate), `update` (T_u, steps between EMA refreshes of the trained blocks'
    importance), `alpha` (the EMA's weight on the new window), `correction`
    (our idea: each drawn block's lr scaled by its inverse inclusion
-   probability, `sampler.lr_correction`).
+   probability, `sampler.lr_correction`), `draw` (ours too: `sampler.draw:
+   balanced`, the draws' counts without their luck).
 3. `combo`: the single-axis winners together (stage 2: does what helped alone
    add up?).
 
@@ -79,6 +80,8 @@ AXES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "alpha": ("sampler.alpha", (0.2, 0.8)),
     # our idea (not in the paper): lr x (gamma / L) / inclusion probability
     "correction": ("sampler.lr_correction", ("inverse_probability",)),
+    # ours too: each block trained as often as random draws would, without their luck
+    "draw": ("sampler.draw", ("balanced",)),
     # stage 2: the single-axis winners together (a value here is a set of overrides)
     "combo": ("", ({"sampler.gamma": 8, "sampler.lr_correction": "inverse_probability"},)),
 }

@@ -385,6 +385,23 @@ def test_lr_correction_only_for_grass_samplers():
         recipe(lr_correction_clip=0.5)
 
 
+def test_balanced_draws_only_for_strategies_that_draw():
+    from grass_cli.errors import RecipeError
+    from grass_cli.recipe import validate_dict
+
+    def recipe(strategy: str):
+        d = {"model": {"path": "x"}, "data": {"train": "t.jsonl"}}
+        return validate_dict({**d, "sampler": {"strategy": strategy, "draw": "balanced"}}, "r")
+
+    assert recipe("lisa").sampler.draw == "balanced"
+    assert recipe("grass-static").sampler.draw == "balanced"
+    plain = {"model": {"path": "x"}, "data": {"train": "t.jsonl"}}
+    assert validate_dict(plain, "r").sampler.draw == "random"
+    for strategy in ("full", "cyclic", "lora"):
+        with pytest.raises(RecipeError, match="sampler.draw is balanced but sampler.strategy"):
+            recipe(strategy)
+
+
 def test_grass_defaults_are_the_bench_recipes_studied_configuration():
     """Issue 18: the configuration the study measured (recipes/bench/grass.yaml's
     sampler) is what `strategy: grass` gets when a recipe sets nothing else."""

@@ -319,3 +319,70 @@ def test_grass_sampler_records_the_drawn_blocks_scales():
     plain = build_sampler(SamplerConfig(strategy="grass", gamma=2), 5, tracker_with([1.0] * 5), 0)
     plain.active(0)
     assert plain.lr_scales == {}
+
+
+# ----------------------------------------------------------------- balanced draws
+
+
+def test_draw_balanced_follows_pi_without_luck():
+    """Over many calls each index is taken within 1 of its expected count, at
+    every prefix, where random draws of the same pi stray by several."""
+    from grass_cli.sampling.samplers import draw_balanced
+
+    p = probabilities([1.0, 2.0, 3.0, 0.5, 1.5, 0.2, 2.5, 1.0], 0.5, 0.05)
+    exact = inclusion_probabilities(p, 3)
+    rng, credit = np.random.default_rng(0), np.zeros(p.size)
+    counts = np.zeros(p.size)
+    worst = 0.0
+    for n in range(1, 2001):
+        chosen = draw_balanced(rng, credit, exact, 3)
+        assert len(set(chosen)) == 3
+        counts[chosen] += 1
+        worst = max(worst, float(np.abs(counts - n * exact).max()))
+    assert worst < 1.0
+    assert np.abs(credit).max() < 1.0 and credit.sum() == pytest.approx(0.0, abs=1e-9)
+    # random draws of the same 2000 sets: off by tens
+    rand = draws("grass", [1.0, 2.0, 3.0, 0.5, 1.5, 0.2, 2.5, 1.0], 3, 2000, tau=0.5, eps=0.05)
+    off = np.abs(np.bincount(np.concatenate(rand), minlength=p.size) - 2000 * exact)
+    assert off.max() > 10
+
+
+def test_balanced_lisa_trains_every_block_equally_often():
+    """LISA's 15 switches of 4 blocks of 30: balanced draws train each block exactly
+    twice (random draws: 0 to 5 times); the seed still changes the order."""
+
+    def counts(seed: int, draw: str) -> tuple[np.ndarray, list[list[int]]]:
+        cfg = SamplerConfig(strategy="lisa", gamma=4, switch_interval=1, draw=draw)
+        s = build_sampler(cfg, 30, tracker_with([1.0] * 30), seed=seed)
+        sets = [s.active(step) for step in range(15)]
+        assert all(len(set(a)) == 4 for a in sets)
+        return np.bincount(np.concatenate(sets), minlength=30), sets
+
+    a, sets_a = counts(0, "balanced")
+    b, sets_b = counts(1, "balanced")
+    assert a.tolist() == [2] * 30 and b.tolist() == [2] * 30
+    assert sets_a != sets_b
+    rand, _ = counts(0, "random")
+    assert rand.sum() == 60 and rand.min() < 2 < rand.max()
+
+
+def test_balanced_grass_tracks_inclusion_probabilities_and_resumes():
+    mgn = [1.0, 2.0, 3.0, 0.5, 1.5]
+    cfg = SamplerConfig(strategy="grass", gamma=2, switch_interval=1, tau=0.5, eps=0.05,
+                        draw="balanced")  # fmt: skip
+    s = build_sampler(cfg, 5, tracker_with(mgn), seed=4)
+    sets = [s.active(step) for step in range(300)]
+    counts = np.bincount(np.concatenate(sets), minlength=5)
+    exact = inclusion_probabilities(probabilities(mgn, 0.5, 0.05), 2)
+    # the Gumbel estimate of pi has error ~0.0035 per draw: within 300 x 0.012 + 1
+    assert np.abs(counts - 300 * exact).max() < 300 * 0.012 + 1
+    state = s.state_dict()
+    assert len(state["credit"]) == 5
+    b = build_sampler(cfg, 5, tracker_with(mgn), seed=99)
+    b.load_state_dict(state)
+    assert [s.active(i) for i in range(300, 340)] == [b.active(i) for i in range(300, 340)]
+
+
+def test_balanced_grass_with_an_overflowing_softmax_takes_the_greedy_set():
+    mgn, tau = [1.0, 3.0, 2.0, 0.5], 1e-310
+    assert draws("grass", mgn, 2, 4, tau=tau, eps=0.0, draw="balanced") == [[1, 2]] * 4

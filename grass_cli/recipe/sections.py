@@ -126,9 +126,8 @@ class SamplerConfig(Section):
     """Which blocks train at each step (GRASS_SPEC.md)."""
 
     strategy: Strategy = "grass"
-    # Defaults: the configuration issue 18's study measured against LoRA, LISA and
-    # GRASS-static (docs/benchmarks.md, "The GRASS study"); the values it replaced
-    # (gamma 2, tau 1.0, probe_steps 8) did no better there.
+    # Defaults: what issue 18's study measured against LoRA, LISA and GRASS-static
+    # (docs/benchmarks.md, "The GRASS study"); gamma 2, tau 1, probe_steps 8 did no better.
     # Blocks trained at once (layer-wise strategies).
     gamma: int = Field(4, ge=1)
     # T_s: optimizer steps between re-samplings of the active set.
@@ -153,11 +152,32 @@ class SamplerConfig(Section):
     # important ones are still visited more often. `none`: the paper's equal lr.
     lr_correction: Literal["none", "inverse_probability"] = "none"
     lr_correction_clip: float = Field(4.0, ge=1)
+    # Ours too: `balanced` trains each block as often as random draws do on average,
+    # without their luck (each switch adds a block's inclusion probability to its
+    # credit and takes the gamma most credited). `random`: the paper's draws.
+    draw: Literal["random", "balanced"] = "random"
     # Always-train groups outside the blocks. Tied embedding/head weights are one
     # group, trained when either switch is on.
     train_embeddings: bool = False
     train_norm: bool = True
     train_head: bool = False
+
+    @model_validator(mode="after")
+    def _draw_options_need_draws(self) -> SamplerConfig:
+        if self.lr_correction != "none" and self.strategy not in ("grass", "grass-static"):
+            raise ValueError(
+                f"sampler.lr_correction is {self.lr_correction} but sampler.strategy "
+                f"{self.strategy} draws every block with the same probability, so there is "
+                "nothing to correct; use it with strategy grass or grass-static, or set it "
+                "to none"
+            )
+        if self.draw != "random" and self.strategy not in ("lisa", "grass", "grass-static"):
+            raise ValueError(
+                f"sampler.draw is {self.draw} but sampler.strategy {self.strategy} draws "
+                "nothing at random; use it with strategy lisa, grass or grass-static, or "
+                "set it to random"
+            )
+        return self
 
 
 class OffloadConfig(Section):
@@ -338,17 +358,6 @@ class Recipe(Section):
                 "model.dtype is float16, but training in float16 needs loss scaling, which "
                 "grass does not do (small gradients underflow to zero); use model.dtype: "
                 "bfloat16, or model.dtype: float32 with training.autocast: bf16"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _lr_correction_needs_unequal_draws(self) -> Recipe:
-        s = self.sampler
-        if s.lr_correction != "none" and s.strategy not in ("grass", "grass-static"):
-            raise ValueError(
-                f"sampler.lr_correction is {s.lr_correction} but sampler.strategy {s.strategy} "
-                "draws every block with the same probability, so there is nothing to "
-                "correct; use it with strategy grass or grass-static, or set it to none"
             )
         return self
 
