@@ -33,7 +33,10 @@ the two differ only in whether the importance is refreshed.
 
 Runs live in --work (default runs/study-compare) and are reused when their recipe and
 overrides are unchanged (compare.train_one); results are saved after every run to
-benchmarks/results/study-compare.{json,md}. Nothing is chosen on the held-out split.
+benchmarks/results/study-compare.{json,md}, and a later command continues from that file
+even where the run folders are gone (a fresh machine): finished rows are kept, and an
+unfinished lr grid's runs are read back when they trained the same model.
+Nothing is chosen on the held-out split.
 """
 
 from __future__ import annotations
@@ -133,7 +136,17 @@ class Study:
         if r is not None:
             self.res.setdefault("reused", {}).setdefault(method, []).append(r["run_dir"])
             return r
-        return self.train(self.work, task, method, lr, seed, self.mode, self.log)
+        # a run of a grid an earlier, interrupted command did not finish: its result
+        # is in the results file even where its folder is gone (another machine)
+        done = self.res.setdefault("lr_runs", {}).setdefault(method, {})
+        r = compare.same_training(done.get(f"{lr:.2e}"), self.work, task, method, lr, seed,
+                                  self.mode)  # fmt: skip
+        if r is not None:
+            return r
+        r = self.train(self.work, task, method, lr, seed, self.mode, self.log)
+        done[f"{lr:.2e}"] = {k: v for k, v in r.items() if k != "losses"}
+        self.save()
+        return r
 
     # ------------------------------------------------------------------ stages
     def _choose(self, rows: dict[float, dict], run_dir: Callable[[float], Path]) -> float:
@@ -160,6 +173,10 @@ class Study:
                 rows,
                 lambda lr, m=method: compare.run_dir_for(self.work, task, m, lr, seed, self.mode),
             )
+            runs = self.res.pop("lr_runs", {})  # the grid is done: its table says it all
+            runs.pop(method, None)
+            if runs:
+                self.res["lr_runs"] = runs
             self.save()
         if "grass" in self.res["chosen_lr"]:
             self.res["chosen_lr"]["grass-static"] = self.res["chosen_lr"]["grass"]
@@ -328,6 +345,8 @@ def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[st
     if out["carried"]:  # the commands that made what is carried
         made = [earlier["command"]] if "command" in earlier else []
         out["commands"] = earlier.get("commands", made)
+    if earlier.get("lr_runs"):  # unfinished grids: each run reused only if it trained
+        out["lr_runs"] = earlier["lr_runs"]  # the model the grid would train now
     return out
 
 

@@ -11,6 +11,8 @@ import sys
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -462,3 +464,55 @@ def test_values_screen_only_the_values_asked_for(monkeypatch, tmp_path):
     res = study.screen(args, lambda m: None)
     assert trained == [(), ("sampler.tau=1.0",)]  # the base, then tau 1.0 alone
     assert [r["value"] for r in res["axes"]["tau"]] == [0.5, 1.0]
+
+
+def test_an_interrupted_lr_grid_resumes_from_the_results_file(monkeypatch, tmp_path):
+    """A grid cut off after two runs, resumed where its run folders are gone (another
+    machine): the two finished runs are read from the results file, only the third is
+    trained; a stored run whose training differs (another recipe) is trained again."""
+    study = load_study()
+    import study_compare
+
+    class Cut(Exception):
+        pass
+
+    trained: list[float] = []
+
+    def fake_train(work, task, method, lr, seed, mode, log):
+        if len(trained) == 2 and cut:
+            raise Cut
+        trained.append(lr)
+        _, _, _, key = study.compare.run_key(work, task, method, lr, seed, mode)
+        return {"val_loss": abs(math.log2(lr / 2e-4)) + 0.01, "run_dir": str(work),
+                "key": key, "losses": [1.0]}  # fmt: skip
+
+    saved: list[dict] = []
+    cut = True
+    first = study_compare.Study(
+        tmp_path / "a", (), lambda m: None, lambda res: saved.append(json_copy(res)),
+        train=fake_train, methods=("full",),
+    )  # fmt: skip
+    with pytest.raises(Cut):
+        study_compare.run_stages(first, ("lr",))
+    earlier = saved[-1]
+    assert sorted(earlier["lr_runs"]["full"]) == ["1.00e-04", "2.00e-04"]
+    assert "losses" not in earlier["lr_runs"]["full"]["1.00e-04"]
+
+    cut, trained[:] = False, []
+    stale = json_copy(earlier)
+    stale["lr_runs"]["full"]["1.00e-04"]["key"]["training_sha256"] = "another recipe"
+    again = study_compare.Study(
+        tmp_path / "b", (), lambda m: None, train=fake_train, methods=("full",),
+        earlier=stale, only=("lr",),
+    )  # fmt: skip
+    res = study_compare.run_stages(again, ("lr",))
+    assert trained == [1e-4, 4e-4]  # the stale run, and the one never run
+    assert res["chosen_lr"]["full"] == 2e-4
+    assert res["lr"]["full"] == {"1.00e-04": 1.01, "2.00e-04": 0.01, "4.00e-04": 1.01}
+    assert "lr_runs" not in res  # the finished grid's table replaces its runs
+
+
+def json_copy(x):
+    import json
+
+    return json.loads(json.dumps(x))
