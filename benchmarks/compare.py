@@ -233,7 +233,7 @@ def stored_key(result: dict[str, Any], recipe: Path) -> dict[str, Any]:
     """A result's key, as `_key` makes it: a key of the older form (the recipe file's
     bytes hashed, the overrides listed) is read as the recipe it names, while that
     file is unchanged; after a change it matches nothing, as before."""
-    key = result.get("key", {})
+    key = result.get("key") or {}
     if "recipe_sha256" not in key:
         return key
     if key["recipe_sha256"] != hashlib.sha256(recipe.read_bytes()).hexdigest():

@@ -56,6 +56,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,38 @@ def slug(overrides: tuple[str, ...]) -> str:
     return "+".join(o.split(".", 1)[1].replace("=", "-") for o in overrides)
 
 
+class Records:
+    """The runs a results file keeps, each with its key (compare._key): `own`, the
+    screen's, to which every run trained is added (and the file saved at once), and
+    `made`, the comparison's equal-steps rows. Where the run folders are gone (a fresh
+    machine) a run they hold is read instead of trained again, if it trained the same
+    model: an interrupted screen resumes where it stopped."""
+
+    def __init__(
+        self, own: list[dict] | None = None, made: list[dict] | None = None,
+        save: Callable[[], None] = lambda: None,
+    ) -> None:  # fmt: skip
+        # (a plain class: the tests load this file as a module that is not registered,
+        # which dataclasses cannot inspect)
+        self.own = own if own is not None else []
+        self.made, self.save = made or [], save
+
+    def find(self, here: Path, task: str, lr: float, seed: int, mode: compare.Mode):
+        """(the run, [where it was made] if the comparison made it) or (None, [])."""
+        for rec, theirs in [*((r, False) for r in self.own), *((r, True) for r in self.made)]:
+            if (rec.get("task"), rec.get("lr"), rec.get("seed")) != (task, lr, seed):
+                continue
+            r = compare.same_training(rec, here, task, "grass", lr, seed, mode)
+            if r is not None:
+                return r, [r["run_dir"]] if theirs else []
+        return None, []
+
+    def add(self, task: str, lr: float, seed: int, r: dict) -> None:
+        keep = ("val_loss", "tokens_per_s", "train_peak_rss", "train_s", "run_dir", "key")
+        self.own.append({"task": task, "lr": lr, "seed": seed, **{k: r[k] for k in keep if k in r}})
+        self.save()
+
+
 def run(
     work: Path,
     mode: compare.Mode,
@@ -107,18 +140,26 @@ def run(
     log,
     seed: int = 0,
     elsewhere: Path | None = None,
+    records: Records | None = None,
 ) -> dict:
     """One GRASS training of the variant `overrides` at `lr` (reused when done, or
-    when `elsewhere`, the comparison's runs, holds one that trained the same model)."""
+    when `elsewhere`, the comparison's runs, holds one that trained the same model).
+    `records`: runs that results files keep (each with its key), read instead of
+    training again where the run folders are gone (a fresh machine); each run made
+    here is added to it."""
     task = mode.tune_task or TASK
     vmode = variant_mode(mode, overrides)
     here = work / slug(overrides)
+    records = records or Records()
     # the comparison's equal-steps GRASS runs are the screen's base on three seeds
     made = compare.result_in(elsewhere, task, "grass", lr, seed, vmode) if elsewhere else None
     r = compare.same_training(made, here, task, "grass", lr, seed, vmode)
     reused = [r["run_dir"]] if r is not None else []
     if r is None:
+        r, reused = records.find(here, task, lr, seed, vmode)
+    if r is None:
         r = compare.train_one(here, task, "grass", lr, seed, vmode, log)
+        records.add(task, lr, seed, r)
     return {
         "overrides": list(overrides),
         "lr": lr,
@@ -140,9 +181,10 @@ def variant(
     seeds,
     log,
     elsewhere: Path | None = None,
+    records: Records | None = None,
 ) -> dict:
     """The variant over `seeds`: mean validation loss, its spread, and each seed's."""
-    runs = [run(work, mode, overrides, lr, log, s, elsewhere) for s in seeds]
+    runs = [run(work, mode, overrides, lr, log, s, elsewhere, records) for s in seeds]
     mean, sd = compare.mean_sd([r["val_loss"] for r in runs])
     return {
         **runs[0],
@@ -158,19 +200,29 @@ def variant(
     }
 
 
-def tune_lr(work: Path, mode: compare.Mode, start: float, log, max_extend: int = 3) -> list[dict]:
+def tune_lr(
+    work: Path, mode: compare.Mode, start: float, log, max_extend: int = 3,
+    records: Records | None = None,
+) -> list[dict]:  # fmt: skip
     """GRASS's base configuration over an extended x2 grid around `start` (seed 0)."""
-    rows = study_compare.extend_grid(lambda lr: run(work, mode, (), lr, log), start, max_extend)
+    rows = study_compare.extend_grid(
+        lambda lr: run(work, mode, (), lr, log, records=records), start, max_extend
+    )
     return list(rows.values())
 
 
 def screen(
-    args: argparse.Namespace, log, save=lambda res: None, earlier: dict | None = None
-) -> dict[str, Any]:
+    args: argparse.Namespace, log, save=lambda res: None, earlier: dict | None = None,
+    made: list[dict] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Stage 1; `save(results)` is called after every run, so an interrupted
     screen leaves the table of what it finished. `earlier`: the results file of an
     earlier screen; where it screened the same task, budget, seeds and lr, the axes
-    it has and this one does not run are kept (a screen of one axis adds to it)."""
+    it has and this one does not run are kept (a screen of one axis adds to it).
+    Every run's result is kept in the file (`runs`, with its key), and a run that the
+    file, or `made` (the comparison's rows), holds is read instead of trained again
+    when it trained the same model, so a screen cut off mid-axis resumes on a fresh
+    machine."""
     mode = compare.Mode(
         steps=args.steps,
         micro_batch=args.batch,
@@ -191,12 +243,14 @@ def screen(
         "axes": {},
     }
     lr = float(args.lr or recipe["optimizer"]["lr"])
+    out["runs"] = list((earlier or {}).get("runs", []))
+    records = Records(out["runs"], made or [], lambda: save(out))
     if "lr" in args.axes:
-        out["axes"]["lr"] = tune_lr(args.work, mode, lr, log)
+        out["axes"]["lr"] = tune_lr(args.work, mode, lr, log, records=records)
         lr = min(out["axes"]["lr"], key=lambda r: r["val_loss"])["lr"]
     out["lr"] = lr
     elsewhere = getattr(args, "compare_work", None)
-    base = variant(args.work, mode, (), lr, seeds, log, elsewhere)
+    base = variant(args.work, mode, (), lr, seeds, log, elsewhere, records)
     out["base"] = base
     same = ("task", "steps", "batch", "seeds", "lr")
     if earlier and all(earlier.get(k) == out[k] for k in same):
@@ -215,7 +269,7 @@ def screen(
             pairs = v.items() if isinstance(v, dict) else [(key, v)]
             ov = (*(f"{k}={_text(x)}" for k, x in pairs), *EXTRA.get(axis, ()))
             label = " + ".join(f"{k.split('.')[1]} {x}" for k, x in pairs) if key == "" else v
-            row = variant(args.work, mode, ov, lr, seeds, log, elsewhere)
+            row = variant(args.work, mode, ov, lr, seeds, log, elsewhere, records)
             rows.append({**row, "value": label})
             save(out)
     return out
@@ -384,7 +438,8 @@ def main() -> None:
             res["commands"].append(command)
         # atomic: the study writes these after every run, and may be killed at any time
         write_atomic_text(path.with_suffix(".json"), json.dumps(res, indent=2))
-        write_atomic_text(path.with_suffix(".md"), render(res, command))
+        if args.stage == "compare" or "base" in res:  # (a screen's table needs its base)
+            write_atomic_text(path.with_suffix(".md"), render(res, command))
 
     done = path.with_suffix(".json")  # what earlier commands found: added to, not replaced
     earlier = json.loads(done.read_text()) if done.exists() else None
@@ -399,7 +454,9 @@ def main() -> None:
         res = study_compare.run_stages(study, tuple(args.only))
     else:
         args.work = args.work or ROOT / "runs/study"
-        res = screen(args, log, save, earlier)
+        made = ROOT / "benchmarks/results/study-compare.json"  # its GRASS rows, with keys
+        rows = json.loads(made.read_text()).get("equal_steps", []) if made.exists() else []
+        res = screen(args, log, save, earlier, [r for r in rows if r["method"] == "grass"])
     save(res)
     print(render(res, command))
 

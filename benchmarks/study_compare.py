@@ -123,7 +123,8 @@ class Study:
     ) -> dict:
         """One training (reused when done) and its held-out score, as a table row."""
         r = self.train(work or self.work, task, method, lr, seed, mode, self.log)
-        out = {k: v for k, v in r.items() if k not in ("losses", "key")}
+        # (the key stays: a screen on a fresh machine reads a row with it as its run)
+        out = {k: v for k, v in r.items() if k != "losses"}
         return {**out, "steps": mode.steps, **self.held(r, mode, self.log)}
 
     def _tuning_run(self, task: str, method: str, lr: float, seed: int) -> dict:

@@ -54,7 +54,8 @@ def test_screen_extends_the_lr_grid_until_interior_and_saves_every_run(monkeypat
         ("output.save_model=false", "sampler.gamma=8"),
     }
     assert all(lr == 8e-4 for lr, o in trained if len(o) > 1)
-    assert len(saved) == 1 + 2  # after the base run, then after each gamma run
+    # after every run trained, then after the base and each gamma variant's row
+    assert len(saved) == len(trained) + 1 + 2
     text = study.render(res, "python benchmarks/study.py screen")
     assert "| gamma | 8 | **0.0150** |" in text
 
@@ -516,3 +517,59 @@ def json_copy(x):
     import json
 
     return json.loads(json.dumps(x))
+
+
+def test_a_screen_cut_off_mid_axis_resumes_on_a_fresh_machine(monkeypatch, tmp_path):
+    """The results file keeps every run with its key: a screen cut off after the base
+    and one seed of a variant, resumed where no run folder is left, trains only the
+    two missing seeds; the base is the comparison's rows (read from its results file,
+    with their keys), and a row of another recipe is trained again."""
+    study = load_study()
+    import study_compare
+
+    class Cut(Exception):
+        pass
+
+    trained: list[tuple[int, tuple[str, ...]]] = []
+    limit = [10**9]
+
+    def fake_train_one(work, task, method, lr, seed, mode, log):
+        if len(trained) == limit[0]:
+            raise Cut
+        trained.append((seed, tuple(mode.overrides[1:])))
+        _, _, _, key = study.compare.run_key(work, task, method, lr, seed, mode)
+        return {"val_loss": 0.2 + 0.01 * seed, "tokens_per_s": 1.0, "train_peak_rss": 1,
+                "train_s": 1.0, "run_dir": str(work), "key": key, "losses": [1.0]}  # fmt: skip
+
+    monkeypatch.setattr(study.compare, "train_one", fake_train_one)
+    mode = dataclasses_replace(study_compare.MODE, tune_task="family")
+    made = []
+    for seed in (0, 1, 2):  # the comparison's equal-steps rows of the base, keys kept
+        made.append({**fake_train_one(tmp_path / "c", "family", "grass", 8e-4, seed, mode, None),
+                     "task": "family", "method": "grass", "lr": 8e-4, "seed": seed})  # fmt: skip
+    made[2]["key"] = {"training_sha256": "another recipe"}
+    trained.clear()
+
+    def args(work):
+        return argparse.Namespace(
+            axes=["tau"], values=[1.0], steps=150, batch=8, val_limit=100, lr=8e-4,
+            task="family", work=work, seeds=[0, 1, 2], compare_work=tmp_path / "gone",
+        )  # fmt: skip
+
+    saved: list[dict] = []
+    limit[0] = 2  # the base's seed 2 (another recipe), then tau 1.0's seed 0; cut
+    with pytest.raises(Cut):
+        study.screen(args(tmp_path / "a"), lambda m: None, lambda r: saved.append(json_copy(r)),
+                     made=made)  # fmt: skip
+    assert trained == [(2, ()), (0, ("sampler.tau=1.0",))]
+    earlier = saved[-1]
+    assert [(r["seed"], r["val_loss"]) for r in earlier["runs"]] == [(2, 0.22), (0, 0.2)]
+
+    trained.clear()
+    limit[0] = 10**9
+    res = study.screen(args(tmp_path / "b"), lambda m: None, earlier=earlier, made=made)
+    assert trained == [(1, ("sampler.tau=1.0",)), (2, ("sampler.tau=1.0",))]
+    assert res["base"]["val_losses"] == [0.2 + 0.01 * s for s in (0, 1, 2)]
+    assert res["axes"]["tau"][1]["val_losses"] == [0.2 + 0.01 * s for s in (0, 1, 2)]
+    assert len(res["runs"]) == 4  # the screen's own: base seed 2, tau 1.0 seeds 0-2
+    assert len(res["base"]["reused"]) == 2  # the comparison's seeds 0 and 1
