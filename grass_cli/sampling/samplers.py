@@ -113,7 +113,7 @@ def draw_balanced(
     Each call adds each index's inclusion probability `pi` (summing to `size`, each
     at most 1) to its running `credit` (changed in place) and takes the `size`
     indices with the most credit, which then pay 1 each. After n calls index b has
-    been taken within a few of sum(pi_b) times (the credits stay bounded), where
+    been taken within about one of sum(pi_b) times (its credit), where
     random draws stray by about sqrt(n pi_b (1 - pi_b)): with GRASS's 15 switches,
     a block drawn with probability 0.3 is trained 4.5 +- 1.8 times at random and 4 or
     5 times balanced. Ties (the first call, equal pi) are broken by `rng`, so seeds
