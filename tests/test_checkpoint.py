@@ -122,12 +122,11 @@ def test_resume_is_bit_identical(combo, tiny_factory, tmp_path):
     assert [e["loss"] for e in metrics(tmp_path / "b") if e["event"] == "step"] == ra.losses
 
 
-def test_resume_with_lr_correction_is_bit_identical_and_steps_scaled(tiny_factory, tmp_path):
-    """sampler.lr_correction: each drawn block steps at lr x its scale (read back from
-    the optimizer), the switch events log the scales, and a resume in the middle of
-    a switch interval continues with the same scales, bit for bit."""
+def grass_resumed_as_straight(tiny_factory, tmp_path: Path, sampler: dict):
+    """A GRASS run straight through (tmp_path/a) and one interrupted after step 3 and
+    resumed (tmp_path/b), with these sampler keys: the same losses and weights, bit
+    for bit. Returns both runs."""
     model_dir = tiny_factory("gpt2", 4)
-    sampler = {"lr_correction": "inverse_probability", "tau": 0.2, "eps": 0.0}
     opt = {"state_policy": "keep"}
     a, ra = run_straight(make_recipe(model_dir, tmp_path / "a", "grass", opt, sampler=sampler))
     b, rb = run_interrupted(
@@ -136,6 +135,15 @@ def test_resume_with_lr_correction_is_bit_identical_and_steps_scaled(tiny_factor
     assert rb.losses == ra.losses and len(ra.losses) == 7
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q), name
+    return a, b
+
+
+def test_resume_with_lr_correction_is_bit_identical_and_steps_scaled(tiny_factory, tmp_path):
+    """sampler.lr_correction: each drawn block steps at lr x its scale (read back from
+    the optimizer), the switch events log the scales, and a resume in the middle of
+    a switch interval continues with the same scales, bit for bit."""
+    sampler = {"lr_correction": "inverse_probability", "tau": 0.2, "eps": 0.0}
+    a, _ = grass_resumed_as_straight(tiny_factory, tmp_path, sampler)
     switches = [e for e in metrics(tmp_path / "a") if e["event"] == "switch"]
     assert switches and all(len(e["lr_scales"]) == len(e["active"]) for e in switches)
     assert any(abs(v - 1.0) > 1e-3 for e in switches for v in e["lr_scales"])
@@ -151,16 +159,7 @@ def test_resume_with_lr_correction_is_bit_identical_and_steps_scaled(tiny_factor
 def test_resume_with_balanced_draws_is_bit_identical(tiny_factory, tmp_path):
     """sampler.draw: balanced keeps each block's credit in the checkpoint: a run
     interrupted mid-interval draws the same sets after resuming as one that was not."""
-    model_dir = tiny_factory("gpt2", 4)
-    sampler = {"draw": "balanced", "tau": 0.2}
-    opt = {"state_policy": "keep"}
-    a, ra = run_straight(make_recipe(model_dir, tmp_path / "a", "grass", opt, sampler=sampler))
-    b, rb = run_interrupted(
-        make_recipe(model_dir, tmp_path / "b", "grass", opt, sampler=sampler), k=3
-    )
-    assert rb.losses == ra.losses and len(ra.losses) == 7
-    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
-        assert torch.equal(p, q), name
+    a, b = grass_resumed_as_straight(tiny_factory, tmp_path, {"draw": "balanced", "tau": 0.2})
     sets = [[e["active"] for e in metrics(tmp_path / d) if e["event"] == "switch"] for d in "ab"]
     assert len(sets[0]) == 4 and sets[1][-2:] == sets[0][-2:]
     assert a.sampler.credit.tolist() == b.sampler.credit.tolist()
