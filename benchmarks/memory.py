@@ -3,6 +3,7 @@
     python benchmarks/memory.py                    # all six methods, 200 steps each
     python benchmarks/memory.py --steps 20 --methods lisa-keep grass-offload-disk
     python benchmarks/memory.py --model 1b         # ~1.2B bf16, checkpointing (~6 min)
+    python benchmarks/memory.py --model study      # issue 18's full FT and GRASS (~12 min)
 
 `--model 1b` measures the largest model this machine trains: plan_accuracy.py's
 ~1.2B Llama-shaped model with random weights in bfloat16 (built once and cached),
@@ -35,6 +36,8 @@ import tempfile
 from pathlib import Path
 
 from runstats import run_child  # benchmarks/ is on sys.path when a script here runs
+
+from grass_cli.atomic import write_atomic_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,11 +133,84 @@ def main_1b(steps: int, device: str, out: Path) -> None:
     out.with_suffix(".md").write_text(text)
 
 
+STUDY = {  # issue 18's equal-steps configuration (benchmarks/study_compare.py)
+    "data.train": "data/family/train.jsonl",
+    "data.eval": "null",
+    "data.max_length": "96",
+    "training.micro_batch_size": "8",
+    "training.seed": "0",
+    "checkpoint.at_end": "false",
+    "output.save_model": "false",
+}
+
+
+def main_study(steps: int, out: Path) -> None:
+    """Full fine-tuning and GRASS as the accuracy study trains them (recipes/bench, 135M
+    fp32, family, micro-batch 8 x 96), activation checkpointing off (as the study ran)
+    and on (the same arithmetic: it recomputes the forward instead of keeping it).
+    Each peak two ways, in plan_accuracy.py's child: live tensor bytes (the CPU's
+    analogue of CUDA's max_memory_allocated, what a GPU must hold) and the process's
+    RSS above its size before the model loaded; the planner's prediction beside them.
+    GRASS's activations reach down to the lowest block it trains, so its row says
+    which that was (the planner assumes block 0). 14 steps by default: full
+    fine-tuning's peak is its first optimizer step, and GRASS's 4 probing steps and
+    first interval of 10 (the memory profiler makes a step several times slower)."""
+    import plan_accuracy as pa
+
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("full", "grass"):
+            recipe = ROOT / f"recipes/bench/{method}.yaml"
+            for ckpt in ("false", "true"):
+                name = f"{method}, checkpointing {'on' if ckpt == 'true' else 'off'}"
+                overrides = [f"{k}={v}" for k, v in STUDY.items()] + [
+                    f"training.max_steps={steps}",
+                    f"model.gradient_checkpointing={ckpt}",
+                    f"output.dir={tmp}/{method}-{ckpt}",
+                ]
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                row, err = run_child(pa.__file__, overrides, ["--recipe", str(recipe)])
+                if row is None:
+                    sys.exit(f"{name} failed ({err})")
+                plan = pa.predict(overrides, row["visited"], "cpu", recipe)
+                rows[name] = {**row, "method": method, "checkpointing": ckpt == "true",
+                              "predicted": plan["device_peak_bytes"]}  # fmt: skip
+    lines = [
+        "| method | checkpointing | tensor peak (GiB) | x full | RSS over pre-load (GiB) | "
+        "x full | planner (GiB) | lowest block trained |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        full = rows[f"full, checkpointing {'on' if r['checkpointing'] else 'off'}"]
+        rss, full_rss = r["rss_peak_over_before_load"], full["rss_peak_over_before_load"]
+        lowest = "all" if r["method"] == "full" else r["lowest"]
+        lines.append(
+            f"| {r['method']} | {'on' if r['checkpointing'] else 'off'} | "
+            f"{r['measured'] / 2**30:.2f} | {r['measured'] / full['measured']:.2f} | "
+            f"{rss / 2**30:.2f} | {rss / full_rss:.2f} | {r['predicted'] / 2**30:.2f} | "
+            f"{lowest} |"
+        )
+    cmd = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    machine = pa.machine_line("cpu")
+    text = "\n".join(lines) + f"\n\ncommand: `{cmd.strip()}`\n\nmachine: {machine}\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic_text(
+        out,
+        json.dumps(
+            {"command": cmd.strip(), "machine": machine, "steps": steps, "rows": rows}, indent=2
+        ),  # fmt: skip
+    )
+    write_atomic_text(out.with_suffix(".md"), text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="135m", choices=["135m", "1b"])
+    ap.add_argument("--model", default="135m", choices=["135m", "1b", "study"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(--model 1b)")
-    ap.add_argument("--steps", type=int, default=None, help="default: 200 (135m), 3 (1b)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="default: 200 (135m), 3 (1b), 14 (study)"
+    )
     ap.add_argument("--switch-interval", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -143,6 +219,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child is not None:
         child(args.child)
+        return
+    if args.model == "study":
+        main_study(args.steps or 14, args.out or ROOT / "benchmarks/results/memory-study.json")
         return
     if args.model == "1b":
         name = "memory-1b" + ("-cuda" if args.device == "cuda" else "")

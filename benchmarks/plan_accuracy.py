@@ -44,6 +44,7 @@ from runstats import run_child  # benchmarks/ is on sys.path when a script here 
 
 ROOT = Path(__file__).resolve().parent.parent
 
+QUICKSTART = ROOT / "recipes/quickstart.yaml"
 MODELS = {
     "135m": {
         "path": "embedded:smollm2-135m-instruct",
@@ -209,8 +210,9 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def child(overrides: list[str]) -> None:
-    """Train once in this process; print one JSON line: measured peak, visited blocks."""
+def child(overrides: list[str], recipe: Path = QUICKSTART) -> None:
+    """Train once in this process; print one JSON line: measured peak, visited blocks
+    (and the lowest visited: GRASS's activations reach down to it)."""
     import psutil
     import torch
 
@@ -218,7 +220,7 @@ def child(overrides: list[str]) -> None:
     from grass_cli.recipe import load_recipe
     from grass_cli.telemetry import Telemetry
 
-    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", overrides)
+    recipe = load_recipe(recipe, overrides)
     cuda = recipe.training.device == "cuda"
     before = psutil.Process().memory_info().rss
     run = setup(recipe, Telemetry([]), overwrite=True)
@@ -270,15 +272,16 @@ def child(overrides: list[str]) -> None:
             "rss_after_setup": after_setup,
             "rss_peak_over_before_load": _vm("VmHWM") - before,
         }
-    print(json.dumps({"measured": measured, "visited": len(visited), **extra}))
+    lowest = min(visited, default=None)
+    print(json.dumps({"measured": measured, "visited": len(visited), "lowest": lowest, **extra}))
 
 
-def predict(overrides: list[str], visited: int, device: str) -> dict:
+def predict(overrides: list[str], visited: int, device: str, recipe: Path = QUICKSTART) -> dict:
     from grass_cli.planner.memory import plan, recipe_scenario
     from grass_cli.planner.shape import build_layout, load_config
     from grass_cli.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", overrides)
+    recipe = load_recipe(recipe, overrides)
     config, name = load_config(recipe)
     lay = build_layout(recipe, config, name)
     p = plan(recipe, lay, recipe_scenario(recipe), device=device, visited=visited)
@@ -292,9 +295,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", type=Path, default=QUICKSTART, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child)
+        child(args.child, args.recipe)
         return
     out = args.out or ROOT / f"benchmarks/results/plan_accuracy-{args.device}.json"
     chosen = args.methods or list(methods(args.device))

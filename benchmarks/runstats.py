@@ -27,11 +27,14 @@ def train_child(recipe_path: Path, overrides: list[str]) -> tuple[list[dict], li
     return read_events(result.run_dir)
 
 
-def run_child(script: str | Path, overrides: list[str]) -> tuple[dict | None, str]:
-    """Run `script --child OVERRIDES` in a fresh process (its peak memory is its own);
-    returns the JSON object of its last stdout line, or None and the end of stderr."""
+def run_child(
+    script: str | Path, overrides: list[str], options: list[str] | None = None
+) -> tuple[dict | None, str]:
+    """Run `script [OPTIONS] --child OVERRIDES` in a fresh process (its peak memory is
+    its own); returns the JSON object of its last stdout line, or None and the end of
+    stderr."""
     proc = subprocess.run(
-        [sys.executable, str(script), "--child", *overrides],
+        [sys.executable, str(script), *(options or []), "--child", *overrides],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

@@ -45,7 +45,8 @@ same model is read instead of trained again (its equal-steps GRASS runs are the
 base on three seeds). Results go to benchmarks/results/study-screen.{json,md}
 (study-seeds with `--seeds`, `-TASK` for a task other than reversal); a screen of
 some axes adds them to that file when it screened the same task, budget, seeds
-and lr, so the axes can be run a few at a time.
+and lr, so the axes can be run a few at a time; a screen at another lr would replace
+its axes, so it names a file of its own (`--results NAME`).
 """
 
 from __future__ import annotations
@@ -390,6 +391,11 @@ def main() -> None:
     )
     ap.add_argument("--work", type=Path, default=None, help="default runs/study(-compare)")
     ap.add_argument(
+        "--results", default=None, metavar="NAME",
+        help="screen: benchmarks/results/NAME.{json,md} instead of the file its task and "
+        "seeds name (a screen at another lr replaces that file's axes)",
+    )  # fmt: skip
+    ap.add_argument(
         "--grass", nargs="*", default=[], metavar="KEY=VALUE",
         help="compare: GRASS's configuration (recipe overrides), for GRASS-static too",
     )  # fmt: skip
@@ -410,6 +416,8 @@ def main() -> None:
         choices=study_compare.METHODS, help="compare: these methods only",
     )  # fmt: skip
     args = ap.parse_args()
+    if args.results and args.stage != "screen":
+        ap.error("--results names a screen's file (compare writes study-compare)")
     if args.values:
         screened_axes = [a for a in args.axes if a != "lr"]
         if args.stage != "screen" or len(screened_axes) != 1 or screened_axes == ["combo"]:
@@ -429,6 +437,7 @@ def main() -> None:
         # one seed: the screen; more: the seed check of chosen axes, in a file of its own
         name = "study-screen" if args.seeds == [0] else "study-seeds"
         name += "" if args.task == TASK else f"-{args.task}"
+        name = args.results or name
         render = globals()["render"]
     path = ROOT / f"benchmarks/results/{name}"
 

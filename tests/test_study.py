@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import sys
 from dataclasses import replace as dataclasses_replace
@@ -573,3 +574,34 @@ def test_a_screen_cut_off_mid_axis_resumes_on_a_fresh_machine(monkeypatch, tmp_p
     assert res["axes"]["tau"][1]["val_losses"] == [0.2 + 0.01 * s for s in (0, 1, 2)]
     assert len(res["runs"]) == 4  # the screen's own: base seed 2, tau 1.0 seeds 0-2
     assert len(res["base"]["reused"]) == 2  # the comparison's seeds 0 and 1
+
+
+def test_results_names_the_screens_file_and_leaves_the_default_alone(monkeypatch, tmp_path):
+    """A screen at another lr would replace the task's file's axes; `--results` gives it
+    a file of its own, and compare refuses the flag (its file is fixed)."""
+    study = load_study()
+
+    def fake_train_one(work, task, method, lr, seed, mode, log):
+        loss = 0.03 - (1e-3 if "sampler.gamma=30" in mode.overrides else 0)
+        return {"val_loss": loss, "tokens_per_s": 1.0, "train_peak_rss": 1, "train_s": 1.0}
+
+    monkeypatch.setattr(study.compare, "train_one", fake_train_one)
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    (tmp_path / "benchmarks/results").mkdir(parents=True)
+    default = tmp_path / "benchmarks/results/study-seeds-family.json"
+    default.write_text('{"kept": true}')
+    argv = ["study.py", "screen", "--task", "family", "--lr", "2e-4", "--seeds", "0", "1",
+            "--axes", "gamma", "--values", "30", "--work", str(tmp_path / "runs"),
+            "--compare-work", str(tmp_path / "none"), "--results", "diag-family"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    study.main()
+    out = json.loads((tmp_path / "benchmarks/results/diag-family.json").read_text())
+    assert out["lr"] == 2e-4 and out["seeds"] == [0, 1]
+    assert [r["value"] for r in out["axes"]["gamma"]] == [4, 30]
+    assert out["axes"]["gamma"][1]["val_losses"] == pytest.approx([0.029, 0.029])
+    assert "| gamma | 30 |" in (tmp_path / "benchmarks/results/diag-family.md").read_text()
+    assert default.read_text() == '{"kept": true}'  # the task's own file untouched
+    monkeypatch.setattr(sys, "argv", ["study.py", "compare", "--results", "x"])
+    with pytest.raises(SystemExit) as exc:
+        study.main()
+    assert exc.value.code == 2
