@@ -133,15 +133,15 @@ def main_1b(steps: int, device: str, out: Path) -> None:
     out.with_suffix(".md").write_text(text)
 
 
-STUDY = {  # issue 18's equal-steps configuration (benchmarks/study_compare.py)
-    "data.train": "data/family/train.jsonl",
-    "data.eval": "null",
-    "data.max_length": "96",
-    "training.micro_batch_size": "8",
-    "training.seed": "0",
-    "checkpoint.at_end": "false",
-    "output.save_model": "false",
-}
+STUDY = [  # issue 18's equal-steps configuration (benchmarks/study_compare.py)
+    "data.train=data/family/train.jsonl",
+    "data.eval=null",
+    "data.max_length=96",
+    "training.micro_batch_size=8",
+    "training.seed=0",
+    "checkpoint.at_end=false",
+    "output.save_model=false",
+]
 
 
 def main_study(steps: int, out: Path) -> None:
@@ -163,7 +163,8 @@ def main_study(steps: int, out: Path) -> None:
             recipe = ROOT / f"recipes/bench/{method}.yaml"
             for ckpt in ("false", "true"):
                 name = f"{method}, checkpointing {'on' if ckpt == 'true' else 'off'}"
-                overrides = [f"{k}={v}" for k, v in STUDY.items()] + [
+                overrides = [
+                    *STUDY,
                     f"training.max_steps={steps}",
                     f"model.gradient_checkpointing={ckpt}",
                     f"output.dir={tmp}/{method}-{ckpt}",
@@ -195,12 +196,8 @@ def main_study(steps: int, out: Path) -> None:
     text = "\n".join(lines) + f"\n\ncommand: `{cmd.strip()}`\n\nmachine: {machine}\n"
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_text(
-        out,
-        json.dumps(
-            {"command": cmd.strip(), "machine": machine, "steps": steps, "rows": rows}, indent=2
-        ),  # fmt: skip
-    )
+    record = {"command": cmd.strip(), "machine": machine, "steps": steps, "rows": rows}
+    write_atomic_text(out, json.dumps(record, indent=2))
     write_atomic_text(out.with_suffix(".md"), text)
 
 
