@@ -221,6 +221,17 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert "- [ ] equal steps: GRASS's peak at most 0.6x full FT's: 0.61x" in goals
     assert "- [x] equal wall-clock: GRASS at least LoRA's accuracy: 60.0 vs 55.0" in goals
     assert "- [x] equal memory: GRASS at least LoRA's accuracy: 63.0 vs 55.0" in goals
+    # the memory goal judged again by tensor bytes, when memory.py --model study has run
+    peaks = {"full, checkpointing off": {"measured": 100}, "grass, checkpointing off":
+             {"measured": 52}, "grass, checkpointing on": {"measured": 10}}  # fmt: skip
+    judged = study_compare.goals(res, peaks)
+    assert [g for g in judged if g not in goals] == [
+        "- [x] GRASS's peak tensor memory (benchmarks/memory.py --model study) at most 0.6x "
+        "full FT's: 0.52x"
+    ]
+    assert len(judged) == len(goals) + 1
+    del peaks["full, checkpointing off"]  # no full FT row: nothing to judge
+    assert study_compare.goals(res, peaks) == goals
 
     # a later run of some methods and comparisons adds to the results file: what it
     # leaves alone is carried, what it touches is rebuilt from the (reused) runs
