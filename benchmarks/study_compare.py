@@ -318,20 +318,31 @@ class Study:
 def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[str, ...]) -> dict:
     """What a results file holds for the methods and comparisons a run leaves alone, so
     that `--only steps --methods lisa` adds LISA's rows to the file instead of writing
-    a file of LISA alone. What the run does touch is rebuilt from the finished runs
-    (reused), never carried: a method redone in it shows its new rows only. An earlier
-    file of another GRASS configuration is not carried at all (the caller checks)."""
+    a file of LISA alone. What the run does touch (a method in `methods`, in a stage
+    in `only`) is rebuilt from the finished runs (reused), never carried: a method
+    redone in it shows its new rows only. A stage the run needs but was not asked to
+    redo is carried for its methods too: `--only time --methods lisa` on a fresh
+    machine reads LISA's lr and equal-steps rows from the file instead of training
+    them again (an hour here). An earlier file of another GRASS configuration is not
+    carried at all (the caller checks)."""
 
-    def other(method: str) -> bool:
-        # GRASS-static takes GRASS's lr: re-tuning GRASS re-decides it too
-        return method not in methods and not (method == "grass-static" and "grass" in methods)
+    def redone(stage: str) -> bool:
+        # a new lr changes every row after it, new equal-steps rows the time and memory
+        # comparisons' budgets; time and memory depend on nothing but those
+        before = STAGES[: STAGES.index(stage) + 1]
+        return any(o == stage or (o in ("lr", "steps") and o in before) for o in only)
+
+    def keep(method: str, stage: str) -> bool:
+        if method == "grass-static" and "grass" in methods and "lr" in only:
+            return False  # GRASS-static takes GRASS's lr: re-tuning GRASS re-decides it
+        return method not in methods or not redone(stage)
 
     out: dict[str, Any] = {}
     for key in ("lr", "chosen_lr", "reused"):
-        kept = {m: v for m, v in earlier.get(key, {}).items() if other(m)}
+        kept = {m: v for m, v in earlier.get(key, {}).items() if keep(m, "lr")}
         if kept:
             out[key] = kept
-    rows = [r for r in earlier.get("equal_steps", []) if other(r["method"])]
+    rows = [r for r in earlier.get("equal_steps", []) if keep(r["method"], "steps")]
     if rows:
         out["equal_steps"] = rows
     if "memory" not in only and "equal_memory" in earlier:
@@ -341,9 +352,9 @@ def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[st
         if "time" not in only:
             out["equal_time"] = tm
         else:
-            steps = {t: {m: n for m, n in by.items() if other(m)}
+            steps = {t: {m: n for m, n in by.items() if keep(m, "time")}
                      for t, by in tm.get("steps", {}).items()}  # fmt: skip
-            runs = [r for r in tm.get("runs", []) if other(r["method"])]
+            runs = [r for r in tm.get("runs", []) if keep(r["method"], "time")]
             out["equal_time"] = {"budget_s": {}, "steps": steps, "runs": runs}
     out["carried"] = sorted(out)
     if out["carried"]:  # the commands that made what is carried

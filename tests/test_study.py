@@ -265,6 +265,25 @@ def test_compare_tunes_every_method_then_matches_steps_memory_and_time(tmp_path)
     assert sorted(map(str, res3["equal_steps"])) == sorted(map(str, steps))
     assert sorted(map(str, res3["equal_time"]["runs"])) == sorted(map(str, tm["runs"]))
     assert res3["equal_time"]["steps"] == tm["steps"]
+
+    # on a fresh machine (no run folders), `--only time --methods lisa` reads LISA's lr
+    # and equal-steps rows from the file and trains its time-matched runs only; `--only
+    # steps` redoes its equal-steps rows (and what depends on them), never its lr grid
+    def fresh(only: tuple[str, ...]) -> list[tuple]:
+        n = len(calls)
+        again = study_compare.Study(
+            tmp_path / "fresh", ("sampler.lr_correction=inverse_probability",),
+            lambda m: None, train=fake_train, held_out=fake_held_out, methods=("lisa",),
+            earlier=before, only=only,
+        )  # fmt: skip
+        got = study_compare.run_stages(again, only)
+        assert got["chosen_lr"] == res["chosen_lr"] and got["lr"] == res["lr"]
+        return list(calls)[n:]
+
+    trained = fresh(("time",))
+    assert len(trained) == 6 and {(k[2], k[5]) for k in trained} == {("lisa", 80)}
+    trained = fresh(("steps",))
+    assert len(trained) == 6 and {(k[2], k[5]) for k in trained} == {("lisa", 150)}
     # an earlier file of another GRASS configuration is not carried
     other = study_compare.Study(
         tmp_path, (), lambda m: None, train=fake_train, methods=("lisa",), earlier=before
