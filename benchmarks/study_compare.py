@@ -327,10 +327,9 @@ def carry_over(earlier: dict[str, Any], methods: tuple[str, ...], only: tuple[st
     carried at all (the caller checks)."""
 
     def redone(stage: str) -> bool:
-        # a new lr changes every row after it, new equal-steps rows the time and memory
-        # comparisons' budgets; time and memory depend on nothing but those
-        before = STAGES[: STAGES.index(stage) + 1]
-        return any(o == stage or (o in ("lr", "steps") and o in before) for o in only)
+        # a new lr changes the equal-steps rows; the time comparison's rows are only
+        # filtered when it runs (a comparison not run is carried whole, below)
+        return stage in only or (stage == "steps" and "lr" in only)
 
     def keep(method: str, stage: str) -> bool:
         if method == "grass-static" and "grass" in methods and "lr" in only:
