@@ -2,6 +2,8 @@
 
     python benchmarks/packing.py                  # SmolLM2-135M, 3 settings, 2 rounds
     python benchmarks/packing.py --steps 6 --rounds 1 --scenarios quickstart-mb4
+    python benchmarks/packing.py --device cuda --dtype bfloat16 --steps 20 \
+        --out benchmarks/results/packing-cuda.json     # scripts/gpu_check.sh's setting
 
 Every setting trains the embedded SmolLM2-135M-Instruct (gamma 4 of 30 blocks) with
 packing off and on, with the same seed, steps, micro batch and `data.max_length`,
@@ -26,21 +28,22 @@ the median, because on a shared machine another process's burst slows a few step
 Runs alternate off, on, off, on (`--rounds`), and each keeps its best round, so
 that a burst during one run does not decide the ratio. The table also shows rows
 and padding per micro batch, from the same batch stream rebuilt without the model.
-Results: benchmarks/results/packing.{json,md}.
+Results: benchmarks/results/packing.{json,md} (`--out`), with the machine and, on
+CUDA, the GPU's name. `--device` and `--dtype` set `training.device` and
+`model.dtype` for every run (default: the recipe's, `auto` and float32).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from runstats import run_child  # benchmarks/ is on sys.path when a script here runs
+import plan_accuracy as pa  # benchmarks/ is on sys.path when a script here runs
+from runstats import run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 1.5
@@ -118,7 +121,10 @@ def run_one(scenario: str, packing: bool, args: argparse.Namespace, out: str) ->
         "checkpoint.at_end=false",
         "output.save_model=false",
         f"output.dir={out}",
+        f"training.device={args.device}",
     ]
+    if args.dtype is not None:
+        overrides.append(f"model.dtype={args.dtype}")
     row, err = run_child(__file__, [recipe, *overrides])
     if row is None:
         sys.exit(f"{scenario}, packing {'on' if packing else 'off'} failed ({err})")
@@ -164,6 +170,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="model.dtype of every run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/packing.json")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,6 +180,13 @@ def main() -> None:
         return
     if args.steps < 3:
         sys.exit("--steps must be at least 3 (the first two are not timed)")
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device on this machine")
     with tempfile.TemporaryDirectory() as tmp:
         rows = {s: run_setting(s, args, tmp) for s in args.scenarios}
     ratios = {s: p["on"]["tokens_per_s"] / p["off"]["tokens_per_s"] for s, p in rows.items()}
@@ -181,14 +196,12 @@ def main() -> None:
         for s, r in ratios.items()
     )
     cmd = ("python benchmarks/packing.py " + " ".join(sys.argv[1:])).strip()
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}"
-    )
+    machine = pa.machine_line(device)
     text = f"{table(rows)}\n\n{verdict}\n\ncommand: `{cmd}`\n\nmachine: {machine}\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"command": cmd, "machine": machine, "steps": args.steps, "rounds": args.rounds}
+    summary |= {"device": device, "dtype": args.dtype or "float32"}
     summary |= {"max_length": args.max_length, "ratios": ratios, "rows": rows}
     args.out.write_text(json.dumps(summary, indent=2))
     args.out.with_suffix(".md").write_text(text)

@@ -12,12 +12,13 @@
 #   2. pytest -m cuda -q -rA                           -> benchmarks/results/gpu-pytest.txt
 #   3. benchmarks/gpu_offload.py, short setting        -> benchmarks/results/gpu_offload.{json,md}
 #   4. benchmarks/memory.py --model 1b --device cuda   -> benchmarks/results/memory-1b-cuda.{json,md}
-#   5. benchmarks/plan_accuracy.py --device cuda       -> benchmarks/results/plan_accuracy-cuda.{json,md}
+#   5. benchmarks/packing.py --device cuda (bf16)      -> benchmarks/results/packing-cuda.{json,md}
+#   6. benchmarks/plan_accuracy.py --device cuda       -> benchmarks/results/plan_accuracy-cuda.{json,md}
 #
 # A failing or timed-out step does not stop the later ones: each step's exit status
 # (124: timed out) is written to gpu-check.txt, with a summary at the end, and the
 # script exits non-zero if any step failed. Without CUDA everything degrades to
-# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-5
+# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-6
 # are not run (they would measure the CPU, or fail).
 set -euo pipefail
 
@@ -127,7 +128,17 @@ else
     step "memory --model 1b" 120 "$LOG" "$PY" benchmarks/memory.py --model 1b --device cuda
 fi
 
-# 5) grass plan's predictions against measured peaks (135M and 1.2B)
+# 5) sample packing's tokens/s, off against on, SmolLM2-135M bf16: two settings, one round
+if ((!HAVE_CUDA)); then
+    log "== packing: skipped (no CUDA)"
+    STATUS+=("packing: skipped (no CUDA)")
+else
+    step packing 100 "$LOG" "$PY" benchmarks/packing.py --device cuda --dtype bfloat16 \
+        --steps 20 --rounds 1 --scenarios quickstart-mb8 mixture-mb4 \
+        --out "$RESULTS/packing-cuda.json"
+fi
+
+# 6) grass plan's predictions against measured peaks (135M and 1.2B)
 if ((!HAVE_CUDA)); then
     log "== plan_accuracy: skipped (no CUDA)"
     STATUS+=("plan_accuracy: skipped (no CUDA)")
