@@ -114,7 +114,9 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
     resolved = _guard(lambda: load_recipe(recipe, overrides or []))
     found = _guard(lambda: preflight(resolved, run_dir=False))
-    rows = ", ".join(f"{k} {n} rows" for k, n in found.rows.items())
+    rows = ", ".join(
+        f"{k} {n} rows" if isinstance(n, int) else f"{k} {n}" for k, n in found.rows.items()
+    )
     need = sum(found.disk_needed.values())
     sys.stderr.write(
         f"{recipe}: valid ({found.params / 1e6:.0f}M parameters; {rows}; "

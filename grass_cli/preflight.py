@@ -33,7 +33,7 @@ class Preflight:
 
     params: int = 0
     weight_bytes: int = 4
-    rows: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int | str] = field(default_factory=dict)  # str: "streamed"
     disk_needed: dict[str, int] = field(default_factory=dict)  # folder -> bytes
 
 
@@ -81,6 +81,7 @@ def check_data(recipe: Recipe, found: Preflight) -> None:
     from grass_cli.data.build import held_out, source_config, train_specs
     from grass_cli.data.mixture import held_out_count
     from grass_cli.data.sources import resolve, survey
+    from grass_cli.data.stream_sources import first_columns
 
     cfg = recipe.data
     named = train_specs(cfg)
@@ -93,6 +94,14 @@ def check_data(recipe: Recipe, found: Preflight) -> None:
         if key in found.rows:
             continue
         source = resolve(value, key)
+        if cfg.streaming and key != "data.eval":  # opened and its first row read, not counted
+            columns = first_columns(source)
+            found.rows[key] = "streamed"
+            train_rows = None
+            if columns is not None:
+                scfg = source_config(cfg, source.spec)
+                resolve_columns(scfg.format, dict(scfg.fields), columns, source.name)
+            continue
         n, columns = survey(source)
         if n is not None:
             found.rows[key] = n
@@ -104,6 +113,8 @@ def check_data(recipe: Recipe, found: Preflight) -> None:
             resolve_columns(scfg.format, dict(scfg.fields), columns, source.name)
     if held is not None and train_rows:
         found.rows["data.eval"] = held_out_count(held, train_rows)
+    elif held is not None and cfg.streaming:  # a count (the recipe refuses a share)
+        found.rows["data.eval"] = int(held)
     if task_file is not None and "eval.data" not in found.rows:
         found.rows["eval.data"] = len(load_rows(task_file))  # (it maps its own fields)
 

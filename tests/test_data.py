@@ -324,6 +324,15 @@ def test_missing_file(tmp_path, tokenizer):
     with pytest.raises(DataError, match="not found") as e:
         load_rows(str(tmp_path / "nope.jsonl"))
     assert "nope.jsonl" in str(e.value)
+    assert "relative path" not in e.value.hint
+
+
+def test_missing_relative_file_says_where_it_looked(tmp_path, monkeypatch):
+    """A relative path is read from the working folder; the hint names that folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="not found") as e:
+        load_rows("data/nope.jsonl")
+    assert e.value.hint.endswith(f"read from the current folder, {tmp_path}")
 
 
 def test_unknown_extension(tmp_path):

@@ -15,6 +15,8 @@ module per stage:
 * `mixture`: rows held out for evaluation, sources mixed by weight or row count.
 * `build`: a recipe's data section -> training and eval data, through all of these.
 * `batches`: padding by position, resumable shuffled epochs, evaluation batches.
+* `stream`, `stream_sources`: `data.streaming`, rows read and tokenized as training
+  takes them, in seeded shuffle blocks, resumable from a small JSON state.
 
 User mistakes raise `DataError` naming the file, the row (1-based) or line, or
 column, and a fix. Nothing here prints.

@@ -241,6 +241,12 @@ class BatchIterator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state_dict` was taken; the order comes from the saved seed."""
+        if state.get("streaming"):  # (StreamBatches' state)
+            raise DataError(
+                "the checkpoint was taken with data.streaming on, but it is now off",
+                where="data.streaming",
+                hint="resume with the data.streaming the run was started with",
+            )
         if int(state["n_rows"]) != self.n_rows:
             raise DataError(
                 f"the checkpoint was taken with {state['n_rows']} training rows, "

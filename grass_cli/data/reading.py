@@ -74,9 +74,12 @@ def _checked_path(path: str) -> tuple[Path, str]:
     """The data file and its `datasets` builder, or a DataError saying what is wrong."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(
-            "data file not found", where=path, hint="check the path in data.train / data.eval"
-        )
+        # Relative paths are read from the working folder, as in torchtune and axolotl,
+        # not from the recipe's: a recipe run from elsewhere says where it looked.
+        hint = "check the path in data.train / data.eval"
+        if not p.is_absolute():
+            hint += f"; a relative path is read from the current folder, {Path.cwd()}"
+        raise DataError("data file not found", where=path, hint=hint)
     if p.is_dir():
         raise DataError("expected a data file, got a folder", where=path)
     suffix = p.suffix.lower()

@@ -106,19 +106,24 @@ def tokenize_rows(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
     source: str,
+    *,
+    first_row: int = 1,
+    allow_empty: bool = False,
 ) -> TokenizedData:
     """Render, tokenize, mask and truncate in-memory rows (as `load_rows` returns them).
 
     `source` names the file in error messages. Bad rows fail at the first one, with
-    its 1-based row number; rows left with nothing to train on are gathered and
-    reported together so one run shows all of them.
+    its 1-based row number (`first_row` is the number of `rows[0]`: a stream
+    tokenizes its rows a block at a time); rows left with nothing to train on are
+    gathered and reported together so one run shows all of them. `allow_empty`: a
+    part of a stream whose rows were all dropped is no error (the stream goes on).
     """
     if not rows:
         raise DataError("the data file has no rows", where=source)
     columns = resolve_columns(cfg.format, dict(cfg.fields), list(rows[0].keys()), source)
     renderer = RowRenderer(cfg, tokenizer)
     rendered = [
-        renderer.render(row, columns, f"{source}:row {i + 1}") for i, row in enumerate(rows)
+        renderer.render(row, columns, f"{source}:row {i + first_row}") for i, row in enumerate(rows)
     ]
     token_segments = _tokenize_segments(tokenizer, rendered)
 
@@ -138,7 +143,7 @@ def tokenize_rows(
                 ids, labels = ids[:limit], labels[:limit]
         trainable = sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
         if trainable == 0:
-            untrainable.append(i + 1)
+            untrainable.append(i + first_row)
             continue
         data.input_ids.append(ids)
         data.labels.append(labels)
@@ -148,7 +153,7 @@ def tokenize_rows(
     if untrainable:
         raise _untrainable_error(untrainable, limit, source)
     data.rows = len(data.input_ids)
-    if data.rows == 0:
+    if data.rows == 0 and not allow_empty:
         raise DataError(
             f"no rows left: all {data.dropped} rows are longer than "
             f"data.max_length={limit} and truncation is drop",

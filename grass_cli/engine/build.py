@@ -21,6 +21,7 @@ import torch
 from grass_cli import distributed
 from grass_cli.data import BatchIterator, TokenizedData, build_splits
 from grass_cli.data.packing import check_model_packs
+from grass_cli.data.stream import StreamBatches, build_stream
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
 from grass_cli.errors import GrassError
@@ -51,9 +52,9 @@ class Run:
     tokenizer: Any
     model_source: str
     block_map: BlockMap
-    train_data: TokenizedData
+    train_data: TokenizedData | None  # None: data.streaming (rows tokenized as they come)
     eval_data: TokenizedData | None
-    batches: BatchIterator
+    batches: BatchIterator | StreamBatches
     tracker: ImportanceTracker
     sampler: Sampler
     optimizer: BlockAdamW
@@ -154,7 +155,7 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[Any, Any, str, Bl
 
 def build_data(
     recipe: Recipe, tokenizer: Any, info: DistInfo
-) -> tuple[TokenizedData, TokenizedData | None, BatchIterator, int]:
+) -> tuple[TokenizedData | None, TokenizedData | None, BatchIterator | StreamBatches, int]:
     """Training and eval data, the seeded batch stream, and the number of steps
     (the task-eval file is checked too: a missing one must not cost a training run)."""
     tc = recipe.training
@@ -166,6 +167,19 @@ def build_data(
                 where=f"eval.data: {eval_file}",
                 hint="set eval.data (or data.eval) to an existing file",
             )
+    if recipe.data.streaming:  # no rows ahead: the stream tokenizes as training takes
+        rows, eval_data = build_stream(recipe.data, tokenizer, seed=tc.seed)
+        stream = StreamBatches(
+            rows,
+            tc.micro_batch_size,
+            tokenizer.pad_token_id,
+            rank=info.rank,
+            world=info.world,
+            packing=recipe.data.packing,
+            max_length=recipe.data.max_length,
+        )
+        assert tc.max_steps is not None  # the recipe refuses epochs with streaming
+        return None, eval_data, stream, tc.max_steps
     # (the seed draws a mixture's rows and the rows `data.eval: 0.05` holds out)
     train_data, eval_data = build_splits(recipe.data, tokenizer, seed=tc.seed)
     batches = BatchIterator(

@@ -37,8 +37,9 @@ def run_facts(run: Run) -> dict[str, Any]:
         "micro_batch": tc.micro_batch_size,
         "grad_accum": tc.grad_accum_steps,
         "world_size": run.dist.world,
-        "train_rows": run.train_data.rows,
-        "train_tokens": run.train_data.trainable_tokens,
+        # None: data.streaming (the stream's length is unknown)
+        "train_rows": run.train_data.rows if run.train_data else None,
+        "train_tokens": run.train_data.trainable_tokens if run.train_data else None,
         "eval_rows": run.eval_data.rows if run.eval_data else 0,
         "device": str(run.device),
         # the kernel transformers chose or was asked for (model.attn_implementation)

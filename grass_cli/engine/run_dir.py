@@ -76,6 +76,8 @@ RESUME_FIXED = (
     "data.system_prompt",
     "data.roles",
     "data.packing",
+    "data.streaming",
+    "data.shuffle_block",
     "data.limit",
     "sampler.strategy",
     "sampler.gamma",

@@ -7,8 +7,8 @@ This package must not import torch: `grass validate` and `grass --help` stay fas
 
     base.py      rules every section shares (booleans and inf/nan refused for
                  numbers, `~` in paths)
-    sections.py  the section models and `Recipe` (lora_config.py, wandb_config.py:
-                 the lora and output.wandb sections)
+    sections.py  the section models and `Recipe` (data_config.py, lora_config.py,
+                 wandb_config.py: the data, lora and output.wandb sections)
     keys.py      every dotted key; "did you mean" suggestions
     loading.py   YAML (duplicate keys refused), overrides, one error report
 """

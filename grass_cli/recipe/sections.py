@@ -7,16 +7,16 @@ Cross-section rules live on `Recipe`; checks that need the loaded model are in
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from grass_cli.errors import RecipeError
 from grass_cli.eval_config import EvalConfig
 from grass_cli.recipe.base import EMBEDDED_SMOLLM2, Section, expand_home
+from grass_cli.recipe.data_config import DataConfig
 from grass_cli.recipe.lora_config import LoraConfig
-from grass_cli.recipe.sources import SourceMapping, parse_eval, parse_train
 from grass_cli.recipe.wandb_config import WandbConfig
 
 Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic", "lora"]
@@ -51,75 +51,6 @@ class ModelConfig(Section):
     # where the model supports it). Checked against the installed packages and the
     # device before the model loads (grass_cli/attention.py).
     attn_implementation: AttnImplementation | None = None
-
-
-class DataConfig(Section):
-    """Training and evaluation data, and how rows become tokens and labels."""
-
-    # A data file, a folder saved by `datasets`, a hub dataset id, a source
-    # {path, config, split, revision, format, fields, weight, rows}, or a list of
-    # sources (a mixture, seeded by training.seed). See recipe/sources.py.
-    train: str | SourceMapping | list[str | SourceMapping]
-    # A file / folder / hub id / source as for train (`~` expanded; checked before
-    # training starts), or a share (0 < x < 1) or count (>= 1) of the training rows,
-    # held out (seeded, disjoint from the rows trained on).
-    eval: str | SourceMapping | float | int | None = None
-    # Keep tokenized data in $GRASS_CACHE/tokens, keyed by the data's content, the
-    # tokenizer and every formatting key, so a rerun or a resume skips tokenizing.
-    cache: bool = True
-    # alpaca: instruction/input/output; chat: messages; sharegpt: conversations of
-    # {from, value} (and an optional system column); prompt-completion; text.
-    format: Literal["alpaca", "chat", "sharegpt", "prompt-completion", "text"] = "prompt-completion"
-    # Canonical field name -> column name in your files, e.g. {prompt: question}.
-    fields: dict[str, str] = Field(default_factory=dict)
-    # Tokens per row after formatting; longer rows are handled by `truncation`.
-    max_length: int = Field(512, ge=8)
-    # right: cut the end; left: cut the start (keeps the answer); drop: skip the row.
-    truncation: Literal["right", "left", "drop"] = "right"
-    # false: loss only on completion / assistant tokens (prompt masked with -100).
-    train_on_prompt: bool = False
-    # auto: use the tokenizer's chat template when it has one (not for `text`);
-    # always: require it; never: plain text. Or the name of one of the tokenizer's
-    # templates (e.g. tool_use), or a Jinja file (a path with / or ending in .jinja
-    # or .j2). Checked against the tokenizer in grass_cli/data/templates.py.
-    chat_template: str = Field("auto", min_length=1)
-    # Role names of chat / sharegpt turns -> system, user or assistant, on top of the
-    # format's own (sharegpt: human, user -> user; gpt, assistant -> assistant; system).
-    roles: dict[Annotated[str, Field(min_length=1)], Literal["system", "user", "assistant"]] = (
-        Field(default_factory=dict)
-    )
-    # Optional system message for chat-rendered rows.
-    system_prompt: str | None = None
-    # Only the first N rows of each file (handy for smoke runs); null: all rows.
-    limit: int | None = Field(None, ge=1)
-    eval_limit: int | None = Field(None, ge=1)
-    # Pack several training rows into each sequence of up to max_length tokens
-    # (positions restart and attention stays within each row; data/packing.py).
-    # micro_batch_size then counts packed sequences, not rows.
-    packing: bool = False
-
-    @field_validator("train", "eval", mode="before")
-    @classmethod
-    def _sources(cls, v: Any, info: ValidationInfo) -> Any:
-        formats = get_args(cls.model_fields["format"].annotation)
-        return (parse_train if info.field_name == "train" else parse_eval)(v, formats)
-
-    @field_validator("eval")
-    @classmethod
-    def _expand_eval(cls, v: Any) -> Any:
-        # Not data.train: resume compares it with the stored recipe verbatim, and
-        # the reader expands `~` when it opens the file.
-        return expand_home(v) if isinstance(v, str) else v
-
-    @property
-    def train_file(self) -> str | None:
-        """`data.train` when it names one file or folder (not a source or a mixture)."""
-        return self.train if isinstance(self.train, str) else None
-
-    @property
-    def eval_file(self) -> str | None:
-        """`data.eval` when it names a file (not rows held out of train, not a source)."""
-        return self.eval if isinstance(self.eval, str) else None
 
 
 class SamplerConfig(Section):
@@ -358,6 +289,17 @@ class Recipe(Section):
                 "model.dtype is float16, but training in float16 needs loss scaling, which "
                 "grass does not do (small gradients underflow to zero); use model.dtype: "
                 "bfloat16, or model.dtype: float32 with training.autocast: bf16"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_steps(self) -> Recipe:
+        # A stream's length is unknown until it ends, so an epoch cannot be counted
+        # ahead (the schedule, the ETA and the last step all need the total).
+        if self.data.streaming and self.training.max_steps is None:
+            raise ValueError(
+                "data.streaming is on, but training.epochs needs the number of rows, which "
+                "a stream does not know ahead: set training.max_steps instead"
             )
         return self
 

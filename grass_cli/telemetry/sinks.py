@@ -209,7 +209,8 @@ class PlainPrinter:
             return (
                 f"start  model={e['model']} blocks={e['num_blocks']} strategy={e['strategy']} "
                 f"steps={e['total_steps']} batch={e['global_batch']}{_batch_parts(e)} "
-                f"train_rows={e['train_rows']} device={e['device']}"
+                f"train_rows={e['train_rows'] if e['train_rows'] is not None else 'streamed'} "
+                f"device={e['device']}"
                 + (f" attention={e['attention']}" if e.get("attention") else "")
             )
         if kind == "probe":
