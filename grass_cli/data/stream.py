@@ -28,6 +28,7 @@ import numpy as np
 from grass_cli.data.batches import collate
 from grass_cli.data.mixture import concat, shares, subset
 from grass_cli.data.packing import collate_packed
+from grass_cli.data.reading import _quiet_datasets
 from grass_cli.data.sources import resolve
 from grass_cli.data.stream_sources import SourceStream
 from grass_cli.data.tokens import IGNORE_INDEX, TokenizedData, tokenize_rows
@@ -71,7 +72,6 @@ class RowStream:
         self.offset = 0
         self.rows: list[Row] = []
         self._starts: list[dict[str, Any]] = []
-        self.rows_read = 0  # telemetry: raw rows read by this process (block re-reads too)
 
     def _picks(self, b: int) -> np.ndarray:
         n = len(self.streams)
@@ -105,9 +105,9 @@ class RowStream:
         """Read, tokenize and order block b; the sources stand where it begins."""
         self._starts = [s.state() for s in self.streams]
         drawn: list[list[tuple[int, dict[str, Any]]]] = [[] for _ in self.streams]
-        for i in self._picks(b):
-            drawn[int(i)].append(self.streams[int(i)].next())
-        self.rows_read += self.block_size
+        with _quiet_datasets():
+            for i in self._picks(b):
+                drawn[int(i)].append(self.streams[int(i)].next())
         # grouped by source, then put in a seeded order: where a row sat before the
         # permutation does not matter, which is what lets each source tokenize its
         # rows of the block in one batched call
@@ -200,6 +200,8 @@ class StreamBatches:
             row = self.rows.peek()
             slot = next((b for b in range(bins) if free[b] >= len(row[0])), None)
             if slot is None:
+                if free[0] == self.max_length:  # fits no empty sequence: never advances
+                    raise ValueError(f"a row of {len(row[0])} tokens > {self.max_length}")
                 break
             free[slot] -= len(row[0])
             packed[slot].append(row)

@@ -144,23 +144,26 @@ class SourceStream:
         return {"pass": self.passes, "index": self.index, "datasets": ds_state}
 
     def _next_raw(self) -> dict[str, Any] | None:
-        with _quiet_datasets():
-            try:
-                return next(self._it)
-            except StopIteration:
-                return None
-            except Exception as e:  # a malformed line, a network error mid-stream
-                raise self._on_error(e) from None
+        # (callers read many rows inside one `_quiet_datasets()`: entering it per row
+        # costs more than reading the row)
+        try:
+            return next(self._it)
+        except StopIteration:
+            return None
+        except Exception as e:  # a malformed line, a network error mid-stream
+            raise self._on_error(e) from None
 
     def take(self, n: int) -> list[dict[str, Any]]:
         """The next `n` rows of this pass only (for the held-out rows); fewer at its end."""
         out = []
-        while len(out) < n and (row := self._next_raw()) is not None:
-            out.append(row)
+        with _quiet_datasets():
+            while len(out) < n and (row := self._next_raw()) is not None:
+                out.append(row)
         return out
 
     def next(self) -> tuple[int, dict[str, Any]]:
-        """The next row and its 1-based number in the pass; a new pass when one ends."""
+        """The next row and its 1-based number in the pass; a new pass when one ends.
+        (Call it inside `_quiet_datasets()`, once for many rows.)"""
         row = self._next_raw()
         if row is None:
             if self.index == 0:
