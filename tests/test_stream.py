@@ -167,8 +167,31 @@ def test_batches_resume_from_a_json_state(tmp_path, tokenizer, packing):
     got = [next(resumed) for _ in range(12)]
     for w, g in zip(want, got, strict=True):
         assert w.keys() == g.keys() and all(torch.equal(w[k], g[k]) for k in w)
+    assert resumed.state_dict() == first.state_dict()  # so a second resume is exact too
     if packing:
         assert "position_ids" in want[0] and want[0]["input_ids"].shape[0] == 3
+
+
+def test_state_is_exact_in_a_resumed_block_and_for_an_undrawn_source(tmp_path, tokenizer):
+    """datasets reports a reader's start until it yields a row, even after loading a
+    state: the stream must report the loaded position for a source that a resumed
+    block has not drawn from yet, or a second resume would restart that source."""
+    a = write_jsonl(tmp_path / "a.jsonl", rows_of(30, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", rows_of(30, "b"))
+    c = cfg(train=[{"path": a, "weight": 1}, {"path": b, "weight": 0.05}], shuffle_block=8)
+
+    def stream():
+        return build_stream(c, tokenizer, seed=11)[0]
+
+    first = stream()
+    drain(first, 8 * 6 + 3)  # block 6, b read a few times by now
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["sources"][1]["index"] > 0
+    resumed = stream()
+    resumed.load_state_dict(state)
+    for _ in range(30):  # through blocks where b is never drawn
+        assert resumed.state_dict() == first.state_dict()
+        assert drain(resumed, 1) == drain(first, 1)
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -116,6 +116,9 @@ class SourceStream:
         self.index = 0  # rows read in this pass
         self._ds: Any = None
         self._it: Any = None
+        # datasets' state_dict() reads as the start until the reader yields a row, even
+        # after load_state_dict: the loaded state stands for the position till then
+        self._loaded: dict[str, Any] | None = None
 
     def _fresh(self) -> Any:
         with _quiet_datasets():
@@ -133,25 +136,30 @@ class SourceStream:
         """Read from the beginning, or from where `state` was taken."""
         self._ds = self._fresh()
         self.passes, self.index = 0, 0
+        self._loaded = None
         if state is not None:
             self._ds.load_state_dict(state["datasets"])
             self.passes, self.index = int(state["pass"]), int(state["index"])
+            self._loaded = json.loads(json.dumps(state["datasets"]))
         self._it = iter(self._ds)
 
     def state(self) -> dict[str, Any]:
         # a deep, JSON-only copy: datasets keeps updating its own dict as rows are read
-        ds_state = json.loads(json.dumps(self._ds.state_dict()))
+        live = self._loaded if self._loaded is not None else self._ds.state_dict()
+        ds_state = json.loads(json.dumps(live))
         return {"pass": self.passes, "index": self.index, "datasets": ds_state}
 
     def _next_raw(self) -> dict[str, Any] | None:
         # (callers read many rows inside one `_quiet_datasets()`: entering it per row
         # costs more than reading the row)
         try:
-            return next(self._it)
+            row = next(self._it)
         except StopIteration:
             return None
         except Exception as e:  # a malformed line, a network error mid-stream
             raise self._on_error(e) from None
+        self._loaded = None
+        return row
 
     def take(self, n: int) -> list[dict[str, Any]]:
         """The next `n` rows of this pass only (for the held-out rows); fewer at its end."""
@@ -175,6 +183,7 @@ class SourceStream:
                 )
             self.passes += 1
             self.index = 0
+            self._loaded = None
             self._ds = self._fresh()
             self._it = iter(self._ds)
             row = self._next_raw()
