@@ -167,31 +167,22 @@ def build_data(
                 where=f"eval.data: {eval_file}",
                 hint="set eval.data (or data.eval) to an existing file",
             )
+    # how batches are cut, the same for a stream and for rows in memory
+    cut: dict[str, Any] = {
+        "rank": info.rank,
+        "world": info.world,
+        "packing": recipe.data.packing,
+        "max_length": recipe.data.max_length,
+    }
     if recipe.data.streaming:  # no rows ahead: the stream tokenizes as training takes
         rows, eval_data = build_stream(recipe.data, tokenizer, seed=tc.seed)
-        stream = StreamBatches(
-            rows,
-            tc.micro_batch_size,
-            tokenizer.pad_token_id,
-            rank=info.rank,
-            world=info.world,
-            packing=recipe.data.packing,
-            max_length=recipe.data.max_length,
-        )
+        stream = StreamBatches(rows, tc.micro_batch_size, tokenizer.pad_token_id, **cut)
         assert tc.max_steps is not None  # the recipe refuses epochs with streaming
         return None, eval_data, stream, tc.max_steps
     # (the seed draws a mixture's rows and the rows `data.eval: 0.05` holds out)
     train_data, eval_data = build_splits(recipe.data, tokenizer, seed=tc.seed)
     batches = BatchIterator(
-        train_data,
-        tc.micro_batch_size,
-        tokenizer.pad_token_id,
-        seed=tc.seed,
-        shuffle=True,
-        rank=info.rank,
-        world=info.world,
-        packing=recipe.data.packing,
-        max_length=recipe.data.max_length,
+        train_data, tc.micro_batch_size, tokenizer.pad_token_id, seed=tc.seed, **cut
     )
     if tc.max_steps is not None:
         return train_data, eval_data, batches, tc.max_steps
