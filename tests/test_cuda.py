@@ -2,8 +2,9 @@
 
 What the CPU suite cannot check: the host store's pinned slabs and side-stream
 copies, offloading bit-identical to keep on a GPU (where copies really are
-asynchronous), bf16 weights with fp32 masters, and `grass plan`'s predicted peak
-against the peak the caching allocator measures.
+asynchronous), bf16 weights with fp32 masters, `grass plan`'s predicted peak
+against the peak the caching allocator measures, and sample packing with CUDA's
+attention kernels (each packed row's loss its unpacked loss, fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -362,3 +363,48 @@ def test_chunked_loss_on_cuda_equals_the_plain_loss_in_less_memory(dtype):
         assert float((a.float() - b.float()).norm()) <= tol * float(b.float().norm())
     logits_fp32 = N * V * 4
     assert our_peak < plain_peak - logits_fp32, (our_peak, plain_peak)
+
+
+# ------------------------------------------------------------------ sample packing
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_rows_on_cuda_equal_unpacked(dtype, tiny_factory, tokenizer, tmp_path):
+    """data.packing on the GPU: the model check passes with CUDA's sdpa kernels, each
+    packed row's loss is its unpacked loss, and a packed bf16 run trains."""
+    from test_packing import packed_row_losses
+    from transformers import AutoModelForCausalLM
+
+    from grass_cli.data import BatchIterator, collate, load_rows, tokenize_rows
+    from grass_cli.data.packing import check_model_packs
+    from grass_cli.evaluate.loss import row_loss_sums
+    from grass_cli.recipe import DataConfig
+
+    dev = torch.device("cuda")
+    cfg = DataConfig(train=TRAIN, max_length=128, train_on_prompt=True)
+    rows = tokenize_rows(load_rows(TRAIN, 24), cfg, tokenizer, TRAIN)
+    model_dir = tiny_factory("llama", 2)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, attn_implementation="sdpa", dtype=getattr(torch, dtype)
+    )
+    model = model.to(dev).eval()
+    check_model_packs(model, dev)
+    it = BatchIterator(rows, 3, tokenizer.pad_token_id, seed=1, packing=True, max_length=128)
+    sequences = it.next_sequences()
+    assert max(len(s) for s in sequences) >= 2
+    order = [i for s in sequences for i in s]
+    packed = {k: v.to(dev) for k, v in it.packed_batch(sequences).items()}
+    plain = collate([rows.input_ids[i] for i in order], [rows.labels[i] for i in order], 0)
+    with torch.no_grad():
+        per_row = packed_row_losses(model, packed, sequences)
+        sums, _ = row_loss_sums(model, {k: v.to(dev) for k, v in plain.items()})
+    rel = 1e-4 if dtype == "float32" else 1e-2  # bf16: kernels tile other lengths otherwise
+    for row, expected in zip(order, sums.tolist(), strict=True):
+        assert per_row[row] == pytest.approx(expected, rel=rel)
+
+    data = {"train": TRAIN, "max_length": 256, "limit": 64, "packing": True}
+    recipe = cuda_recipe(model_dir, tmp_path / "run", {}, data=data, dtype="bfloat16")
+    _, sink, result = run_on_cuda(recipe)
+    assert len(result.losses) == 8 and all(math.isfinite(x) for x in result.losses)
+    steps = sink.of("step")
+    assert min(e["tokens"] for e in steps) > 4 * 53  # several rows a sequence
