@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from grass_cli.errors import GrassError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
     from grass_cli.recipe import DataConfig, ModelConfig, Recipe
@@ -87,11 +89,46 @@ def spearman(a: list[float | None], b: list[float | None]) -> dict[str, float]:
 # ------------------------------------------------------------------------- probing
 
 
+def _batches(
+    data_cfg: DataConfig, path: str | None, tokenizer: Any, batch_size: int, seed: int
+) -> tuple[Iterator[dict[str, torch.Tensor]], int | None, str]:
+    """The probe's batches, row count (None: a stream) and label, as training builds them.
+
+    `path` is one source (a file, a saved folder, a hub dataset); None is the
+    recipe's own training data whatever its form: a mixture, rows held out by
+    data.eval left out, or a stream (data.streaming: its first rows)."""
+    from grass_cli.data import BatchIterator
+    from grass_cli.data.build import build_dataset, held_out, tokenized_source, train_specs
+    from grass_cli.data.sources import as_spec
+    from grass_cli.data.stream import StreamBatches, build_stream
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if path is None and data_cfg.streaming:
+        # rows held out of the stream's head are skipped as in training; an eval
+        # source is not needed here
+        cfg = (
+            data_cfg
+            if held_out(data_cfg) is not None
+            else data_cfg.model_copy(update={"eval": None})
+        )
+        stream, _ = build_stream(cfg, tokenizer, seed)
+        label = " + ".join(as_spec(v).path for _, v in train_specs(data_cfg))
+        return StreamBatches(stream, batch_size, pad_id), None, label
+    if path is None:
+        data = build_dataset(data_cfg, tokenizer, "train", seed=seed)
+        label = " + ".join(as_spec(v).path for _, v in train_specs(data_cfg))
+    else:
+        dc = data_cfg.model_copy(update={"train": path})
+        data = tokenized_source(path, "--data", dc, tokenizer, dc.limit)
+        label = path
+    return BatchIterator(data, batch_size, pad_id, seed=seed, shuffle=True), len(data), label
+
+
 def probe_profile(
     model: torch.nn.Module,
     tokenizer: Any,
     data_cfg: DataConfig,
-    path: str,
+    path: str | None,
     batches: int,
     batch_size: int,
     device: torch.device,
@@ -99,19 +136,18 @@ def probe_profile(
     autocast: str = "none",
     blocks_attr: str | None = None,
 ) -> Profile:
-    """Probe every block's MGN over `batches` steps of `batch_size` rows of `path`.
+    """Probe every block's MGN over `batches` steps of `batch_size` rows of `path` (a
+    file, saved folder or hub dataset; None: the recipe's training data).
 
     Rows are formatted, masked and batched as training does (a seeded shuffle, so
-    the probed rows are a sample of the whole file, the same one each time). The
+    the probed rows are a sample of the whole data, the same one each time). The
     model is not updated and its parameters end as they started.
     """
-    from grass_cli.data import BatchIterator, load_rows, tokenize_rows
     from grass_cli.sampling.blocks import build_block_map
     from grass_cli.sampling.importance import ImportanceTracker
     from grass_cli.sampling.probing import probe
 
-    dc = data_cfg.model_copy(update={"train": path})
-    data = tokenize_rows(load_rows(path, dc.limit), dc, tokenizer, path)
+    it, n_rows, label = _batches(data_cfg, path, tokenizer, batch_size, seed)
     block_map = build_block_map(model, blocks_attr)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     for group in block_map.blocks:  # hooks can only be registered on grad-requiring tensors
@@ -120,8 +156,6 @@ def probe_profile(
     was_training = model.training
     model.train()  # as in training's probing phase
     try:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        it = BatchIterator(data, batch_size, pad_id, seed=seed, shuffle=True)
         steps = ([next(it)] for _ in range(batches))
         losses = list(probe(model, block_map, tracker, steps, device, autocast))
     finally:
@@ -131,7 +165,7 @@ def probe_profile(
             p.requires_grad_(trainable[id(p)])
     mgn = tracker.values()
     rank, ranking = ranks(mgn)
-    return Profile(data=path, mgn=mgn, rank=rank, ranking=ranking, losses=losses, rows=len(data))
+    return Profile(data=label, mgn=mgn, rank=rank, ranking=ranking, losses=losses, rows=n_rows or 0)
 
 
 @dataclass
@@ -175,18 +209,13 @@ def _setup(request: ProbeRequest) -> _Setup:
 def probe_importance(request: ProbeRequest) -> dict[str, Any]:
     """Probe one dataset (or two), write importance.json and importance.png; return
     importance.json's content."""
-    from grass_cli.data import load_rows
+    from grass_cli.data.sources import resolve, survey
 
     setup = _setup(request)
-    path_a = request.data or setup.data.train_file
-    if path_a is None:
-        raise GrassError(
-            "--data is required: the recipe's data.train is not one file (a source or a mixture)",
-            where="--data",
-        )
-    for path in (path_a, request.compare):
+    path_a = request.data  # None: the recipe's data.train, whatever its form
+    for key, path in (("--data", path_a), ("--compare", request.compare)):
         if path is not None:
-            load_rows(path, 1)  # a bad path fails before the model loads
+            survey(resolve(path, key))  # a bad path fails before the model loads
     if request.compare is not None:
         spearman([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])  # so does a missing scipy
 
@@ -251,8 +280,9 @@ def _write_profiles(
 
 
 def _label(path: str) -> str:
-    """A short legend label that still tells data/a/train.jsonl from data/b/train.jsonl."""
-    return "/".join(Path(path).parts[-2:])
+    """A short legend label that still tells data/a/train.jsonl from data/b/train.jsonl
+    (each source of a mixture, `a + b`, shortened alike)."""
+    return " + ".join("/".join(Path(part).parts[-2:]) for part in path.split(" + "))
 
 
 # ------------------------------------------------------------------------- history

@@ -109,11 +109,29 @@ def test_json_flag_prints_importance_json(tiny_factory, tmp_path):
     assert json.loads(res.stdout) == json.loads((tmp_path / "importance.json").read_text())
 
 
-def test_recipe_mode_measures_what_training_probes(tiny_factory, tmp_path):
-    """Same recipe, same batches: the command's MGN is the training probe's MGN."""
+def _mixture(tmp_path: Path, **extra) -> dict:
+    """TRAIN and a datasets folder of other rows, weighted, 4 rows held out."""
+    from datasets import Dataset
+
+    rows = [{"prompt": f"What is {i} times 3?", "completion": str(3 * i)} for i in range(40)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "folder"))
+    train = [{"path": TRAIN, "weight": 2}, {"path": str(tmp_path / "folder"), "weight": 1}]
+    return {"train": train, "max_length": 64, "limit": 30, "eval": 4, **extra}
+
+
+@pytest.mark.parametrize("kind", ["file", "mixture", "stream"])
+def test_recipe_mode_measures_what_training_probes(kind, tiny_factory, tmp_path):
+    """Same recipe, same batches: the command's MGN is the training probe's MGN,
+    whatever the recipe's data is (one file; a mixture with a saved folder and rows
+    held out; the same mixture streamed)."""
+    data_section = {
+        "file": lambda: {"train": TRAIN, "max_length": 64, "limit": 32},
+        "mixture": lambda: _mixture(tmp_path),
+        "stream": lambda: _mixture(tmp_path, streaming=True, shuffle_block=16),
+    }[kind]()
     data = {
         "model": {"path": str(tiny_factory("llama", 4))},
-        "data": {"train": TRAIN, "max_length": 64, "limit": 32},
+        "data": data_section,
         "sampler": {"strategy": "grass", "gamma": 2, "probe_steps": 3},
         "training": {"max_steps": 1, "micro_batch_size": 4, "seed": 7},
         "output": {"dir": str(tmp_path / "run")},
@@ -132,6 +150,8 @@ def test_recipe_mode_measures_what_training_probes(tiny_factory, tmp_path):
     result = json.loads(res.stdout)
     assert result["batch_size"] == 4 and result["seed"] == 7
     assert result["mgn"] == pytest.approx(trained, rel=1e-9)
+    if kind != "file":
+        assert result["data"] == f"{TRAIN} + {tmp_path / 'folder'}"
 
 
 def test_probing_leaves_the_model_untouched(tiny_factory, tokenizer):
@@ -210,3 +230,24 @@ def test_ranks_and_bars():
     assert bar(0.5, 1.0, 4) == "██"
     assert bar(0.0625, 1.0, 4) == "▎"  # 2 eighths of a cell
     assert bar(None, 1.0) == "" and bar(1.0, 0.0) == ""
+
+
+def test_data_may_be_a_saved_folder_and_a_missing_hub_dataset_fails_first(
+    tiny_factory, tmp_path, monkeypatch
+):
+    """--data takes any data source training takes; a hub dataset that is not there
+    (offline, not cached) fails before the model loads, in one message."""
+    import datasets
+
+    _mixture(tmp_path)  # writes tmp_path/folder
+    args = ["inspect-importance", str(tiny_factory("llama", 2)), "--batches", "1"]
+    args += ["--batch-size", "2", "--json", "--out", str(tmp_path / "out")]
+    res = runner.invoke(app, [*args, "--data", str(tmp_path / "folder")])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["data"] == str(tmp_path / "folder") and len(result["mgn"]) == 2
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty"))
+    res = runner.invoke(app, [*args, "--data", "someorg/not-here"])
+    assert res.exit_code != 0 and "not in the datasets cache" in res.output
+    assert "Traceback" not in res.output

@@ -62,10 +62,16 @@ TargetArg = Annotated[
         "hub id, embedded:...), or a run dir (its importance history)."
     ),
 ]
-DataOpt = Annotated[str | None, data_option("Data to probe on. Default: the recipe's data.train.")]
+DataOpt = Annotated[
+    str | None,
+    data_option(
+        "Data to probe on: a file, a folder saved by datasets or a hub dataset id. "
+        "Default: the recipe's training data (a mixture, a stream: as it trains)."
+    ),
+]
 CompareOpt = Annotated[
     str | None,
-    typer.Option("--compare", help="A second data file: both profiles side by side."),
+    typer.Option("--compare", help="Second data (as --data): both profiles side by side."),
 ]
 BatchesOpt = Annotated[
     int, typer.Option("--batches", min=1, help="Probing steps (one batch each).")
