@@ -28,8 +28,13 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Data file (jsonl / json / csv / tsv / parquet); null: the recipe's data.eval.
+    # A data file (jsonl / json / csv / tsv / parquet), a folder saved by datasets or
+    # a hub dataset id; null: the recipe's data.eval when it names one.
     data: str | None = None
+    # Folders and hub datasets: the split, slices as in datasets (test, test[:200]);
+    # null: train. Hub datasets: the configuration (subset), e.g. main.
+    split: str | None = None
+    config: str | None = None
     # Row format; null: the recipe's data.format (prompt-completion for a bare model).
     format: DataFormat | None = None
     # Canonical field -> column, e.g. {prompt: question, answer: label}. Besides the

@@ -95,6 +95,9 @@ def build_config(recipe: Recipe | None, options: dict[str, Any]) -> EvalConfig:
 
     base = getattr(recipe, "eval", None) if recipe is not None else None
     values: dict[str, Any] = base.model_dump(exclude_unset=True) if base is not None else {}
+    if options.get("data") is not None:  # other data: the recipe's split and config were its
+        values.pop("split", None)
+        values.pop("config", None)
     values.update({k: v for k, v in options.items() if v is not None})
     try:
         return EvalConfig.model_validate(values)
@@ -122,17 +125,10 @@ def evaluate_target(
     fails in a second, not after the model has loaded. Results go to `out`, by
     default the target's folder (RUN_DIR/eval, or eval-NAME next to the model).
     """
-    data_cfg = target.recipe.data if target.recipe is not None else None
-    data = cfg.data or (data_cfg.eval_file if data_cfg is not None else None)
-    if data is None:
-        raise GrassError(
-            "no data to evaluate on",
-            where="--data",
-            hint="pass --data FILE (a run's recipe with data.eval supplies a default)",
-        )
-    from grass_cli.data import load_rows
+    from grass_cli.evaluate.source import check_source, require_source
 
-    load_rows(data, 1)
+    data_cfg = target.recipe.data if target.recipe is not None else None
+    check_source(require_source(cfg, data_cfg, "--data"))
 
     from grass_cli.evaluate import pick_device, run_eval
     from grass_cli.models import load_model_and_tokenizer

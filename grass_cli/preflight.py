@@ -54,41 +54,23 @@ def _check_folder(path: Path, key: str) -> None:
         )
 
 
-def _task_eval_file(recipe: Recipe) -> str | None:
-    """The file the eval: section reads: eval.data, else data.eval when it is a path."""
-    if recipe.eval is None:
-        return None
-    path = recipe.eval.data or recipe.data.eval_file
-    if path is None:
-        raise GrassError(
-            "eval has no data file"
-            + (
-                ""
-                if recipe.data.eval is None
-                else " (data.eval is not a file, and the task eval reads one)"
-            ),
-            where="eval.data",
-            hint="set eval.data (or data.eval) to an existing file",
-        )
-    return path
-
-
 def check_data(recipe: Recipe, found: Preflight) -> None:
     """Every source parses and has its format's columns (files: every row; folders and
     cached hub datasets: their Arrow tables; a hub dataset not cached: that the hub has
     it, without downloading), and rows held out by data.eval leave some to train on."""
-    from grass_cli.data import load_rows, resolve_columns
+    from grass_cli.data import resolve_columns
     from grass_cli.data.build import held_out, source_config, train_specs
     from grass_cli.data.mixture import held_out_count
     from grass_cli.data.sources import resolve, survey
     from grass_cli.data.stream_sources import first_columns
+    from grass_cli.evaluate.source import check_source, require_source
 
     cfg = recipe.data
     named = train_specs(cfg)
     held = held_out(cfg)
     if cfg.eval is not None and held is None:
         named.append(("data.eval", cfg.eval))  # type: ignore[arg-type]
-    task_file = _task_eval_file(recipe)
+    task = None if recipe.eval is None else require_source(recipe.eval, cfg)
     train_rows: int | None = 0
     for key, value in named:
         if key in found.rows:
@@ -115,8 +97,9 @@ def check_data(recipe: Recipe, found: Preflight) -> None:
         found.rows["data.eval"] = held_out_count(held, train_rows)
     elif held is not None and cfg.streaming:  # a count (the recipe refuses a share)
         found.rows["data.eval"] = int(held)
-    if task_file is not None and "eval.data" not in found.rows:
-        found.rows["eval.data"] = len(load_rows(task_file))  # (it maps its own fields)
+    if task is not None and "eval.data" not in found.rows:
+        n = check_source(task)  # (it maps its own fields)
+        found.rows["eval.data"] = n if n is not None else "not downloaded yet"
 
 
 def check_extras(recipe: Recipe) -> None:

@@ -242,6 +242,7 @@ def test_recipe_eval_missing_file_fails_before_training(tiny_factory, tmp_path):
     rec = validate_dict(
         {**rec.model_dump(mode="json"), "eval": {"data": str(tmp_path / "nope.jsonl")}}, "test.yaml"
     )
-    with pytest.raises(GrassError, match="eval data file not found"):
+    with pytest.raises(GrassError, match=r"eval\.data: .*nope\.jsonl: data file not found") as e:
         setup(rec, Telemetry([]), overwrite=True)
+    assert "check the path in eval.data" in e.value.hint
     assert not (tmp_path / "run").exists()

@@ -397,6 +397,72 @@ def test_cli_run_dir_uses_final_model_and_recipe_eval_data(tiny_factory, tmp_pat
     assert res.exit_code == 2 and "final" in res.stderr
 
 
+def test_cli_data_may_be_a_saved_folder_split_and_equals_the_file(tiny_factory, tmp_path):
+    """A split of a folder saved by datasets evaluates exactly as the same rows in a
+    file; a slice takes its rows; a hub dataset that is not there fails in one line."""
+    from datasets import Dataset, DatasetDict
+
+    rows = load_rows(TEST, 6)
+    splits = {"train": Dataset.from_list(rows[:2]), "test": Dataset.from_list(rows)}
+    DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    model = str(tiny_factory("llama", 2))
+    common = ["--kind", "loss", "--json"]
+    res = runner.invoke(app, ["eval", model, "--data", TEST, "--limit", "6", *common])
+    assert res.exit_code == 0, res.output
+    from_file = json.loads(res.stdout)
+    out = ["--out", str(tmp_path / "ev")]
+    args = ["eval", model, "--data", str(tmp_path / "saved"), "--split", "test", *common, *out]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    from_folder = json.loads(res.stdout)
+    assert from_folder["data"] == f"{tmp_path / 'saved'} [test]" and from_folder["rows"] == 6
+    assert from_folder["loss"] == from_file["loss"]
+    args = ["eval", model, "--data", str(tmp_path / "saved"), "--split", "test[:3]", *common, *out]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rows"] == 3
+    res = runner.invoke(app, ["eval", model, "--data", str(tmp_path / "saved"), "--split", "dev"])
+    assert res.exit_code == 2 and "dev" in res.stderr and "Traceback" not in res.output
+
+
+def test_cli_hub_dataset_not_cached_offline_is_one_error(tiny_factory, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty"))
+    model = str(tiny_factory("llama", 2))
+    res = runner.invoke(app, ["eval", model, "--data", "someorg/bench", "--split", "test"])
+    assert res.exit_code == 2
+    assert "eval.data: someorg/bench" in res.stderr and "not in the datasets cache" in res.stderr
+
+
+def test_recipe_task_eval_reads_a_data_eval_source(tiny_factory, tmp_path):
+    """data.eval given as a source {path, split} is the task eval's default data too."""
+    from datasets import Dataset, DatasetDict
+
+    from grass_cli.evaluate.source import describe, require_source
+
+    DatasetDict({"test": Dataset.from_list(load_rows(TEST, 5))}).save_to_disk(str(tmp_path / "s"))
+    recipe = validate_dict(
+        {
+            "data": {"train": TEST, "eval": {"path": str(tmp_path / "s"), "split": "test"}},
+            "eval": {"kind": ["loss"]},
+        },
+        "r.yaml",
+    )
+    src = require_source(recipe.eval, recipe.data)
+    assert describe(src) == f"{tmp_path / 's'} [test]"
+    model = load(tiny_factory("llama", 2))
+    from grass_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_factory("llama", 2)))
+    result = run_eval(model, tok, recipe.eval, recipe.data, CPU)
+    assert result["rows"] == 5 and result["data"] == describe(src)
+    held = validate_dict({"data": {"train": TEST, "eval": 0.1}, "eval": {}}, "r.yaml")
+    with pytest.raises(DataError, match="data.eval holds rows out of training"):
+        require_source(held.eval, held.data)
+
+
 # ------------------------------------------------------------------- the real SmolLM2
 
 

@@ -77,7 +77,19 @@ TargetArg = Annotated[
 ]
 DataOpt = Annotated[
     str | None,
-    data_option("Data file (jsonl/json/csv/tsv/parquet). Default: the run's data.eval."),
+    data_option(
+        "A data file (jsonl/json/csv/tsv/parquet), a folder saved by datasets or a hub "
+        "dataset id. Default: the run's data.eval."
+    ),
+]
+SplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--split", help="Split of a folder or hub dataset (test, test[:200]). Default: train."
+    ),
+]
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", help="Configuration (subset) of a hub dataset, e.g. main.")
 ]
 FieldOpt = Annotated[
     list[str] | None,
@@ -129,6 +141,8 @@ OutOpt = Annotated[
 def eval_command(
     target: TargetArg,
     data: DataOpt = None,
+    split: SplitOpt = None,
+    config: ConfigOpt = None,
     fmt: FormatOption = None,
     field: FieldOpt = None,
     kind: KindOpt = None,
@@ -151,6 +165,8 @@ def eval_command(
         tgt = resolve_target(target)
         options = {
             "data": data,
+            "split": split,
+            "config": config,
             "format": choice_value(fmt),
             "fields": parse_fields(field) if field else None,
             "kind": [k.value for k in kind] if kind else None,

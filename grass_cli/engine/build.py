@@ -24,7 +24,7 @@ from grass_cli.data.packing import check_model_packs
 from grass_cli.data.stream import StreamBatches, build_stream
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
-from grass_cli.errors import GrassError
+from grass_cli.evaluate.source import check_source, require_source
 from grass_cli.models import (
     load_model_and_tokenizer,
     max_positions,
@@ -160,13 +160,7 @@ def build_data(
     (the task-eval file is checked too: a missing one must not cost a training run)."""
     tc = recipe.training
     if recipe.eval is not None:
-        eval_file = recipe.eval.data or recipe.data.eval_file
-        if eval_file is None or not Path(eval_file).is_file():
-            raise GrassError(
-                "eval data file not found" if eval_file else "eval has no data file",
-                where=f"eval.data: {eval_file}",
-                hint="set eval.data (or data.eval) to an existing file",
-            )
+        check_source(require_source(recipe.eval, recipe.data))
     # how batches are cut, the same for a stream and for rows in memory
     cut: dict[str, Any] = {
         "rank": info.rank,

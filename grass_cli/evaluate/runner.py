@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from grass_cli.data import load_rows
 from grass_cli.errors import DataError
 from grass_cli.eval_config import EvalConfig
 from grass_cli.evaluate.choice import choice_metrics
@@ -24,6 +23,7 @@ from grass_cli.evaluate.generation import generate_metrics
 from grass_cli.evaluate.loss import loss_metrics
 from grass_cli.evaluate.plan import EvalPlan, eval_data_config, plan_eval
 from grass_cli.evaluate.prompts import PromptRenderer
+from grass_cli.evaluate.source import KEY, describe, read_rows, require_source
 from grass_cli.recipe import DataConfig
 
 
@@ -33,18 +33,6 @@ def _write_outputs(out_dir: Path, result: dict[str, Any], items: list[dict[str, 
         for item in items:
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-
-
-def _eval_path(cfg: EvalConfig, data_cfg: DataConfig | None) -> str:
-    """The file to evaluate: eval.data (--data), else the recipe's data.eval."""
-    path = cfg.data or (data_cfg.eval_file if data_cfg is not None else None)
-    if path is None:
-        raise DataError(
-            "no evaluation data: eval.data and data.eval are both unset",
-            where="eval.data",
-            hint="pass --data FILE (or set eval.data in the recipe)",
-        )
-    return path
 
 
 def _prompt_tokens(
@@ -110,9 +98,10 @@ def run_eval(
     restored on return; `progress(phase, done, total)` is called as work is done.
     """
     t0 = time.perf_counter()
-    path = _eval_path(cfg, data_cfg)
-    dc = eval_data_config(data_cfg, cfg, path)
-    rows = load_rows(path, cfg.limit)
+    src = require_source(cfg, data_cfg, "--data" if data_cfg is None else KEY)
+    path = describe(src)
+    dc = eval_data_config(data_cfg, cfg, src.path)
+    rows = read_rows(src, cfg.limit)
     plan = plan_eval(rows, cfg, dc, path)
     ctx = EvalContext(
         model, tokenizer, cfg, device, autocast, [{"index": i} for i in range(len(rows))], progress
