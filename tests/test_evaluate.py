@@ -425,15 +425,31 @@ def test_cli_data_may_be_a_saved_folder_split_and_equals_the_file(tiny_factory, 
     assert res.exit_code == 2 and "dev" in res.stderr and "Traceback" not in res.output
 
 
-def test_cli_hub_dataset_not_cached_offline_is_one_error(tiny_factory, tmp_path, monkeypatch):
+def test_cli_hub_dataset_through_the_datasets_cache(tiny_factory, tmp_path, monkeypatch):
+    """A hub dataset evaluates from the datasets cache offline, split and config as
+    asked, exactly as its rows in a file; one not cached is one error naming it."""
     import datasets
+    from test_data_sources import cache_hub_dataset
 
+    cache = tmp_path / "hf-datasets"
+    cache.mkdir()
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    rows = load_rows(TEST, 5)
+    cache_hub_dataset(cache, "someorg/bench", {"train": rows[:2], "test": rows}, config="main")
     model = str(tiny_factory("llama", 2))
-    res = runner.invoke(app, ["eval", model, "--data", "someorg/bench", "--split", "test"])
+    common = ["--kind", "loss", "--json", "--out", str(tmp_path / "ev")]
+    res = runner.invoke(app, ["eval", model, "--data", TEST, "--limit", "5", *common])
+    from_file = json.loads(res.stdout)
+    args = ["eval", model, "--data", "someorg/bench", "--config", "main", "--split", "test"]
+    res = runner.invoke(app, [*args, *common])
+    assert res.exit_code == 0, res.output
+    from_hub = json.loads(res.stdout)
+    assert from_hub["data"] == "someorg/bench (main) [test]" and from_hub["rows"] == 5
+    assert from_hub["loss"] == from_file["loss"]
+    res = runner.invoke(app, ["eval", model, "--data", "someorg/other", "--split", "test"])
     assert res.exit_code == 2
-    assert "eval.data: someorg/bench" in res.stderr and "not in the datasets cache" in res.stderr
+    assert "eval.data: someorg/other" in res.stderr and "not in the datasets cache" in res.stderr
 
 
 def test_recipe_task_eval_reads_a_data_eval_source(tiny_factory, tmp_path):
