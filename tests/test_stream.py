@@ -303,3 +303,29 @@ def test_validate_says_streamed(tmp_path):
     bad.write_text(f"data: {{train: {tmp_path / 'nope.jsonl'}, streaming: true}}\n")
     res = runner.invoke(app, ["validate", str(bad)])
     assert res.exit_code != 0 and "data file not found" in res.output
+
+
+def test_a_process_left_mid_stream_exits_quietly(tmp_path, smollm2_dir):
+    """A parquet stream left open at exit (a run that stops mid-stream) used to have
+    datasets print an "Exception ignored ... ArrowInvalid" traceback on the way out."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    pd.DataFrame(rows_of(30)).to_parquet(tmp_path / "p.parquet")
+    code = (
+        "from grass_cli.models import load_tokenizer\n"
+        "from grass_cli.recipe import DataConfig\n"
+        "from grass_cli.data.stream import build_stream\n"
+        f"tok = load_tokenizer({str(smollm2_dir)!r})\n"
+        f"c = DataConfig(train={str(tmp_path / 'p.parquet')!r}, streaming=True, shuffle_block=8)\n"
+        "s, _ = build_stream(c, tok, 0)\n"
+        "for _ in range(12):\n"
+        "    s.peek(); s.advance()\n"
+        "print('read', len(s.peek()[0]) > 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "read True"
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr

@@ -15,7 +15,9 @@ source, skipped by every pass.
 
 from __future__ import annotations
 
+import atexit
 import json
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +121,7 @@ class SourceStream:
         # datasets' state_dict() reads as the start until the reader yields a row, even
         # after load_state_dict: the loaded state stands for the position till then
         self._loaded: dict[str, Any] | None = None
+        self._closing = False  # close() registered to run at exit
 
     def _fresh(self) -> Any:
         with _quiet_datasets():
@@ -132,8 +135,21 @@ class SourceStream:
             ds = ds.take(self.limit)
         return ds.skip(self.skip) if self.skip else ds
 
+    def close(self) -> None:
+        """Close the reader. A generator left open until the interpreter shuts down is
+        finalized after the modules it uses are gone: datasets' parquet reader then
+        prints an "Exception ignored" traceback on the way out."""
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
     def start(self, state: dict[str, Any] | None = None) -> None:
         """Read from the beginning, or from where `state` was taken."""
+        self.close()
+        if not self._closing:  # (a weak reference: the exit hook keeps nothing alive)
+            ref = weakref.ref(self)
+            atexit.register(lambda: (stream := ref()) is not None and stream.close())
+            self._closing = True
         self._ds = self._fresh()
         self.passes, self.index = 0, 0
         self._loaded = None
@@ -184,6 +200,7 @@ class SourceStream:
             self.passes += 1
             self.index = 0
             self._loaded = None
+            self.close()
             self._ds = self._fresh()
             self._it = iter(self._ds)
             row = self._next_raw()
