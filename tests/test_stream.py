@@ -329,3 +329,27 @@ def test_a_process_left_mid_stream_exits_quietly(tmp_path, smollm2_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "read True"
     assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv", ".tsv", ".parquet"])
+def test_every_file_type_streams_the_tokens_it_gives_in_memory(tmp_path, tokenizer, suffix):
+    import csv
+
+    import pandas as pd
+
+    rows = rows_of(20)
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(
+                f, ["prompt", "completion"], delimiter="\t" if suffix == ".tsv" else ","
+            )
+            w.writeheader()
+            w.writerows(rows)
+    stream, _ = build_stream(cfg(train=str(path), shuffle_block=20), tokenizer, seed=0)
+    ref = tokenize_rows(rows, cfg(train=str(path)), tokenizer, "x")
+    assert sorted(drain(stream, 20)) == sorted(tuple(r) for r in ref.input_ids)
