@@ -103,24 +103,19 @@ def _batches(
     from grass_cli.data.stream import StreamBatches, build_stream
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if path is None and data_cfg.streaming:
-        # rows held out of the stream's head are skipped as in training; an eval
-        # source is not needed here
-        cfg = (
-            data_cfg
-            if held_out(data_cfg) is not None
-            else data_cfg.model_copy(update={"eval": None})
-        )
-        stream, _ = build_stream(cfg, tokenizer, seed)
-        label = " + ".join(as_spec(v).path for _, v in train_specs(data_cfg))
-        return StreamBatches(stream, batch_size, pad_id), None, label
-    if path is None:
-        data = build_dataset(data_cfg, tokenizer, "train", seed=seed)
-        label = " + ".join(as_spec(v).path for _, v in train_specs(data_cfg))
-    else:
+    if path is not None:
         dc = data_cfg.model_copy(update={"train": path})
         data = tokenized_source(path, "--data", dc, tokenizer, dc.limit)
-        label = path
+        return BatchIterator(data, batch_size, pad_id, seed=seed, shuffle=True), len(data), path
+    label = " + ".join(as_spec(v).path for _, v in train_specs(data_cfg))
+    if data_cfg.streaming:
+        # rows held out of the stream's head are skipped as in training; an eval
+        # source is not needed here
+        keep_eval = held_out(data_cfg) is not None
+        cfg = data_cfg if keep_eval else data_cfg.model_copy(update={"eval": None})
+        stream, _ = build_stream(cfg, tokenizer, seed)
+        return StreamBatches(stream, batch_size, pad_id), None, label
+    data = build_dataset(data_cfg, tokenizer, "train", seed=seed)
     return BatchIterator(data, batch_size, pad_id, seed=seed, shuffle=True), len(data), label
 
 

@@ -77,14 +77,10 @@ def check_data(recipe: Recipe, found: Preflight) -> None:
             continue
         source = resolve(value, key)
         if cfg.streaming and key != "data.eval":  # opened and its first row read, not counted
-            columns = first_columns(source)
+            n, columns = None, first_columns(source)
             found.rows[key] = "streamed"
-            train_rows = None
-            if columns is not None:
-                scfg = source_config(cfg, source.spec)
-                resolve_columns(scfg.format, dict(scfg.fields), columns, source.name)
-            continue
-        n, columns = survey(source)
+        else:
+            n, columns = survey(source)
         if n is not None:
             found.rows[key] = n
         if key != "data.eval":  # (data.limit applies to each training source)

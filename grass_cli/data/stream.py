@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grass_cli.data.batches import collate
-from grass_cli.data.mixture import concat, shares, subset
+from grass_cli.data.mixture import _rng, concat, shares, subset
 from grass_cli.data.packing import collate_packed
 from grass_cli.data.reading import _quiet_datasets
 from grass_cli.data.sources import resolve
@@ -43,10 +43,6 @@ _PICK_STREAM = 0x50434B  # which source each row of a block comes from
 _ORDER_STREAM = 0x4F5244  # the order a block is trained in
 
 Row = tuple[np.ndarray, np.ndarray]  # input ids, labels (int32: a block stays small)
-
-
-def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed % 2**64, stream, index])
 
 
 class RowStream:
@@ -120,7 +116,7 @@ class RowStream:
         empty = 0
         while self.offset >= len(self.rows):
             self._build(self.block + 1)
-            empty = empty + 1 if not self.rows else 0
+            empty += not self.rows
             if empty >= 3:  # 3 x shuffle_block rows in a row, none of them kept
                 raise DataError(
                     f"no row in {3 * self.block_size} read from the stream fits: every one "
@@ -160,8 +156,6 @@ class StreamBatches:
     """`BatchIterator`'s interface over a `RowStream`: micro batches (packed or padded),
     a state dict, a resume. Data-parallel ranks all read the stream and each takes
     every world-th row (or packed sequence) of the global micro batch."""
-
-    n_rows = None  # unknown: a stream
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from typing import Any
 
 from grass_cli.data.checks import root_cause
 from grass_cli.data.reading import _checked_path, _csv_kwargs, _parse_error, _quiet_datasets
-from grass_cli.data.sources import Source, _load_saved
+from grass_cli.data.sources import Source, _load_saved, select_split
 from grass_cli.errors import DataError
 
 STREAM_HINT = (
@@ -55,19 +55,9 @@ def _file_factory(source: Source) -> tuple[Callable[[], Any], Callable[[Exceptio
 
 
 def _folder_factory(source: Source) -> Callable[[], Any]:
-    import datasets
-
-    loaded = _load_saved(source)
-    split = source.spec.split or "train"
-    by_name = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    if split not in by_name:
-        raise DataError(
-            f"no split {split!r} in this datasets folder",
-            where=f"{source.key}: {source.name}",
-            hint=f"splits here: {', '.join(by_name)}",
-        )
-    ds = by_name[split]
-    return ds.to_iterable_dataset
+    # (the recipe refuses slices when streaming: this is one whole split)
+    where = f"{source.key}: {source.name}"
+    return select_split(_load_saved(source), source.spec.split, where).to_iterable_dataset
 
 
 def _hub_factory(source: Source) -> Callable[[], Any]:
