@@ -107,11 +107,11 @@ def bench_model_1b() -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from grass_cli.planner.shape import SHAPES_DIR
+    from grass_cli.presets import get_preset
 
     smol = resolve_model_path("embedded:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(smol)
-    data = json.loads((SHAPES_DIR / "tinyllama-1.1b.json").read_text())
+    data = dict(get_preset("tinyllama-1.1b", "bench").config)
     data.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     config = AutoConfig.for_model(**data)
     torch.manual_seed(0)

@@ -104,25 +104,45 @@ def root(
 
 
 @app.command(
-    epilog="Example: grass validate recipes/quickstart.yaml training.max_steps=50",
+    epilog="Examples:\n\n  grass validate recipes/quickstart.yaml training.max_steps=50\n\n"
+    "  grass validate my.yaml --print > resolved.yaml",
 )
-def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    print_recipe: Annotated[
+        bool,
+        typer.Option("--print", help="Also write the resolved recipe (YAML) to stdout."),
+    ] = False,
+) -> None:
     """Check a recipe (and overrides) and everything it points at without loading the
-    model: data files, model path, folders, disk space. Prints the resolved recipe."""
+    model: data, model path, folders, disk space, host RAM. The verdict and any
+    warnings go to stderr."""
     from grass_cli.preflight import preflight
     from grass_cli.recipe import load_recipe
 
     resolved = _guard(lambda: load_recipe(recipe, overrides or []))
-    found = _guard(lambda: preflight(resolved, run_dir=False))
+    found = _guard(lambda: preflight(resolved, run_dir=False, training=False))
     rows = ", ".join(
         f"{k} {n} rows" if isinstance(n, int) else f"{k} {n}" for k, n in found.rows.items()
     )
+    writes = found.disk.breakdown() if found.disk else ""
     need = sum(found.disk_needed.values())
+    host = sum(found.host_need.values())
     sys.stderr.write(
         f"{recipe}: valid ({found.params / 1e6:.0f}M parameters; {rows}; "
-        f"about {need / 1e9:.2f} GB to write)\n"
+        f"about {need / 1e9:.2f} GB to write: {writes}; about {host / 1e9:.2f} GB of host RAM)\n"
     )
-    sys.stdout.write(resolved.to_yaml())
+    _warn(found.warnings)
+    if print_recipe:
+        sys.stdout.write(resolved.to_yaml())
+
+
+def _warn(warnings: list[str]) -> None:
+    """Valid settings that are surely not what was meant: one line each, on stderr."""
+    if _main_rank():
+        for w in warnings:
+            sys.stderr.write(f"warning: {w}\n")
 
 
 @app.command(
@@ -175,7 +195,8 @@ def train(
         from grass_cli.recipe import load_recipe
 
         cfg = load_recipe(recipe, overrides or [])
-        preflight(cfg, resume=resume, overwrite=overwrite)  # before any file is written
+        found = preflight(cfg, resume=resume, overwrite=overwrite)  # before any file is written
+        _warn(found.warnings)
         sinks = _train_sinks(cfg, resume is not None, no_live, log_every, quiet)
         result = _run(cfg, sinks, [str(recipe), *(overrides or [])], overwrite, resume)
         if result is None:

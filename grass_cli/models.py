@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from grass_cli.attention import check_attention, load_kwargs
 from grass_cli.errors import ModelError
 from grass_cli.hub import HUB_HINT, cached_hub_folder, check_hub_id, first_line, probe_hub
+from grass_cli.presets import find_preset, is_preset_name
 from grass_cli.recipe import EMBEDDED_SMOLLM2, ModelConfig
 
 if TYPE_CHECKING:
@@ -164,6 +165,10 @@ def resolve_model_path(path: str) -> str:
                 hint="point model.path at the folder that holds config.json",
             )
         return str(p)
+    if is_preset_name(path):  # a preset: its weights come from its hub id
+        preset = find_preset(path)
+        assert preset is not None
+        return preset.hub_id
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or p.suffix
     if looks_local:
         raise ModelError(
@@ -278,6 +283,9 @@ def load_model_and_tokenizer(
         ) from None
     if getattr(model, "hf_quantizer", None) is not None:
         _strip_quantizer(model)
+    preset = find_preset(cfg.path) if is_preset_name(cfg.path) else None
+    if preset is not None and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = preset.template_text()  # a base model's tokenizer has none
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model, tokenizer, source

@@ -13,18 +13,31 @@ before either, and without writing anything:
   in the output folder (grass/engine/run_dir.py's rules);
 - each filesystem has room for what the run will write there: the final model,
   the checkpoints kept at once, and a disk offload store, estimated from the
-  model's config (the planner's meta-device layout, no weights read).
+  model's config (the planner's meta-device layout, no weights read);
+- the host has the RAM the run needs (pinned store, page cache of a disk store,
+  the tokenized data), and `device: cuda` has a CUDA device: refused by train,
+  warnings in validate, whose recipe may be meant for another machine;
+- settings that are valid but surely not meant (an eval interval with no eval
+  data, a tiny file trained over many times) become warnings.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from grass_cli.errors import GrassError
+from grass_cli.errors import DataError, GrassError
 from grass_cli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from grass_cli.planner.shape import Layout
+    from grass_cli.planner.verdict import DiskNeed
+
+# More passes over the training rows than this is surely a mistake (a test file,
+# or steps meant for a bigger dataset): fine-tuning runs take 1 to a few epochs.
+MANY_PASSES = 20
 
 
 @dataclass
@@ -35,23 +48,42 @@ class Preflight:
     weight_bytes: int = 4
     rows: dict[str, int | str] = field(default_factory=dict)  # str: "streamed"
     disk_needed: dict[str, int] = field(default_factory=dict)  # folder -> bytes
-
-
-def _nearest_existing(path: Path) -> Path:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return probe
+    disk: DiskNeed | None = None
+    host_need: dict[str, int] = field(default_factory=dict)  # part -> bytes
+    warnings: list[str] = field(default_factory=list)  # valid, but surely not meant
 
 
 def _check_folder(path: Path, key: str) -> None:
-    probe = _nearest_existing(path)
+    from grass_cli.planner.machine import nearest_existing
+
+    probe = nearest_existing(path)
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise GrassError(
             f"cannot write there ({probe} is not a writable folder)",
             where=f"{key}: {path}",
             hint=f"choose a writable folder for {key}",
         )
+
+
+def _stale_eval(err: DataError, path: str, columns: list[str]) -> DataError:
+    """The columns error of a data.eval file that does not fit the recipe's format,
+    though data.train does: most often a recipe copied from another task, with
+    data.eval still naming that task's file. Its hint replaces the file's own, which
+    would change data.format or data.fields, and so break data.train."""
+    from grass_cli.data.rows import detect_format
+
+    hint = (
+        f"data.eval still points at {path}: set data.eval to your own eval file, or to "
+        "a share of data.train such as data.eval: 0.05"
+    )
+    guess = detect_format(columns)
+    if guess is not None:
+        fields = f", fields: {guess.mapping_text()}" if guess.fields else ""
+        hint += (
+            f" (if it is an eval file in the {guess.format} format, give it as a source: "
+            f"data.eval: {{path: {path}, format: {guess.format}{fields}}})"
+        )
+    return DataError(err.what, where=err.where, hint=hint)
 
 
 def check_data(recipe: Recipe, found: Preflight) -> None:
@@ -88,7 +120,13 @@ def check_data(recipe: Recipe, found: Preflight) -> None:
             train_rows = None if used is None or train_rows is None else train_rows + used
         if columns is not None:
             scfg = source_config(cfg, source.spec)
-            resolve_columns(scfg.format, dict(scfg.fields), columns, source.name)
+            try:
+                resolve_columns(scfg.format, dict(scfg.fields), columns, source.name)
+            except DataError as e:
+                # data.eval comes last, so data.train's columns have passed by now.
+                if key != "data.eval" or source.spec.format is not None:
+                    raise
+                raise _stale_eval(e, source.name, columns) from None
     if held is not None and train_rows:
         found.rows["data.eval"] = held_out_count(held, train_rows)
     elif held is not None and cfg.streaming:  # a count (the recipe refuses a share)
@@ -113,51 +151,106 @@ def check_extras(recipe: Recipe) -> None:
             _check_folder(Path(recipe.output.wandb.dir), "output.wandb.dir")
 
 
-def _disk_needs(recipe: Recipe, params: int, weight_bytes: int) -> dict[Path, int]:
-    """Bytes the run writes per folder: the final model, the checkpoints alive at
-    once (keep_last + the one being written), a disk offload store."""
-    weights = params * weight_bytes
-    state = params * (8 + (4 if weight_bytes < 4 else 0))  # AdamW moments (+ fp32 masters)
-    out_dir = Path(recipe.output.dir)
-    needs: dict[Path, int] = {out_dir: 0}
-    if recipe.output.save_model:
-        needs[out_dir] += weights
-    ck = recipe.checkpoint
-    if ck.interval or ck.at_end:
-        alive = (ck.keep_last + 1) if ck.interval else 1
-        needs[out_dir] += alive * (weights + state)
-    opt = recipe.optimizer
-    if opt.state_policy == "offload" and opt.offload.target == "disk":
-        folder = Path(opt.offload.path) if opt.offload.path else out_dir / "offload"
-        needs[folder] = needs.get(folder, 0) + state
-    return needs
+def check_device(recipe: Recipe, found: Preflight, training: bool) -> str:
+    """The device the run would use here. `device: cuda` on a machine without CUDA is
+    refused before a model loads (train) or said as a warning (validate: the recipe
+    may be meant for another machine)."""
+    import torch
 
-
-def check_disk(recipe: Recipe, found: Preflight) -> None:
-    by_device: dict[int, tuple[Path, int]] = {}
-    for folder, n in _disk_needs(recipe, found.params, found.weight_bytes).items():
-        found.disk_needed[str(folder)] = n
-        probe = _nearest_existing(folder)
-        dev = probe.stat().st_dev
-        first, total = by_device.get(dev, (probe, 0))
-        by_device[dev] = (first, total + n)
-    for probe, needed in by_device.values():
-        free = shutil.disk_usage(probe).free
-        if needed > free:
+    has_cuda = torch.cuda.is_available()
+    device = recipe.training.device
+    if device == "cuda" and not has_cuda:
+        what = "training.device is cuda but this machine has no CUDA device"
+        if training:
             raise GrassError(
-                f"not enough disk space: the run writes about {needed / 1e9:.2f} GB there "
-                f"(final model, checkpoints, offloaded state) and {free / 1e9:.2f} GB is free",
-                where=str(probe),
-                hint="free space, lower checkpoint.keep_last, set output.save_model: false, "
-                "or point output.dir / optimizer.offload.path at a bigger disk",
+                what + f" (torch {torch.__version__} sees none)",
+                where="training.device",
+                hint="run on a GPU machine with a CUDA build of torch, or set "
+                "training.device: cpu (or auto)",
             )
+        found.warnings.append(what + ": `grass train` will refuse to start here")
+    return "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+
+
+def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: bool) -> None:
+    """The recipe's own plan against this machine: the disk it writes (refused when a
+    filesystem is short), the host RAM it needs (refused by train, a warning in
+    validate) and, on the CPU, nothing more (host memory is the device)."""
+    from grass_cli.planner.machine import host_memory, runtime_bytes
+    from grass_cli.planner.memory import plan, recipe_scenario
+    from grass_cli.planner.verdict import (
+        dataset_bytes,
+        disk_need,
+        disk_short,
+        host_need,
+        judge_host,
+    )
+
+    device = check_device(recipe, found, training)
+    p = plan(recipe, layout, recipe_scenario(recipe), device)
+    need = disk_need(recipe, layout, p)
+    found.disk = need
+    found.disk_needed = dict(need.folders)
+    short = disk_short(need)
+    if short is not None:
+        folder, needed, free = short
+        raise GrassError(
+            f"not enough disk space: the run writes about {needed / 1e9:.2f} GB there "
+            f"({need.breakdown()}) and {free / 1e9:.2f} GB is free",
+            where=folder,
+            hint=need.hint(),
+        )
+    host = host_memory()
+    found.host_need = host_need(p, layout, dataset_bytes(recipe), runtime_bytes())
+    ok, fix = judge_host(p, found.host_need, host)
+    if not ok:
+        what = (
+            f"the run needs about {sum(found.host_need.values()) / 1e9:.2f} GB of host RAM ("
+            + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in found.host_need.items())
+            + f") and {host.source} has {host.total / 1e9:.2f} GB"
+        )
+        if training:
+            raise GrassError(what, where="optimizer.offload", hint=fix)
+        found.warnings.append(f"{what}: {fix}")
+
+
+def check_schedule(recipe: Recipe, found: Preflight) -> None:
+    """Settings that are valid but do nothing, or surely not what was meant."""
+    from grass_cli.data.build import held_out
+
+    t, d = recipe.training, recipe.data
+    if t.eval_interval is not None and d.eval is None:
+        found.warnings.append(
+            f"training.eval_interval is {t.eval_interval} but data.eval is null, so no eval "
+            "loss is ever computed: set data.eval (a file, or a share such as 0.05)"
+        )
+    counts = [n for k, n in found.rows.items() if k.startswith("data.train")]
+    if t.max_steps is None or not counts or not all(isinstance(n, int) for n in counts):
+        return
+    rows = sum(int(n) if d.limit is None else min(int(n), d.limit) for n in counts)
+    if held_out(d) is not None and isinstance(found.rows.get("data.eval"), int):
+        rows -= int(found.rows["data.eval"])
+    batch = t.micro_batch_size * t.grad_accum_steps
+    passes = t.max_steps * batch / max(rows, 1)
+    if passes > MANY_PASSES:
+        found.warnings.append(
+            f"{t.max_steps} steps x a batch of {batch} rows go over the {rows} training "
+            f"row{'s' if rows != 1 else ''} {passes:.0f} times: the model will learn them by "
+            "heart; lower training.max_steps, set training.epochs, or add data"
+        )
 
 
 def preflight(
-    recipe: Recipe, resume: str | None = None, overwrite: bool = False, run_dir: bool = True
+    recipe: Recipe,
+    resume: str | None = None,
+    overwrite: bool = False,
+    run_dir: bool = True,
+    training: bool = True,
 ) -> Preflight:
     """Every check that needs no model weights; raises the first GrassError found.
-    `run_dir`: also apply the run folder's rules for a start with these flags."""
+    `run_dir`: also apply the run folder's rules for a start with these flags.
+    `training`: checks for a run on this machine (train), not only of the recipe
+    (validate): what this machine lacks is then an error, not a warning."""
     from grass_cli.engine.run_dir import check_fresh_start, check_writable
     from grass_cli.planner.shape import build_layout, load_config
 
@@ -171,8 +264,9 @@ def preflight(
         _check_folder(Path(opt.offload.path), "optimizer.offload.path")
     check_extras(recipe)
     check_data(recipe, found)
-    config, name = load_config(recipe)
+    config, name = load_config(recipe, download=training)
     layout = build_layout(recipe, config, name)
     found.params, found.weight_bytes = layout.params, layout.weight_bytes
-    check_disk(recipe, found)
+    check_memory(recipe, found, layout, training)
+    check_schedule(recipe, found)
     return found

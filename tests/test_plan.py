@@ -118,7 +118,10 @@ def test_keep_grows_with_the_blocks_visited():
 def test_plan_command_json_and_verdict():
     runner = CliRunner()
     path = ROOT / "recipes/quickstart.yaml"
-    res = runner.invoke(app, ["plan", str(path), "--json", "--model-config", "llama-2-7b"])
+    # RAM for the store, and nothing written to this machine's disk
+    args = ["output.save_model=false", "checkpoint.at_end=false"]
+    args += ["--model-config", "llama-2-7b", "--host-memory", "200"]
+    res = runner.invoke(app, ["plan", str(path), "--json", *args])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert {(r["strategy"], r["state_policy"]) for r in rows} >= {
@@ -132,16 +135,18 @@ def test_plan_command_json_and_verdict():
     # a device too small: exit 1, and the verdict says what dominates and what to change
     res = runner.invoke(
         app,
-        ["plan", str(path), "--model-config", "llama-2-7b", "--device-memory", "8"],
+        ["plan", str(path), *args, "--device-memory", "8"],
     )
     assert res.exit_code == 1
-    assert "does NOT fit 8 GB" in res.stdout and "largest part:" in res.stdout
+    # a float32 7B: its weights alone (27 GB) exceed 8 GB, and bfloat16 halves them
+    assert "the weights alone exceed the device; does NOT fit 8 GB" in res.stdout
+    assert "use model.dtype: bfloat16" in res.stdout
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model-config", "llama-99b"], "unknown model config 'llama-99b'"),
+        (["--model-config", "llama-99b"], "unknown model preset 'llama-99b'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
     ],
 )

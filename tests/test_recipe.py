@@ -192,11 +192,15 @@ def test_suggest_key_none_for_garbage():
     assert suggest_key("zzzz.qqqq") is None
 
 
-def test_cli_validate_prints_resolved_recipe(tmp_path):
+def test_cli_validate_prints_its_verdict_and_the_resolved_recipe_on_request(tmp_path):
     # validate checks what the recipe points at too (tests/test_preflight.py): real files
     train = Path(__file__).resolve().parent.parent / "data/quickstart/train.jsonl"
     p = write(tmp_path, {"data": {"train": str(train)}, "output": {"dir": str(tmp_path / "r")}})
     res = runner.invoke(app, ["validate", str(p), "sampler.gamma=3"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == ""  # the verdict alone, on stderr: no 90 lines of YAML before it
+    assert res.stderr.startswith(f"{p}: valid (135M parameters; data.train 2000 rows;")
+    res = runner.invoke(app, ["validate", str(p), "sampler.gamma=3", "--print"])
     assert res.exit_code == 0, res.output
     assert yaml.safe_load(res.stdout)["sampler"]["gamma"] == 3
 

@@ -9,6 +9,7 @@ recipe's own choice, prints the table and its verdict (or JSON) and exits 1 when
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,12 +24,15 @@ from grass_cli.commands.options import (
 )
 
 if TYPE_CHECKING:
+    from grass_cli.planner.machine import HostMemory
     from grass_cli.planner.memory import Plan
     from grass_cli.planner.shape import Layout
+    from grass_cli.planner.verdict import DiskNeed
 
 EPILOG = (
-    "Examples:\n\n  grass plan recipes/gpu-grass.yaml --model-config llama-2-7b "
-    "--device-memory 24\n\n  grass plan my.yaml data.max_length=1024 --json"
+    "Examples:\n\n  grass plan recipes/gpu-grass.yaml --model-config llama-3.1-8b "
+    "--device-memory 24 --host-memory 64\n\n  grass plan my.yaml --model-config "
+    "Qwen/Qwen2.5-7B-Instruct\n\n  grass plan my.yaml data.max_length=1024 --json"
 )
 KINDS = ("weights", "gradients", "optimizer_state", "activations")  # the peak's parts
 COLUMNS = ("strategy", "peak", "phase", "weights", "grads", "state", "activ.", "host", "disk")
@@ -37,8 +41,9 @@ ModelConfigOpt = Annotated[
     str | None,
     typer.Option(
         "--model-config",
-        help="Plan for another model shape: a config.json, or a shipped shape "
-        "(llama-2-7b, llama-3-8b, tinyllama-1.1b). Default: model.path's config.",
+        help="Plan for another model: a preset (llama-3.1-8b, qwen2.5-7b, ...: "
+        "`grass init --list-presets`), a hub id (its config.json only), or a config.json "
+        "file. Default: model.path's config.",
         show_default=False,
     ),
 ]
@@ -59,6 +64,15 @@ DeviceOpt = Annotated[
         show_default=False,
     ),
 ]
+HostMemoryOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--host-memory",
+        help="Host RAM in GB to check against (default: this machine's).",
+        min=0.1,
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, json_option("One JSON object per strategy/policy, a list.")]
 
 
@@ -68,26 +82,37 @@ def plan(
     model_config: ModelConfigOpt = None,
     device_memory: DeviceMemoryOpt = None,
     device: DeviceOpt = None,
+    host_memory: HostMemoryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Predict peak device memory and host memory, by kind, for every strategy x state
-    policy (no weights loaded)."""
+    """Predict peak device memory, host RAM and disk, by kind, for every strategy x
+    state policy (no weights loaded), and whether the recipe's choice fits. Exits 1
+    when it does not fit the device (with --device-memory), the host's RAM or the disk."""
     from grass_cli.cli import _guard
 
-    result = _guard(lambda: _plan(recipe, overrides or [], model_config, device, device_memory))
-    layout, plans, own = result
+    args = (recipe, overrides or [], model_config, device, device_memory, host_memory)
+    layout, plans, own, extra = _guard(lambda: _plan(*args))
     if json_out:
         print_json([p.to_json() for p in plans], indent=2)
-        return
-    # a table of ten columns: do not squeeze it to 80 columns in a pipe or log
-    console = stdout_console(width=None if sys.stdout.isatty() else 120)
-    console.print(render(layout, plans, own, device_memory), soft_wrap=True)
-    if device_memory is not None and not own.fits:
+    else:
+        # a table of ten columns: do not squeeze it to 80 columns in a pipe or log
+        console = stdout_console(width=None if sys.stdout.isatty() else 120)
+        console.print(render(layout, plans, own, device_memory, extra), soft_wrap=True)
+    if own.fits is False or own.host_fits is False or extra.disk_short is not None:
         raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
     app.command(epilog=EPILOG)(plan)
+
+
+@dataclass
+class Machine:
+    """What the recipe's plan was checked against besides the device."""
+
+    host: HostMemory
+    disk: DiskNeed
+    disk_short: tuple[str, int, int] | None  # (folder, needed, free) when short
 
 
 def _plan(
@@ -96,52 +121,87 @@ def _plan(
     model_config: str | None,
     device: str | None,
     device_memory: float | None,
-) -> tuple[Layout, list[Plan], Plan]:
-    """The layout, every strategy x policy's plan, and the recipe's own among them."""
+    host_memory: float | None,
+) -> tuple[Layout, list[Plan], Plan, Machine]:
+    """The layout, every strategy x policy's plan (with its host verdict), the
+    recipe's own among them, and the host and disk it was checked against."""
     from grass_cli.errors import GrassError
+    from grass_cli.planner import machine, verdict
     from grass_cli.planner.memory import plan_recipe, recipe_scenario
     from grass_cli.recipe import load_recipe
 
     if device not in (None, "cuda", "cpu"):
         raise GrassError(f"unknown device {device!r}", where="--device", hint="cuda or cpu")
     r = load_recipe(recipe, overrides)
-    layout, plans = plan_recipe(r, model_config, device, device_memory)
+    layout, plans = plan_recipe(r, model_config, device, device_memory, flag=True)
+    host = machine.host_memory(host_memory)
+    data, runtime = verdict.dataset_bytes(r), machine.runtime_bytes()
+    for p in plans:
+        p.host_need = verdict.host_need(p, layout, data, runtime)
+        p.host_fits, p.host_advice = verdict.judge_host(p, p.host_need, host)
     label = recipe_scenario(r).label
     own = next(p for p in plans if p.label == label)  # scenarios() covers every recipe
-    return layout, plans, own
+    disk = verdict.disk_need(r, layout, own)
+    return layout, plans, own, Machine(host, disk, verdict.disk_short(disk))
 
 
 # ---------------------------------------------------------------------- the output
 
 
-def render(layout: Layout, plans: list[Plan], own: Plan, device_memory: float | None) -> Any:
-    """The plan table and the verdict for the recipe's own choice (pure, testable)."""
+def render(
+    layout: Layout, plans: list[Plan], own: Plan, device_memory: float | None, m: Machine
+) -> Any:
+    """The plan table and the verdicts for the recipe's own choice: device, host RAM
+    and disk (pure, testable)."""
     from rich.console import Group
     from rich.text import Text
 
     from grass_cli.planner.memory import gb
 
-    verdict = (
+    k = own.kinds
+    device = (
         f"* the recipe ({own.label}): {gb(own.device_peak_bytes):.2f} GB peak in "
-        f"{own.peak_phase}, largest part: {own.dominant}"
+        f"{own.peak_phase}; besides the weights ({gb(k['weights']):.2f}), the largest part "
+        f"is {own.dominant.replace('_', ' ') if own.dominant else '-'}"
     )
+    if own.dominant == "weights":
+        device = device.rsplit(";", 1)[0] + "; the weights alone exceed the device"
+    elif own.dominant:
+        device += f" ({gb(k[own.dominant]):.2f})"
     if own.fits is not None:
-        verdict += (
+        device += (
             f"; fits {device_memory:g} GB"
             if own.fits
             else f"; does NOT fit {device_memory:g} GB: {own.advice}"
         )
+    need = own.host_need or {}
+    host = (
+        f"* host RAM: about {gb(sum(need.values())):.2f} GB ("
+        + ", ".join(f"{part} {gb(v):.2f}" for part, v in need.items())
+        + f") of {m.host.source}'s {gb(m.host.total):.2f} GB ({gb(m.host.usable):.2f} usable)"
+        + ("; fits" if own.host_fits else f"; does NOT fit: {own.host_advice}")
+    )
+    disk = f"* disk: about {gb(m.disk.total):.2f} GB written ({m.disk.breakdown()})"
+    if m.disk_short is None:
+        disk += "; fits"
+    else:
+        folder, needed, free = m.disk_short
+        disk += (
+            f"; does NOT fit: {gb(needed):.2f} GB on the disk of {folder}, {gb(free):.2f} GB "
+            f"free: {m.disk.hint()}"
+        )
     note = Text(
         "keep: the state of every block visited (a long run's worst case). Python, the "
-        "CUDA context and allocator slack are not included.",
+        "CUDA context and allocator slack are not included in the device peak.",
         style="dim",
     )
-    return Group(plan_table(layout, plans, own, device_memory), Text(verdict), note)
+    table = plan_table(layout, plans, own, device_memory)
+    return Group(table, Text(device), Text(host), Text(disk), note)
 
 
 def plan_table(layout: Layout, plans: list[Plan], own: Plan, device_memory: float | None) -> Any:
-    """One row per strategy x policy, the recipe's own in bold and starred; a `fits`
-    column when a device memory is given."""
+    """One row per strategy x policy, the recipe's own in bold and starred; `fits`
+    judges the host's RAM, and the device when a device memory is given."""
     from rich.table import Table
 
     first = plans[0]
@@ -151,32 +211,31 @@ def plan_table(layout: Layout, plans: list[Plan], own: Plan, device_memory: floa
     )
     table = Table(title=title, title_justify="left")
     table.caption = (
-        "GB (1e9 bytes). peak: device peak; weights..activ.: its parts; host: pinned store "
-        f"(offload target {first.offload_target or 'cpu'}) or the weights while loading"
+        "GB (1e9 bytes). peak: device peak; weights..activ.: its parts; host: RAM needed "
+        f"(store of offload target {first.offload_target or 'cpu'} or the weights while "
+        "loading, data, runtime); disk: offloaded state on disk"
     )
     table.caption_justify = "left"
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("strategy", "phase") else "right")
-    if device_memory is not None:
-        table.add_column("fits")
+    table.add_column("fits")
     for p in plans:
-        table.add_row(*_row(p, own, device_memory), style="bold" if p is own else None)
+        table.add_row(*_row(p, own), style="bold" if p is own else None)
     return table
 
 
-def _row(p: Plan, own: Plan, device_memory: float | None) -> list[str]:
+def _row(p: Plan, own: Plan) -> list[str]:
     """A plan's cells, in GB: peak and its phase, the peak's parts, host and disk."""
     from grass_cli.planner.memory import gb
 
     k = p.kinds
-    row = [
+    short = [what for what, ok in (("device", p.fits), ("host", p.host_fits)) if ok is False]
+    return [
         p.label + (" *" if p is own else ""),
         f"{gb(p.device_peak_bytes):.2f}",
         p.peak_phase,
         *(f"{gb(k[kind]):.2f}" for kind in KINDS),
-        f"{gb(p.host_bytes):.2f}",
+        f"{gb(sum((p.host_need or {}).values())):.2f}",
         f"{gb(p.disk_bytes):.2f}",
+        "no: " + " + ".join(short) if short else "yes",
     ]
-    if device_memory is not None:
-        row.append("yes" if p.fits else "no")
-    return row

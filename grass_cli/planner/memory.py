@@ -86,9 +86,12 @@ class Plan:
     phases: dict[str, int]  # peak bytes of each phase
     host_kinds: dict[str, int]
     trainable_params: int
-    fits: bool | None = None
-    dominant: str | None = None
+    fits: bool | None = None  # on the device (when a device memory is given)
+    dominant: str | None = None  # the part to lower: weights only when they alone are too big
     advice: str | None = None
+    host_need: dict[str, int] | None = None  # host RAM by part (verdict.host_need)
+    host_fits: bool | None = None
+    host_advice: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,11 +152,19 @@ class _Trained:
     active_blocks: int
 
 
+def state_bytes_per_param(weight_bytes: int, strategy: str) -> int:
+    """AdamW's bytes per trained parameter: two fp32 moments, plus an fp32 master copy
+    of 16-bit weights (peft keeps LoRA adapters in fp32: moments only)."""
+    if strategy == "lora":
+        return 8
+    return 8 + (4 if weight_bytes == 2 else 0)
+
+
 def _trained(recipe: Recipe, lay: Layout, sc: Scenario) -> _Trained:
     s, L, w = recipe.sampler, len(lay.blocks), lay.weight_bytes
+    sbytes = state_bytes_per_param(w, sc.strategy)
     if sc.strategy == "lora":  # peft keeps the adapters in fp32
-        return _Trained([lay.lora[b] for b in lay.blocks], 4, 8, L)
-    sbytes = 8 + (4 if w == 2 else 0)
+        return _Trained([lay.lora[b] for b in lay.blocks], 4, sbytes, L)
     if sc.strategy == "full":
         always = [g for g in lay.groups.values() if g.kind != "block"]
         active = L
@@ -324,43 +335,25 @@ def _always(lay: Layout, embeddings: bool, norm: bool, head: bool) -> list[Group
     return out
 
 
-ADVICE = {
-    "weights": "the weights alone are too big: use model.dtype: bfloat16, or a bigger device",
-    "activations": "turn on model.gradient_checkpointing, or lower training.micro_batch_size "
-    "or data.max_length",
-    "optimizer_state": "use optimizer.state_policy: offload with optimizer.offload.residency: "
-    "step (or lower sampler.gamma)",
-    "gradients": "lower sampler.gamma, or freeze the embeddings and head "
-    "(sampler.train_embeddings / train_head: false)",
-    "step_transient": "use optimizer.offload.residency: step (steps one weight matrix at a time)",
-}
-
-
-def judge(p: Plan, device_memory_bytes: int | None) -> Plan:
-    """Fill in the verdict: fits or not, and what dominates."""
-    p.dominant = max(p.kinds, key=lambda k: p.kinds[k])
-    if device_memory_bytes is not None:
-        p.fits = p.device_peak_bytes <= device_memory_bytes
-        if not p.fits:
-            p.advice = ADVICE[p.dominant]
-    return p
-
-
 def plan_recipe(
     recipe: Recipe,
     model_config: str | None = None,
     device: str | None = None,
     device_memory_gb: float | None = None,
     all_scenarios: bool = True,
+    flag: bool = False,
 ) -> tuple[Layout, list[Plan]]:
-    """Plans for every scenario (or the recipe's own) of a recipe."""
-    config, name = load_config(recipe, model_config)
+    """Plans for every scenario (or the recipe's own) of a recipe. `flag`: the caller
+    offers --model-config (its hints may name it)."""
+    config, name = load_config(recipe, model_config, flag=flag)
     lay = build_layout(recipe, config, name)
     if device is None:
         device = "cpu" if recipe.training.device == "cpu" else "cuda"
+    from grass_cli.planner.verdict import judge  # (verdict.py builds on this module)
+
     budget = None if device_memory_gb is None else int(device_memory_gb * 1e9)
     chosen = scenarios(recipe) if all_scenarios else [recipe_scenario(recipe)]
-    return lay, [judge(plan(recipe, lay, sc, device), budget) for sc in chosen]
+    return lay, [judge(plan(recipe, lay, sc, device), recipe, lay, budget) for sc in chosen]
 
 
 def gb(n: int) -> float:

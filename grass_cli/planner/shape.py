@@ -1,7 +1,7 @@
 """A model's shape for the memory planner: its parameter groups (the same block map
 training uses, built on the meta device, so no weight is read), its LoRA adapters,
-and the widths its activations have. Configs come from `model.path` or from the
-public shapes shipped in grass_cli/planner/shapes/."""
+and the widths its activations have. Configs come from `model.path`, or from a
+model preset (grass_cli/presets/), a config.json or a hub id given instead."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from grass_cli.errors import GrassError
+from grass_cli.presets import Preset, find_preset, get_preset, is_preset_name
 from grass_cli.recipe import LoraConfig, Recipe
-
-SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
-
-
-def shipped_shapes() -> list[str]:
-    """Model shapes shipped with grass (public configs, no weights)."""
-    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
 
 
 @dataclass
@@ -51,53 +45,109 @@ class Layout:
     chunked_head: bool = False  # the loss runs in chunks of rows (evaluate/loss.py)
 
 
-def load_config(recipe: Recipe, model_config: str | None = None) -> tuple[Any, str]:
-    """The transformers config of `model.path` (or of a shipped shape / config.json
-    given as `model_config`), read without loading any weight."""
-    from transformers import AutoConfig
+def load_config(
+    recipe: Recipe, model_config: str | None = None, flag: bool = False, download: bool = False
+) -> tuple[Any, str]:
+    """The transformers config of `model.path` (or of `model_config`: a preset name,
+    a config.json file or a hub id), read without loading any weight.
 
-    from grass_cli.models import EMBEDDED, _gguf_cache_folder, embedded_gguf, quiet_hf
+    `flag`: the caller offers `--model-config` (only `grass plan` does), so a model
+    whose config cannot be read may be planned from another shape. `download`: a
+    preset in model.path must be reachable too (train: its weights come from the
+    hub), not just planned from its shipped shape (validate, plan).
+    """
+    from grass_cli.models import quiet_hf
 
     quiet_hf()
     if model_config is not None:
-        path = Path(model_config).expanduser()
-        if not path.is_file():
-            if model_config not in shipped_shapes():
-                raise GrassError(
-                    f"unknown model config {model_config!r}",
-                    where="--model-config",
-                    hint="give a config.json file or one of: " + ", ".join(shipped_shapes()),
-                )
-            path = SHAPES_DIR / f"{model_config}.json"
+        return _given_config(recipe, model_config)
+    src = recipe.model.path
+    preset = (
+        find_preset(src) if is_preset_name(src) and not Path(src).expanduser().exists() else None
+    )
+    if preset is not None:
+        if download:
+            from grass_cli.hub import hub_source
+
+            hub_source(preset.hub_id, f"model.path: {src} (preset of {preset.hub_id})")
+        return _preset_config(preset), preset.name
+    try:
+        return _path_config(recipe, src), src
+    except (OSError, ValueError) as e:
+        other = "pass --model-config with a preset, a config.json or a hub id, or " if flag else ""
+        raise GrassError(
+            f"cannot read the model's config ({str(e).splitlines()[0]})",
+            where=f"model.path: {src}",
+            hint=f"point model.path at a model folder, a cached hub id or a preset ({other}"
+            "`grass plan --help` lists the presets)",
+        ) from None
+
+
+def _preset_config(preset: Preset) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**preset.config)
+
+
+def _given_config(recipe: Recipe, model_config: str) -> tuple[Any, str]:
+    """--model-config: a config.json file, a preset name, or a hub id (its config.json
+    from the local cache, or one quick request)."""
+    from transformers import AutoConfig
+
+    where = f"--model-config {model_config}"
+    path = Path(model_config).expanduser()
+    if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return AutoConfig.for_model(**data), path.stem
         except (ValueError, KeyError, TypeError) as e:
             raise GrassError(f"not a model config: {e}", where=str(path)) from None
-    src = recipe.model.path
-    try:
-        if src in EMBEDDED:
-            gguf = embedded_gguf(src)
-            cached = _gguf_cache_folder(gguf)
-            if (cached / "config.json").exists():
-                return AutoConfig.from_pretrained(cached), src
-            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name), src
-        p = Path(src).expanduser()
-        if p.suffix == ".gguf":
-            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name), src
-        from grass_cli.hub import hub_source  # a hub id: the cache first, no retry storm
+    preset = find_preset(model_config)
+    if preset is not None:
+        return _preset_config(preset), preset.name
+    if "/" not in model_config or path.suffix:
+        get_preset(model_config, where)  # raises: unknown preset, with the close ones
+    from grass_cli.hub import hub_source
 
-        target = str(p) if p.is_dir() else hub_source(src, f"model.path: {src}")
+    try:
+        target = hub_source(model_config, where)
         return AutoConfig.from_pretrained(
             target, trust_remote_code=recipe.model.trust_remote_code
-        ), src
+        ), model_config
     except (OSError, ValueError) as e:
         raise GrassError(
-            f"cannot read the model's config ({str(e).splitlines()[0]})",
-            where=f"model.path: {src}",
-            hint="point model.path at a model folder or cached hub id, or pass "
-            "--model-config with a config.json or one of: " + ", ".join(shipped_shapes()),
+            f"cannot read this hub model's config ({str(e).splitlines()[0]})",
+            where=where,
+            hint="give a preset name, a config.json file, or a hub id the hub has",
         ) from None
+
+
+def _path_config(recipe: Recipe, src: str) -> Any:
+    """model.path's config: the embedded model, a .gguf file, a folder or a hub id."""
+    from transformers import AutoConfig
+
+    from grass_cli.models import EMBEDDED, _gguf_cache_folder, embedded_gguf
+
+    if src in EMBEDDED:
+        gguf = embedded_gguf(src)
+        cached = _gguf_cache_folder(gguf)
+        if (cached / "config.json").exists():
+            return AutoConfig.from_pretrained(cached)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    p = Path(src).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            what = "is a folder, not a .gguf file" if p.is_dir() else "does not exist"
+            raise GrassError(
+                f"GGUF file not found: {p} {what}",
+                where=f"model.path: {src}",
+                hint="check the path of the .gguf file",
+            )
+        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+    from grass_cli.hub import hub_source  # a hub id: the cache first, no retry storm
+
+    target = str(p) if p.is_dir() else hub_source(src, f"model.path: {src}")
+    return AutoConfig.from_pretrained(target, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def _weight_bytes(recipe: Recipe, config: Any) -> int:

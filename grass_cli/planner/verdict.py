@@ -1,0 +1,233 @@
+"""The planner's verdicts: does a plan fit the device, the host's RAM and the disk,
+which part to lower when it does not, and which recipe keys lower it.
+
+memory.py predicts bytes; this module compares them with a machine and words the
+advice. The advice names what the recipe can change: the weights are only blamed
+when they alone exceed the device (and bfloat16 is only suggested to a float32
+model), otherwise the largest part that a key lowers is named, with the key's
+current value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grass_cli.planner.machine import HostMemory, disk_free
+from grass_cli.planner.memory import Plan, state_bytes_per_param
+from grass_cli.planner.shape import Layout
+from grass_cli.recipe import LAYERWISE, Recipe
+
+# The parts of a device peak that a recipe key can lower.
+LOWERABLE = ("activations", "optimizer_state", "gradients", "step_transient")
+# Measured (tracemalloc over the quickstart's 105,727 tokens): the tokenized rows
+# hold 55 bytes per token in memory (Python lists of ids and labels), and a JSONL
+# file has about 3.3 bytes per token.
+HELD_BYTES_PER_TOKEN = 56
+FILE_BYTES_PER_TOKEN = 3.3
+
+
+@dataclass
+class DiskNeed:
+    """What a run writes, by part, and the bytes per folder."""
+
+    final_model: int
+    checkpoint_weights: int
+    checkpoint_state: int  # optimizer state in each checkpoint
+    checkpoints_alive: int  # kept at once (keep_last + the one being written)
+    offload_store: int
+    folders: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.folders.values())
+
+    def breakdown(self) -> str:
+        gb = 1e9
+        parts = [f"final model {self.final_model / gb:.2f}"] if self.final_model else []
+        if self.checkpoints_alive:
+            each = self.checkpoint_weights + self.checkpoint_state
+            parts.append(
+                f"{self.checkpoints_alive} checkpoint{'s' if self.checkpoints_alive > 1 else ''}"
+                f" at {each / gb:.2f} each (weights {self.checkpoint_weights / gb:.2f} + "
+                f"optimizer state {self.checkpoint_state / gb:.2f})"
+            )
+        if self.offload_store:
+            parts.append(f"offloaded state {self.offload_store / gb:.2f}")
+        return ", ".join(parts) or "nothing"
+
+    def hint(self) -> str:
+        """The keys that lower the largest part."""
+        ckpt = self.checkpoints_alive * (self.checkpoint_weights + self.checkpoint_state)
+        keys = []
+        if ckpt:
+            many = self.checkpoints_alive > 1
+            keys.append(
+                "lower checkpoint.keep_last"
+                if many
+                else "set checkpoint.at_end: false "
+                "(the final model is still saved; an interrupted run still checkpoints)"
+            )
+        if self.offload_store:
+            keys.append("point optimizer.offload.path at a bigger disk")
+        if self.final_model:
+            keys.append("set output.save_model: false")
+        keys.append("or point output.dir at a bigger disk")
+        return ", ".join(keys)
+
+
+def disk_need(recipe: Recipe, lay: Layout, p: Plan) -> DiskNeed:
+    """Bytes the run writes: the final model, the checkpoints alive at once (each the
+    weights plus the optimizer state it must carry for an exact resume), and a disk
+    offload store."""
+    weights = lay.params * lay.weight_bytes
+    sbytes = state_bytes_per_param(lay.weight_bytes, p.strategy)
+    if p.strategy in LAYERWISE and p.state_policy != "drop":
+        # every block ends up with state (a long run visits them all), plus the
+        # always-trained groups
+        blocks = [lay.groups[b].numel for b in lay.blocks]
+        active = sum(blocks[: min(recipe.sampler.gamma, len(blocks))])  # the plan's draw
+        state = (sum(blocks) + p.trainable_params - active) * sbytes
+    else:
+        state = p.trainable_params * sbytes
+    ck = recipe.checkpoint
+    alive = (ck.keep_last + 1) if ck.interval else (1 if ck.at_end else 0)
+    store = p.disk_bytes
+    out = str(Path(recipe.output.dir))
+    folders = {out: (weights if recipe.output.save_model else 0) + alive * (weights + state)}
+    if store:
+        opt = recipe.optimizer.offload
+        folder = opt.path or str(Path(recipe.output.dir) / "offload")
+        folders[folder] = folders.get(folder, 0) + store
+    return DiskNeed(
+        final_model=weights if recipe.output.save_model else 0,
+        checkpoint_weights=weights if alive else 0,
+        checkpoint_state=state if alive else 0,
+        checkpoints_alive=alive,
+        offload_store=store,
+        folders=folders,
+    )
+
+
+def disk_short(need: DiskNeed) -> tuple[str, int, int] | None:
+    """(folder, bytes needed on its filesystem, bytes free) of the first filesystem
+    the run would fill, or None when every one has room."""
+    import os
+
+    from grass_cli.planner.machine import nearest_existing
+
+    by_device: dict[int, tuple[str, int]] = {}
+    for folder, n in need.folders.items():
+        dev = os.stat(nearest_existing(Path(folder))).st_dev
+        first, total = by_device.get(dev, (folder, 0))
+        by_device[dev] = (first, total + n)
+    for folder, needed in by_device.values():
+        free = disk_free(Path(folder))
+        if needed > free:
+            return folder, needed, free
+    return None
+
+
+def dataset_bytes(recipe: Recipe) -> int:
+    """Host memory of the tokenized training rows, estimated from the local files'
+    sizes (a hub dataset or a stream counts as 0: its size is not known ahead)."""
+    from grass_cli.data.build import train_specs
+
+    if recipe.data.streaming:
+        return 0
+    total = 0
+    for _, spec in train_specs(recipe.data):
+        path = Path(spec if isinstance(spec, str) else spec.path).expanduser()
+        if path.is_file():
+            total += path.stat().st_size
+    return int(total / FILE_BYTES_PER_TOKEN * HELD_BYTES_PER_TOKEN)
+
+
+def host_need(p: Plan, lay: Layout, dataset: int, runtime: int) -> dict[str, int]:
+    """The host RAM a run needs, by part. On a GPU: the pinned store (or the weights
+    while they load, whichever is larger: the store fills after loading), the page
+    cache the disk store's working set needs (the active blocks' state, read and
+    written every step), the tokenized data and the process itself. On the CPU the
+    device peak is host memory already."""
+    if p.device == "cpu":
+        need = {"training peak": p.device_peak_bytes}
+    else:
+        pinned = p.host_kinds.get("store_pinned", 0)
+        loading = p.host_kinds.get("weights_at_load", 0)
+        need = {"pinned store": pinned} if pinned >= loading else {"weights while loading": loading}
+    if p.offload_target == "disk":
+        need["page cache"] = p.trainable_params * state_bytes_per_param(
+            lay.weight_bytes, p.strategy
+        )
+    need["dataset"] = dataset
+    need["runtime"] = runtime
+    return need
+
+
+def judge(p: Plan, recipe: Recipe, lay: Layout, device_budget: int | None) -> Plan:
+    """The device verdict: fits or not, the part to lower, and how."""
+    weights = p.kinds["weights"]
+    lowerable = {k: v for k, v in p.kinds.items() if k in LOWERABLE}
+    p.dominant = max(lowerable, key=lambda k: lowerable[k])
+    if device_budget is not None:
+        p.fits = p.device_peak_bytes <= device_budget
+        if weights > device_budget:
+            p.dominant = "weights"
+        if not p.fits:
+            p.advice = advice(p, recipe, lay, device_budget)
+    return p
+
+
+def advice(p: Plan, recipe: Recipe, lay: Layout, budget: int) -> str:
+    """What to change, for the part that dominates: worded for this recipe's values."""
+    m, t, s = recipe.model, recipe.training, recipe.sampler
+    over = (p.device_peak_bytes - budget) / 1e9
+    if p.dominant == "weights":
+        if lay.weight_bytes == 4:
+            return "the weights alone are too big in float32: use model.dtype: bfloat16"
+        return (
+            f"the weights alone ({p.kinds['weights'] / 1e9:.2f} GB in 16 bits) exceed the "
+            "device: use a bigger device or a smaller model"
+        )
+    lead = f"{over:.2f} GB over, mostly {p.dominant.replace('_', ' ')}: "
+    if p.dominant == "activations":
+        ckpt = "" if m.gradient_checkpointing else "turn on model.gradient_checkpointing, or "
+        return lead + (
+            f"{ckpt}lower training.micro_batch_size (now {t.micro_batch_size}, raise "
+            f"training.grad_accum_steps to keep the batch) or data.max_length (now "
+            f"{recipe.data.max_length})"
+        )
+    if p.dominant == "optimizer_state":
+        if p.state_policy != "offload":
+            return lead + (
+                "use optimizer.state_policy: offload with optimizer.offload.residency: step"
+            )
+        if p.residency == "interval":
+            return lead + "use optimizer.offload.residency: step (state streamed per matrix)"
+        return lead + f"lower sampler.gamma (now {s.gamma})"
+    if p.dominant == "gradients":
+        frozen = (
+            ""
+            if not (s.train_embeddings or s.train_head)
+            else (
+                ", or freeze the embeddings and head (sampler.train_embeddings / train_head: false)"
+            )
+        )
+        return lead + f"lower sampler.gamma (now {s.gamma}){frozen}"
+    return lead + "use optimizer.offload.residency: step (steps one weight matrix at a time)"
+
+
+def judge_host(p: Plan, need: dict[str, int], host: HostMemory) -> tuple[bool, str | None]:
+    """Whether the host's usable RAM holds what the run needs, and what to change."""
+    total = sum(need.values())
+    if total <= host.usable:
+        return True, None
+    if p.offload_target == "cpu" and need.get("pinned store"):
+        return False, (
+            "the pinned store is the largest part: use optimizer.offload.target: disk "
+            f"(the state then lives in files: {need['pinned store'] / 1e9:.2f} GB of disk), "
+            "or optimizer.state_policy: drop (frozen blocks lose their moments)"
+        )
+    if "dataset" in need and need["dataset"] == max(need.values()):
+        return False, "the tokenized data is the largest part: set data.streaming: true"
+    return False, "use a machine with more RAM, or a smaller model"
