@@ -60,7 +60,7 @@ def test_unknown_key(tmp_path, model):
     rec = base(model, tmp_path / "run")
     rec["optimizer"] = {"learning_rate": 1e-4}
     expect_error(
-        train(tmp_path, rec), "optimizer.learning_rate: unknown key", "did you mean 'optimizer.lr'?"
+        train(tmp_path, rec), "optimizer.learning_rate: unknown key", "ours is 'optimizer.lr'"
     )
     assert not (tmp_path / "run").exists()
 

@@ -6,6 +6,7 @@ A row is validated as it is rendered, so a bad value is reported with its file a
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from grass_cli.errors import DataError
@@ -52,12 +53,83 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
+@dataclass(frozen=True)
+class FormatGuess:
+    """A data format a file's columns fit: `format` is a data.format value and
+    `fields` the data.fields mapping that format needs for these columns ({} when the
+    columns carry the format's own names, e.g. a `messages` column for chat)."""
+
+    format: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def mapping_text(self) -> str:
+        """`{prompt: question, completion: answer}`: the fields as YAML flow, for hints."""
+        return "{" + ", ".join(f"{k}: {v}" for k, v in self.fields.items()) + "}"
+
+    def fields_text(self) -> str:
+        """`data.fields: {prompt: question, completion: answer}`, as a hint writes it."""
+        return f"data.fields: {self.mapping_text()}"
+
+    def recipe_text(self) -> str:
+        """The recipe keys that read the file this way, as a hint writes them."""
+        text = f"data.format: {self.format}"
+        return f"{text} and {self.fields_text()}" if self.fields else text
+
+
+# Column sets in the order they are tried: each format's own names first, then the
+# common alternatives that need a data.fields mapping. (alpaca before input/output:
+# instruction + input + output is alpaca.)
+_GUESSES: tuple[tuple[tuple[str, ...], FormatGuess], ...] = (
+    (("messages",), FormatGuess("chat")),
+    (("conversations",), FormatGuess("sharegpt")),
+    (("instruction", "output"), FormatGuess("alpaca")),
+    (("prompt", "completion"), FormatGuess("prompt-completion")),
+    (("text",), FormatGuess("text")),
+    (
+        ("question", "answer"),
+        FormatGuess("prompt-completion", {"prompt": "question", "completion": "answer"}),
+    ),
+    (
+        ("input", "output"),
+        FormatGuess("prompt-completion", {"prompt": "input", "completion": "output"}),
+    ),
+    (("prompt", "response"), FormatGuess("prompt-completion", {"completion": "response"})),
+)
+
+
+def detect_format(columns: list[str]) -> FormatGuess | None:
+    """The format a file with these columns most likely holds, or None.
+
+    Shared by the missing-column hint (a `messages` file read with the default
+    format should be told `data.format: chat`, not to map `prompt`) and by `grass
+    init`, which writes the guess's data.format and data.fields into a new recipe.
+    """
+    have = set(columns)
+    for need, guess in _GUESSES:
+        if have.issuperset(need):
+            return FormatGuess(guess.format, dict(guess.fields))  # the caller's own copy
+    return None
+
+
+def _missing_column_hint(fmt: str, name: str, available: list[str]) -> str:
+    """How to read a file that lacks `name`: another format its columns fit as they
+    are, this format with a mapping the columns suggest, or a data.fields example."""
+    guess = detect_format(available)
+    if guess is not None and guess.format != fmt:
+        return f"this file looks like the {guess.format} format: set {guess.recipe_text()}"
+    if guess is not None and guess.fields:
+        return f"map your columns with {guess.fields_text()}"
+    example = next((c for c in available if c not in FORMAT_FIELDS[fmt]), "your_column")
+    return f"map your columns with data.fields, e.g. data.fields: {{{name}: {example}}}"
+
+
 def resolve_columns(
     fmt: str, fields: dict[str, str], available: list[str], path: str
 ) -> dict[str, str | None]:
     """Canonical field -> column in the file (None: optional and absent).
 
-    Every required field must be a column of the file: training needs them all.
+    Every required field must be a column of the file: training needs them all. A
+    missing one's hint names the format the columns fit, when they fit another.
     """
     canonical = FORMAT_FIELDS[fmt]
     for name in fields:
@@ -77,12 +149,11 @@ def resolve_columns(
             columns[name] = None
             continue
         mapped = f" (data.fields maps {name} to it)" if name in fields else ""
-        example = next((c for c in available if c not in canonical), "your_column")
         raise DataError(
             f"column {col!r} for the {fmt} field {name!r} not found{mapped}; "
             f"the file has columns: {', '.join(available) or '(none)'}",
             where=path,
-            hint=f"map your columns with data.fields, e.g. data.fields: {{{name}: {example}}}",
+            hint=_missing_column_hint(fmt, name, available),
         )
     return columns
 

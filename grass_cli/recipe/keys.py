@@ -1,7 +1,9 @@
 """Every valid dotted recipe key, and the closest one to a mistyped key.
 
 Used for the "did you mean" part of recipe errors, and by the test that checks
-docs/recipes.md documents every key.
+docs/recipes.md documents every key. A key another tool uses (`base_model`,
+`learning_rate`) is answered from foreign_keys.py first: spelling alone matches it
+to the wrong key, or to none.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from grass_cli.recipe.foreign_keys import foreign_hint, foreign_key
 from grass_cli.recipe.sections import Recipe
 
 
@@ -36,7 +39,11 @@ def all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
 
 
 def suggest_key(bad: str) -> str | None:
-    """Closest valid dotted key: the same leaf in another section, then a near spelling."""
+    """Closest valid dotted key: another tool's name for it, the same leaf in another
+    section, then a near spelling."""
+    foreign = foreign_key(bad)
+    if foreign is not None:
+        return foreign.ours
     keys = all_keys()
     leaf = bad.rsplit(".", 1)[-1]
     by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
@@ -50,6 +57,10 @@ def suggest_key(bad: str) -> str | None:
 
 
 def did_you_mean(key: str) -> str | None:
-    """The hint for an unknown key, or None when nothing is close."""
+    """The hint for an unknown key, or None when nothing is close. Another tool's key
+    is named as such (`'base_model' is axolotl's key; ours is 'model.path'`)."""
+    foreign = foreign_hint(key)
+    if foreign is not None:
+        return foreign
     s = suggest_key(key)
     return f"did you mean '{s}'?" if s and s != key else None

@@ -99,9 +99,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# Keys of which a recipe sets one: an override of either drops the other from the file.
+_ONE_OF = {"training.epochs": "training.max_steps", "training.max_steps": "training.epochs"}
+
+
+def _last_word_wins(data: dict[str, Any], values: dict[str, Any]) -> None:
+    """`training.epochs=2` on the command line over a file's `max_steps: 500` (or the
+    reverse) replaces it, rather than being refused as setting both: the command line
+    is the last word. Both overridden at once stay an error, as in a file; a null
+    override sets nothing, so it drops nothing."""
+    section = data.get("training")
+    if not isinstance(section, dict):
+        return
+    for key, other in _ONE_OF.items():
+        if values.get(key) is not None and other not in values:
+            section.pop(other.rsplit(".", 1)[-1], None)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
-    """Set dotted keys in the raw recipe dict; returns the keys that were overridden."""
-    touched: set[str] = set()
+    """Set dotted keys in the raw recipe dict; returns the keys that were overridden.
+
+    An override of training.epochs or training.max_steps drops the other one from the
+    file (`_last_word_wins`)."""
+    values: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
         node = data
@@ -118,8 +138,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[str]:
                 )
             node = child
         node[parts[-1]] = value
-        touched.add(key)
-    return touched
+        values[key] = value
+    _last_word_wins(data, values)
+    return set(values)
 
 
 # ------------------------------------------------------------------------ loading
