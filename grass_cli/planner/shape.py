@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from grass_cli.errors import GrassError
-from grass_cli.presets import Preset, find_preset, get_preset, is_preset_name
+from grass_cli.presets import Preset, close_presets, find_preset, get_preset
 from grass_cli.recipe import LoraConfig, Recipe
 
 
@@ -62,17 +62,26 @@ def load_config(
     if model_config is not None:
         return _given_config(recipe, model_config)
     src = recipe.model.path
-    preset = (
-        find_preset(src) if is_preset_name(src) and not Path(src).expanduser().exists() else None
-    )
+    # a preset's name or hub id: planned from its shipped shape (no network)
+    preset = None if Path(src).expanduser().exists() else find_preset(src)
     if preset is not None:
         if download:
             from grass_cli.hub import hub_source
 
-            hub_source(preset.hub_id, f"model.path: {src} (preset of {preset.hub_id})")
+            shown = f" (preset of {preset.hub_id})" if src != preset.hub_id else ""
+            hub_source(preset.hub_id, f"model.path: {src}{shown}")
         return _preset_config(preset), preset.name
     try:
         return _path_config(recipe, src), src
+    except GrassError as e:
+        close = close_presets(src) if "/" not in src else []
+        if not close:
+            raise
+        raise GrassError(
+            "not a model preset, a folder or a hub model the hub has",
+            where=f"model.path: {src}",
+            hint=f"did you mean {' or '.join(close)}? (`grass init --list-presets`)",
+        ) from e
     except (OSError, ValueError) as e:
         other = "pass --model-config with a preset, a config.json or a hub id, or " if flag else ""
         raise GrassError(

@@ -144,21 +144,24 @@ def dataset_bytes(recipe: Recipe) -> int:
 
 
 def host_need(p: Plan, lay: Layout, dataset: int, runtime: int) -> dict[str, int]:
-    """The host RAM a run needs, by part. On a GPU: the pinned store (or the weights
-    while they load, whichever is larger: the store fills after loading), the page
-    cache the disk store's working set needs (the active blocks' state, read and
-    written every step), the tokenized data and the process itself. On the CPU the
-    device peak is host memory already."""
+    """The host RAM a run needs, by part. On a GPU: the pinned store, or for a disk
+    store the page cache its working set needs (the active blocks' state, read and
+    written every step), or the weights while they load, whichever is larger; then
+    the tokenized data and the process itself. On the CPU the device peak is host
+    memory already."""
     if p.device == "cpu":
         need = {"training peak": p.device_peak_bytes}
     else:
-        pinned = p.host_kinds.get("store_pinned", 0)
+        # the weights pass through the host while they load; the store and the page
+        # cache fill afterwards, so the larger of the two counts
+        resident = {"pinned store": p.host_kinds.get("store_pinned", 0)}
+        if p.offload_target == "disk":
+            resident = {
+                "page cache": p.trainable_params
+                * state_bytes_per_param(lay.weight_bytes, p.strategy)
+            }
         loading = p.host_kinds.get("weights_at_load", 0)
-        need = {"pinned store": pinned} if pinned >= loading else {"weights while loading": loading}
-    if p.offload_target == "disk":
-        need["page cache"] = p.trainable_params * state_bytes_per_param(
-            lay.weight_bytes, p.strategy
-        )
+        need = resident if sum(resident.values()) >= loading else {"weights while loading": loading}
     need["dataset"] = dataset
     need["runtime"] = runtime
     return need

@@ -84,13 +84,18 @@ def is_preset_name(name: str) -> bool:
     return "/" not in name and find_preset(name) is not None
 
 
+def close_presets(name: str, cutoff: float = 0.8) -> list[str]:
+    """Preset names spelled like `name` (a typo such as llama-3.1-9b)."""
+    return difflib.get_close_matches(name.lower(), preset_names(), n=3, cutoff=cutoff)
+
+
 def get_preset(name: str, where: str) -> Preset:
     """The preset `name` means, or one error listing the close ones and all of them."""
     preset = find_preset(name)
     if preset is not None:
         return preset
     names = preset_names()
-    close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.5)
+    close = close_presets(name, cutoff=0.5)
     hint = ("did you mean " + " or ".join(close) + "? ") if close else ""
     raise GrassError(
         f"unknown model preset {name!r}",
