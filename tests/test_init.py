@@ -169,3 +169,38 @@ def test_list_presets():
     res = runner.invoke(app, ["init", "--list-presets"])
     assert res.exit_code == 0
     assert "llama-3.1-8b" in res.stdout and "meta-llama/Llama-3.1-8B-Instruct" in res.stdout
+
+
+def test_a_saved_datasets_folder_is_read_like_a_file(chats):
+    """DATA may be a folder saved by datasets' save_to_disk: the same format, rows and
+    held-out count as the jsonl it was made from."""
+    from datasets import load_dataset
+
+    folder = chats.parent / "saved"
+    load_dataset("json", data_files=str(chats), split="train").save_to_disk(str(folder))
+    res = init("llama-3.2-1b", str(folder), "--gpu", "24", "-o", "r.yaml")
+    assert res.exit_code == 0, res.output
+    d = yaml.safe_load((chats.parent / "r.yaml").read_text())["data"]
+    assert (d["train"], d["format"], d["eval"]) == (str(folder), "chat", 100)
+
+
+def test_the_gpu_recipes_header_command_validates(chats):
+    """recipes/gpu-grass.yaml's header names every key a user must override; its own
+    command (train swapped for validate, the data file made here) is accepted."""
+    import shlex
+
+    text = (ROOT / "recipes/gpu-grass.yaml").read_text()
+    lines = [ln.removeprefix("#").strip() for ln in text.splitlines() if ln.startswith("#")]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("grass train "))
+    command = lines[start]
+    while command.endswith("\\"):
+        start += 1
+        command = command[:-1] + " " + lines[start]
+    args = shlex.split(command)[2:]  # after `grass train`
+    for key in ("model.path=", "data.train=", "data.format=", "data.eval=", "output.dir="):
+        assert any(a.startswith(key) for a in args), key
+    args = [str(ROOT / a) if a.endswith(".yaml") else a for a in args]
+    args = [a.replace("my-chats.jsonl", str(chats)) for a in args]
+    res = runner.invoke(app, ["validate", *args])
+    assert res.exit_code == 0, res.output
+    assert "data.eval 100 rows" in res.stderr  # 5% of the 2000 rows held out

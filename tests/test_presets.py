@@ -137,3 +137,34 @@ def test_train_checks_a_preset_model_can_be_had_before_anything_loads(tmp_path, 
         load_config(r, download=True)
     assert "model.path: qwen2.5-0.5b (preset of Qwen/Qwen2.5-0.5B-Instruct)" in str(e.value)
     assert "HF_HUB_OFFLINE is set" in str(e.value)
+
+
+def test_model_config_takes_a_hub_id_from_the_local_cache(tmp_path):
+    """--model-config ORG/NAME reads only config.json, from a real Hugging Face cache
+    layout (a snapshot folder and refs/main), with the hub unreachable (offline)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from grass_cli.presets import get_preset
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--tiny-llama" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    config = dict(get_preset("tinyllama-1.1b", "t").config, num_hidden_layers=3)
+    (snap / "config.json").write_text(json.dumps(config))
+    (cache / "models--someorg--tiny-llama" / "refs").mkdir()
+    (cache / "models--someorg--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    args = ["plan", str(ROOT / "recipes/quickstart.yaml"), "--model-config"]
+    run = [sys.executable, "-m", "grass_cli", *args]
+    out = subprocess.run(
+        [*run, "someorg/tiny-llama", "--json"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode in (0, 1), out.stderr  # 1: this machine's disk or RAM verdict
+    rows = json.loads(out.stdout)
+    assert rows[0]["label"] == "full" and rows[0]["kinds"]["weights"] > 0
+    out = subprocess.run([*run, "someorg/not-cached"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "--model-config someorg/not-cached" in out.stderr
+    assert "HF_HUB_OFFLINE is set" in out.stderr
