@@ -133,9 +133,12 @@ def validate(
         f"{recipe}: valid ({found.params / 1e6:.0f}M parameters; {rows}; "
         f"about {need / 1e9:.2f} GB to write: {writes}; about {host / 1e9:.2f} GB of host RAM)\n"
     )
+    checked = found.recipe or resolved
+    if checked._gamma_auto:
+        sys.stderr.write(f"sampler.gamma {checked.sampler.gamma}: {checked._gamma_auto}\n")
     _warn(found.warnings)
     if print_recipe:
-        sys.stdout.write(resolved.to_yaml())
+        sys.stdout.write(checked.to_yaml())
 
 
 def _warn(warnings: list[str]) -> None:
@@ -197,6 +200,7 @@ def train(
         cfg = load_recipe(recipe, overrides or [])
         found = preflight(cfg, resume=resume, overwrite=overwrite)  # before any file is written
         _warn(found.warnings)
+        cfg = found.recipe or cfg  # (sampler.gamma: auto resolved)
         sinks = _train_sinks(cfg, resume is not None, no_live, log_every, quiet)
         result = _run(cfg, sinks, [str(recipe), *(overrides or [])], overwrite, resume)
         if result is None:

@@ -51,6 +51,7 @@ class Preflight:
     disk: DiskNeed | None = None
     host_need: dict[str, int] = field(default_factory=dict)  # part -> bytes
     warnings: list[str] = field(default_factory=list)  # valid, but surely not meant
+    recipe: Recipe | None = None  # as checked: sampler.gamma: auto resolved
 
 
 def _check_folder(path: Path, key: str) -> None:
@@ -187,6 +188,7 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
     )
 
     device = check_device(recipe, found, training)
+    recipe = found.recipe = _resolve_gamma(recipe, found, layout, device, training)
     p = plan(recipe, layout, recipe_scenario(recipe), device)
     need = disk_need(recipe, layout, p)
     found.disk = need
@@ -214,11 +216,40 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
         found.warnings.append(f"{what}: {fix}")
 
 
+def _resolve_gamma(
+    recipe: Recipe, found: Preflight, layout: Layout, device: str, training: bool
+) -> Recipe:
+    """sampler.gamma: auto, as this machine resolves it. Validating for a GPU machine
+    from one without CUDA cannot read the card: a warning, and the checks below count
+    one block."""
+    from grass_cli.planner.auto import needs_resolving, resolve_gamma, with_gamma
+    from grass_cli.planner.machine import cuda_total_memory
+
+    if not needs_resolving(recipe):
+        return recipe
+    try:
+        total = cuda_total_memory() if device == "cuda" else None
+        return resolve_gamma(recipe, device, total, lay=layout)
+    except GrassError as e:
+        if training or "no CUDA device here" not in e.what:
+            raise
+        found.warnings.append(
+            "sampler.gamma: auto fills the GPU's memory, which only the training machine "
+            "can read: the checks here count one block"
+        )
+        return with_gamma(recipe, 1)
+
+
 def check_schedule(recipe: Recipe, found: Preflight) -> None:
     """Settings that are valid but do nothing, or surely not what was meant."""
     from grass_cli.data.build import held_out
 
-    t, d = recipe.training, recipe.data
+    t, d, s = recipe.training, recipe.data, recipe.sampler
+    if s.memory_budget != "device" and s.gamma != "auto" and recipe._gamma_auto is None:
+        found.warnings.append(
+            f"sampler.memory_budget is {s.memory_budget} but sampler.gamma is {s.gamma}: the "
+            "budget is read only with sampler.gamma: auto"
+        )
     if t.eval_interval is not None and d.eval is None:
         found.warnings.append(
             f"training.eval_interval is {t.eval_interval} but data.eval is null, so no eval "

@@ -132,7 +132,7 @@ def test_all_errors_reported_together(tmp_path):
         "'cyclic' or 'lora'; got 'lsa'" in msg
     )
     assert "sampler.tau: Input should be greater than 0; got -1" in msg
-    assert "sampler.gamma: Input should be greater than or equal to 1; got 0" in msg
+    assert "sampler.gamma: Input should be a number of blocks (at least 1) or auto; got 0" in msg
     assert "training.micro_batch_size: Input should be a valid integer" in msg and "'four'" in msg
 
 
@@ -146,13 +146,16 @@ def test_override_errors(tmp_path):
     assert "not of the form key.path=value" in error_of(p, ["sampler.gamma"])
     msg = error_of(p, ["sampler.gamma=-2"])
     assert (
-        "sampler.gamma: Input should be greater than or equal to 1; got -2 "
+        "sampler.gamma: Input should be a number of blocks (at least 1) or auto; got -2 "
         "(from a command-line override)" in msg
     )
     msg = error_of(p, ["sampler.gammma=2"])
     assert "did you mean 'sampler.gamma'?" in msg
     msg = error_of(p, ["sampler.gamma.x=2"])
-    assert "sampler.gamma: Input should be a valid integer; got a section with keys ['x']" in msg
+    assert (
+        "sampler.gamma: Input should be a number of blocks (at least 1) or auto; got a "
+        "section with keys ['x']" in msg
+    )
     p2 = write(tmp_path, {"data": {"train": "t"}, "sampler": {"gamma": 2}}, "g.yaml")
     assert "sampler.gamma is a value, not a section" in error_of(p2, ["sampler.gamma.x=2"])
 

@@ -113,6 +113,8 @@ class Machine:
     host: HostMemory
     disk: DiskNeed
     disk_short: tuple[str, int, int] | None  # (folder, needed, free) when short
+    gamma: int | str = 0  # the recipe's sampler.gamma, as planned
+    gamma_auto: str | None = None  # why, when gamma: auto chose it
 
 
 def _plan(
@@ -127,13 +129,13 @@ def _plan(
     recipe's own among them, and the host and disk it was checked against."""
     from grass_cli.errors import GrassError
     from grass_cli.planner import machine, verdict
-    from grass_cli.planner.memory import plan_recipe, recipe_scenario
+    from grass_cli.planner.memory import plan_resolved, recipe_scenario
     from grass_cli.recipe import load_recipe
 
     if device not in (None, "cuda", "cpu"):
         raise GrassError(f"unknown device {device!r}", where="--device", hint="cuda or cpu")
     r = load_recipe(recipe, overrides)
-    layout, plans = plan_recipe(r, model_config, device, device_memory, flag=True)
+    r, layout, plans = plan_resolved(r, model_config, device, device_memory, flag=True)
     host = machine.host_memory(host_memory)
     data, runtime = verdict.dataset_bytes(r), machine.runtime_bytes()
     for p in plans:
@@ -142,7 +144,12 @@ def _plan(
     label = recipe_scenario(r).label
     own = next(p for p in plans if p.label == label)  # scenarios() covers every recipe
     disk = verdict.disk_need(r, layout, own)
-    return layout, plans, own, Machine(host, disk, verdict.disk_short(disk))
+    return (
+        layout,
+        plans,
+        own,
+        Machine(host, disk, verdict.disk_short(disk), r.sampler.gamma, r._gamma_auto),
+    )
 
 
 # ---------------------------------------------------------------------- the output
@@ -196,7 +203,10 @@ def render(
         style="dim",
     )
     table = plan_table(layout, plans, own, device_memory)
-    return Group(table, Text(device), Text(host), Text(disk), note)
+    lines = [Text(device), Text(host), Text(disk)]
+    if m.gamma_auto:
+        lines.insert(0, Text(f"* sampler.gamma {m.gamma}: {m.gamma_auto}"))
+    return Group(table, *lines, note)
 
 
 def plan_table(layout: Layout, plans: list[Plan], own: Plan, device_memory: float | None) -> Any:

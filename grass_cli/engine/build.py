@@ -33,6 +33,7 @@ from grass_cli.models import (
 )
 from grass_cli.offload.optimizer import BlockAdamW
 from grass_cli.offload.store import DiskStore, build_store
+from grass_cli.planner.auto import resolve_gamma
 from grass_cli.recipe import Recipe
 from grass_cli.sampling import Sampler, build_sampler
 from grass_cli.sampling.blocks import BlockMap, build_block_map
@@ -89,8 +90,11 @@ def setup(
     builds the same run; rank 0 alone writes the run folder's files.
     """
     info = dist_info if dist_info is not None else distributed.from_env()
-    resume_from = rundir.resolve_resume(recipe, resume, overwrite, info.world)
     device = distributed.device_for(info, resolve_device(recipe.training.device))
+    # sampler.gamma: auto becomes a number first: the run folder records it, and a
+    # resume compares it with the one the run started with
+    recipe = resolve_gamma(recipe, device.type, _device_total(device))
+    resume_from = rundir.resolve_resume(recipe, resume, overwrite, info.world)
     distributed.init(info, device)
     seed_everything(recipe.training.seed)
     model, tokenizer, source, block_map, peft_model = build_model(recipe, device)
@@ -131,6 +135,11 @@ def setup(
         reducer=reducer,
         peft_model=peft_model,
     )
+
+
+def _device_total(device: torch.device) -> int | None:
+    """A CUDA device's total memory (sampler.gamma: auto's `device` budget)."""
+    return int(torch.cuda.mem_get_info(device)[1]) if device.type == "cuda" else None
 
 
 def build_model(recipe: Recipe, device: torch.device) -> tuple[Any, Any, str, BlockMap, Any]:

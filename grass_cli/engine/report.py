@@ -32,6 +32,7 @@ def run_facts(run: Run) -> dict[str, Any]:
         "tied": run.block_map.tied,
         "strategy": rc.sampler.strategy,
         "gamma": rc.sampler.gamma,
+        "gamma_auto": rc._gamma_auto,  # why, when sampler.gamma: auto chose it
         "total_steps": run.total_steps,
         "global_batch": tc.micro_batch_size * tc.grad_accum_steps * run.dist.world,
         "micro_batch": tc.micro_batch_size,

@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grass_cli.errors import GrassError
-from grass_cli.planner.machine import HostMemory
+from grass_cli.planner.machine import DEVICE_SLACK, HostMemory
 from grass_cli.recipe import Recipe
 
-# Share of the GPU left free for the CUDA context and allocator slack.
-DEVICE_SLACK = 0.1
 MICROS = (8, 4, 2, 1)
 # When the disk cannot hold the checkpoints: fewer of them, then none at the end
 # (the final model is saved either way; an interrupted run still checkpoints).

@@ -15,6 +15,9 @@ from pathlib import Path
 # Share of the host's RAM a run may count on: the OS, the page cache and the
 # user's other programs keep the rest.
 HOST_USABLE = 0.9
+# Share of a GPU a plan leaves free for what the planner does not model: the CUDA
+# context and the caching allocator's slack.
+DEVICE_SLACK = 0.1
 
 
 @dataclass(frozen=True)

@@ -345,15 +345,39 @@ def plan_recipe(
 ) -> tuple[Layout, list[Plan]]:
     """Plans for every scenario (or the recipe's own) of a recipe. `flag`: the caller
     offers --model-config (its hints may name it)."""
+    _, lay, plans = plan_resolved(
+        recipe, model_config, device, device_memory_gb, all_scenarios, flag
+    )
+    return lay, plans
+
+
+def plan_resolved(
+    recipe: Recipe,
+    model_config: str | None = None,
+    device: str | None = None,
+    device_memory_gb: float | None = None,
+    all_scenarios: bool = True,
+    flag: bool = False,
+) -> tuple[Recipe, Layout, list[Plan]]:
+    """plan_recipe, and the recipe it planned: sampler.gamma: auto resolved for the
+    device memory given (else this machine's card)."""
+    from grass_cli.planner.auto import needs_resolving, resolve_gamma
+    from grass_cli.planner.verdict import judge  # (verdict.py builds on this module)
+
     config, name = load_config(recipe, model_config, flag=flag)
     lay = build_layout(recipe, config, name)
     if device is None:
         device = "cpu" if recipe.training.device == "cpu" else "cuda"
-    from grass_cli.planner.verdict import judge  # (verdict.py builds on this module)
-
     budget = None if device_memory_gb is None else int(device_memory_gb * 1e9)
+    if needs_resolving(recipe):
+        from grass_cli.planner.machine import cuda_total_memory
+
+        total = (
+            budget if budget is not None else (cuda_total_memory() if device == "cuda" else None)
+        )
+        recipe = resolve_gamma(recipe, device, total, lay=lay)
     chosen = scenarios(recipe) if all_scenarios else [recipe_scenario(recipe)]
-    return lay, [judge(plan(recipe, lay, sc, device), recipe, lay, budget) for sc in chosen]
+    return recipe, lay, [judge(plan(recipe, lay, sc, device), recipe, lay, budget) for sc in chosen]
 
 
 def gb(n: int) -> float:

@@ -7,7 +7,7 @@ Cross-section rules live on `Recipe`; checks that need the loaded model are in
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -59,8 +59,13 @@ class SamplerConfig(Section):
     strategy: Strategy = "grass"
     # Defaults: what issue 18's study measured against LoRA, LISA and GRASS-static
     # (docs/benchmarks.md, "The GRASS study"); gamma 2, tau 1, probe_steps 8 did no better.
-    # Blocks trained at once (layer-wise strategies).
-    gamma: int = Field(4, ge=1)
+    # Blocks trained at once (layer-wise strategies), or `auto`: the most blocks whose
+    # plan fits `memory_budget`, chosen by the planner before the model loads.
+    gamma: int | Literal["auto"] = 4
+    # What gamma: auto fills: a device peak in GB, `lora` (what LoRA with the lora
+    # section needs on this recipe: GRASS at LoRA's memory), or `device` (a CUDA
+    # card's memory less 10%, or 90% of the host's RAM on the CPU).
+    memory_budget: float | Literal["device", "lora"] = Field("device")
     # T_s: optimizer steps between re-samplings of the active set.
     switch_interval: int = Field(10, ge=1)
     # T_p: probing steps (forward+backward, no update) before training; grass only.
@@ -92,6 +97,26 @@ class SamplerConfig(Section):
     train_embeddings: bool = False
     train_norm: bool = True
     train_head: bool = False
+
+    @field_validator("gamma", mode="before")
+    @classmethod
+    def _gamma(cls, v: Any) -> Any:
+        # one message for both kinds of value (pydantic would report the int and the
+        # literal branch of the union separately)
+        if isinstance(v, bool):
+            raise ValueError("Input should be a number of blocks or auto, not a boolean")
+        if v == "auto" or (isinstance(v, int) and v >= 1):
+            return v
+        if isinstance(v, str) and v.strip().isdigit() and int(v) >= 1:
+            return int(v)
+        raise ValueError("Input should be a number of blocks (at least 1) or auto")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _positive_budget(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("must be a positive number of GB, device or lora")
+        return v
 
     @model_validator(mode="after")
     def _draw_options_need_draws(self) -> SamplerConfig:
@@ -272,8 +297,10 @@ class Recipe(Section):
     # LoRA adapters (sampler.strategy: lora only); null with lora: the defaults.
     lora: LoraConfig | None = None
 
-    # Not part of the YAML: where the recipe came from, for error messages.
+    # Not part of the YAML: where the recipe came from, for error messages; and why
+    # sampler.gamma has its value when `auto` chose it (planner/auto.py).
     _source: str = "<recipe>"
+    _gamma_auto: str | None = None
 
     @property
     def source(self) -> str:

@@ -212,6 +212,7 @@ class PlainPrinter:
                 f"train_rows={e['train_rows'] if e['train_rows'] is not None else 'streamed'} "
                 f"device={e['device']}"
                 + (f" attention={e['attention']}" if e.get("attention") else "")
+                + (f"\ngamma  {e['gamma']}: {e['gamma_auto']}" if e.get("gamma_auto") else "")
             )
         if kind == "probe":
             done = e["probe_step"] + 1
