@@ -199,3 +199,22 @@ def test_a_bad_gguf_is_one_message_whose_hint_fits_the_command(tmp_path):
     assert "--model-config" not in res.stderr
     res = runner.invoke(app, ["plan", str(path)])
     assert res.exit_code == 2 and "pass --model-config with a preset" in res.stderr
+
+
+def test_each_local_process_of_a_torchrun_job_counts(tmp_path, monkeypatch):
+    """Under torchrun every process on the machine holds its own store, data and
+    runtime: the host need of 2 local processes is twice one's."""
+    import re
+
+    rec = recipe(tmp_path, model={"path": "embedded:smollm2-135m-instruct"})
+    rec["training"]["device"] = "cpu"
+    path = write(tmp_path, rec)
+
+    def need() -> float:
+        res = runner.invoke(app, ["validate", str(path)])
+        assert res.exit_code == 0, res.output
+        return float(re.search(r"about ([\d.]+) GB of host RAM", res.stderr).group(1))
+
+    one = need()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert need() == pytest.approx(2 * one, rel=0.02)  # (the runtime is measured each time)
