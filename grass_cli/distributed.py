@@ -70,6 +70,12 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
+def local_world() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 alone):
+    each holds its own store, data and runtime in the machine's RAM."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+
+
 def from_env() -> DistInfo:
     """Rank and world size as torchrun sets them; a plain process is rank 0 of 1."""
     world = _env_int("WORLD_SIZE", 1)

@@ -177,8 +177,10 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
     """The recipe's own plan against this machine: the disk it writes (refused when a
     filesystem is short), the host RAM it needs (refused by train, a warning in
     validate) and, on the CPU, nothing more (host memory is the device)."""
+    from grass_cli.distributed import local_world
     from grass_cli.planner.machine import host_memory, runtime_bytes
     from grass_cli.planner.memory import plan, recipe_scenario
+    from grass_cli.planner.tiers import resolve_budget
     from grass_cli.planner.verdict import (
         dataset_bytes,
         disk_need,
@@ -188,7 +190,10 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
     )
 
     device = check_device(recipe, found, training)
-    recipe = found.recipe = _resolve_gamma(recipe, found, layout, device, training)
+    recipe = _resolve_gamma(recipe, found, layout, device, training)
+    host, local, runtime = host_memory(), local_world(), runtime_bytes()
+    data = dataset_bytes(recipe)
+    recipe = found.recipe = resolve_budget(recipe, layout, device, host, data, runtime, local)
     p = plan(recipe, layout, recipe_scenario(recipe), device)
     need = disk_need(recipe, layout, p)
     found.disk = need
@@ -202,10 +207,8 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
             where=folder,
             hint=need.hint(),
         )
-    host = host_memory()
     # every process of a torchrun job on this machine holds its own copy of each part
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    need = host_need(p, layout, dataset_bytes(recipe), runtime_bytes())
+    need = host_need(p, layout, data, runtime)
     found.host_need = {k: v * local for k, v in need.items()}
     ok, fix = judge_host(p, found.host_need, host)
     if not ok:

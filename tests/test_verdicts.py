@@ -72,10 +72,11 @@ def test_weights_are_blamed_only_when_they_alone_overflow(tmp_path, dtype, advic
 
 
 def test_plan_checks_host_ram_and_says_what_to_change(tmp_path):
-    """The 8B recipe's pinned store (84 GB) on a 32 GB machine: fits the 24 GB GPU but
-    not the host; the command exits 1 and points at the disk target. With 128 GB it
-    fits both and exits 0."""
-    path = write(tmp_path, recipe(tmp_path))
+    """The 8B recipe's pinned store (84 GB) on a 32 GB machine, all pinned
+    (host_budget: null): fits the 24 GB GPU but not the host; the command exits 1 and
+    points at the disk target. With 128 GB it fits both and exits 0."""
+    rec = recipe(tmp_path, optimizer={"offload": {"residency": "step", "host_budget": None}})
+    path = write(tmp_path, rec)
     args = ["plan", str(path), "--device-memory", "24"]
     res = runner.invoke(app, [*args, "--host-memory", "32"])
     assert res.exit_code == 1, res.output
@@ -88,6 +89,24 @@ def test_plan_checks_host_ram_and_says_what_to_change(tmp_path):
     own = [p for p in yaml.safe_load(res.stdout) if p["label"] == "grass offload/step"][0]
     assert own["host_fits"] and own["fits"]
     assert own["host_need"]["pinned store"] == own["host_kinds"]["store_pinned"] > 80e9
+
+
+def test_the_two_tier_store_fits_an_8b_on_a_24_gb_card_with_32_gb_of_ram(tmp_path):
+    """host_budget: auto (the default): the pinned tier takes what the RAM leaves and
+    the rest of the 84 GB spills to disk; plan says it fits the card and the RAM, and
+    the disk column holds the spill."""
+    path = write(tmp_path, recipe(tmp_path))
+    args = ["plan", str(path), "--device-memory", "24", "--host-memory", "32", "--json"]
+    res = runner.invoke(app, args)
+    own = [p for p in yaml.safe_load(res.stdout) if p["label"] == "grass offload/step"][0]
+    assert own["fits"] and own["host_fits"], own
+    pinned, spill = own["host_kinds"]["store_pinned"], own["disk_bytes"]
+    assert sum(own["host_need"].values()) <= 32e9 * 0.9
+    assert pinned + spill > 83e9 and 20e9 < pinned < 28.8e9
+    budget = recipe(tmp_path, optimizer={"offload": {"residency": "step", "host_budget": 8}})
+    res = runner.invoke(app, ["plan", str(write(tmp_path, budget)), *args[2:]])
+    own = [p for p in yaml.safe_load(res.stdout) if p["label"] == "grass offload/step"][0]
+    assert own["host_kinds"]["store_pinned"] == 8e9 and own["disk_bytes"] > 75e9
 
 
 def test_the_disk_estimate_is_broken_down_with_the_keys_that_change_it(tmp_path):

@@ -129,15 +129,18 @@ def _plan(
     recipe's own among them, and the host and disk it was checked against."""
     from grass_cli.errors import GrassError
     from grass_cli.planner import machine, verdict
-    from grass_cli.planner.memory import plan_resolved, recipe_scenario
+    from grass_cli.planner.memory import recipe_scenario
+    from grass_cli.planner.resolve import plan_resolved
     from grass_cli.recipe import load_recipe
 
     if device not in (None, "cuda", "cpu"):
         raise GrassError(f"unknown device {device!r}", where="--device", hint="cuda or cpu")
     r = load_recipe(recipe, overrides)
-    r, layout, plans = plan_resolved(r, model_config, device, device_memory, flag=True)
     host = machine.host_memory(host_memory)
     data, runtime = verdict.dataset_bytes(r), machine.runtime_bytes()
+    r, layout, plans = plan_resolved(
+        r, model_config, device, device_memory, flag=True, host=host, beside=(data, runtime)
+    )
     for p in plans:
         p.host_need = verdict.host_need(p, layout, data, runtime)
         p.host_fits, p.host_advice = verdict.judge_host(p, p.host_need, host)

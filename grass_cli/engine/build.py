@@ -248,11 +248,37 @@ def build_optimizer(
     ]
     if peft_model is not None:
         always = []  # LoRA: only the adapters train; embeddings, norms and head stay frozen
-    store = build_store(
-        recipe.optimizer, device, run_dir, subdir=f"rank-{info.rank}" if info.enabled else None
-    )
+    trainable = [b.name for b in block_map.blocks] + always
+    budget = _host_budget(recipe, device)
+    subdir = f"rank-{info.rank}" if info.enabled else None
+    store = build_store(recipe.optimizer, device, run_dir, subdir, budget)
     optimizer = BlockAdamW(block_map.groups(), recipe.optimizer, device, store)
-    if isinstance(store, DiskStore):
-        trainable = [b.name for b in block_map.blocks] + always
-        DiskStore.check_space(store.folder, optimizer.offload_bytes_needed(trainable))
+    if store is not None and store.target in ("disk", "tiered"):
+        spill = optimizer.offload_bytes_needed(trainable) - (budget or 0)
+        DiskStore.check_space(store.folder, max(spill, 0))
     return optimizer, always
+
+
+def _host_budget(recipe: Recipe, device: torch.device) -> int | None:
+    """The two-tier store's pinned budget in bytes (None: every chunk pinned), as the
+    planner resolves optimizer.offload.host_budget against this machine's RAM."""
+    from grass_cli.planner import tiers
+    from grass_cli.planner.machine import host_memory, runtime_bytes
+    from grass_cli.planner.shape import build_layout, load_config
+    from grass_cli.planner.verdict import dataset_bytes
+
+    if not tiers.applies(recipe) or recipe.optimizer.offload.host_budget is None:
+        return None
+    if recipe._host_budget is not None:  # pre-flight resolved it (grass train)
+        return recipe._host_budget
+    lay = build_layout(recipe, *load_config(recipe))
+    r = tiers.resolve_budget(
+        recipe,
+        lay,
+        device.type,
+        host_memory(),
+        dataset_bytes(recipe),
+        runtime_bytes(),
+        distributed.local_world(),
+    )
+    return r._host_budget

@@ -187,6 +187,11 @@ def choose_blocks(run: Run, pr: Progress, step: int) -> list[int]:
             next_switch=run.sampler.next_switch(step),
             **scales,
         )
+    ahead = run.optimizer.stage_steps
+    upcoming = run.sampler.next_switch(step)
+    if ahead and upcoming is not None and upcoming - step == ahead:
+        # the two-tier store starts reading the next interval's blocks from disk
+        run.optimizer.stage({f"block.{i}" for i in run.sampler.upcoming(upcoming)})
     if run.reducer is not None and names != pr.reducer_names:
         # every rank must have drawn the same blocks, or they would diverge
         check_same("the active blocks", active, run.device, step)

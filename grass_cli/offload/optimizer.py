@@ -155,6 +155,24 @@ class BlockAdamW:
             self.store.settle()
         return activated, frozen
 
+    @property
+    def stage_steps(self) -> int:
+        """Steps before a switch to call `stage` (0: the store cannot use it)."""
+        if self.store is None or not hasattr(self.store, "stage"):
+            return 0
+        return self.cfg.offload.stage_steps
+
+    def stage(self, names: set[str]) -> None:
+        """Groups about to become active: the store starts bringing their state in
+        from its slower tier (their offloaded chunks), ahead of the switch."""
+        chunks = [
+            chunk_name(n, j)
+            for n in sorted(names - self.active)
+            if n in self.states
+            for j in sorted(self.states[n].out)
+        ]
+        self.store.stage(chunks)
+
     def _acquire(self, name: str) -> None:
         """A group becomes active: create its state, or bring it back."""
         st = self.states.get(name)
@@ -335,11 +353,15 @@ class BlockAdamW:
         master = sum(tensor_bytes(s.master_tensors()) for s in self.states.values())
         stored = self.store.bytes() if self.store is not None else 0
         target = self.store.target if self.store is not None else None
+        # the two-tier store: its hot tier in host memory, the rest on disk
+        hot = self.store.hot_bytes() if target == "tiered" else stored
         return {
             "optimizer_state_bytes": state,
             "master_weight_bytes": master,
-            "optimizer_state_offload_cpu_bytes": stored if target == "cpu" else 0,
-            "optimizer_state_offload_disk_bytes": stored if target == "disk" else 0,
+            "optimizer_state_offload_cpu_bytes": hot if target in ("cpu", "tiered") else 0,
+            "optimizer_state_offload_disk_bytes": (
+                stored if target == "disk" else max(stored - hot, 0) if target == "tiered" else 0
+            ),
             # page-locked host memory behind the cpu store (CUDA only)
             "offload_pinned_bytes": self.store.pinned_bytes() if self.store is not None else 0,
         }

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from grass_cli.planner.activations import Acts, activations
-from grass_cli.planner.shape import GroupShape, Layout, build_layout, load_config
+from grass_cli.planner.shape import GroupShape, Layout
 from grass_cli.recipe import LAYERWISE, PROBING, Recipe
 
 # ------------------------------------------------------------------------- scenario
@@ -57,6 +57,9 @@ class Scenario:
     residency: str = "interval"
     # train embeddings, final norm and head too (what LISA does), whatever the recipe says
     embed_head: bool = False
+    # target cpu: the pinned tier's bytes (optimizer.offload.host_budget, resolved by
+    # planner/tiers.py); the rest of the store spills to disk. None: all pinned.
+    host_budget: int | None = None
 
     @property
     def label(self) -> str:
@@ -101,24 +104,26 @@ def scenarios(recipe: Recipe) -> list[Scenario]:
     """Every strategy x state policy worth comparing for this recipe."""
     layerwise = recipe.sampler.strategy if recipe.sampler.strategy in LAYERWISE else "grass"
     target = recipe.optimizer.offload.target
+    budget = recipe._host_budget if target == "cpu" else None
     out = [Scenario("full", "keep"), Scenario("lora", "keep")]
     for strategy in dict.fromkeys(["lisa", layerwise]):
         out += [
             Scenario(strategy, "keep"),
             Scenario(strategy, "drop"),
-            Scenario(strategy, "offload", target, "interval"),
-            Scenario(strategy, "offload", target, "step"),
+            Scenario(strategy, "offload", target, "interval", host_budget=budget),
+            Scenario(strategy, "offload", target, "step", host_budget=budget),
         ]
     s = recipe.sampler
     if not (s.train_embeddings and s.train_head):  # what training them would cost
-        out.append(Scenario(layerwise, "offload", target, "step", embed_head=True))
+        out.append(Scenario(layerwise, "offload", target, "step", True, budget))
     return out
 
 
 def recipe_scenario(recipe: Recipe) -> Scenario:
     off = recipe.optimizer.offload
     policy = recipe.optimizer.state_policy
-    return Scenario(recipe.sampler.strategy, policy, off.target, off.residency)
+    budget = recipe._host_budget if off.target == "cpu" else None
+    return Scenario(recipe.sampler.strategy, policy, off.target, off.residency, False, budget)
 
 
 # ------------------------------------------------------------------------ activations
@@ -297,12 +302,15 @@ def _result(
 ) -> Plan:
     peak = phases[phase]
     on_cpu = device == "cpu"
+    # the two-tier store: the pinned tier holds up to its budget, the rest is on disk
+    pinned = store if sc.host_budget is None else min(store, sc.host_budget)
     host_kinds = {
-        "store_pinned" if not on_cpu else "store": store if sc.target == "cpu" else 0,
+        "store_pinned" if not on_cpu else "store": pinned if sc.target == "cpu" else 0,
         "weights_at_load": 0 if on_cpu else weights,
     }
     host = max(host_kinds.values()) if not on_cpu else peak + host_kinds.get("store", 0)
-    disk = store if sc.state_policy == "offload" and sc.target == "disk" else 0
+    offload = sc.state_policy == "offload"
+    disk = store if offload and sc.target == "disk" else (store - pinned if offload else 0)
     return Plan(
         strategy=sc.strategy,
         state_policy=sc.state_policy,
@@ -345,39 +353,12 @@ def plan_recipe(
 ) -> tuple[Layout, list[Plan]]:
     """Plans for every scenario (or the recipe's own) of a recipe. `flag`: the caller
     offers --model-config (its hints may name it)."""
+    from grass_cli.planner.resolve import plan_resolved
+
     _, lay, plans = plan_resolved(
         recipe, model_config, device, device_memory_gb, all_scenarios, flag
     )
     return lay, plans
-
-
-def plan_resolved(
-    recipe: Recipe,
-    model_config: str | None = None,
-    device: str | None = None,
-    device_memory_gb: float | None = None,
-    all_scenarios: bool = True,
-    flag: bool = False,
-) -> tuple[Recipe, Layout, list[Plan]]:
-    """plan_recipe, and the recipe it planned: sampler.gamma: auto resolved for the
-    device memory given (else this machine's card)."""
-    from grass_cli.planner.auto import needs_resolving, resolve_gamma
-    from grass_cli.planner.verdict import judge  # (verdict.py builds on this module)
-
-    config, name = load_config(recipe, model_config, flag=flag)
-    lay = build_layout(recipe, config, name)
-    if device is None:
-        device = "cpu" if recipe.training.device == "cpu" else "cuda"
-    budget = None if device_memory_gb is None else int(device_memory_gb * 1e9)
-    if needs_resolving(recipe):
-        from grass_cli.planner.machine import cuda_total_memory
-
-        total = (
-            budget if budget is not None else (cuda_total_memory() if device == "cuda" else None)
-        )
-        recipe = resolve_gamma(recipe, device, total, lay=lay)
-    chosen = scenarios(recipe) if all_scenarios else [recipe_scenario(recipe)]
-    return recipe, lay, [judge(plan(recipe, lay, sc, device), recipe, lay, budget) for sc in chosen]
 
 
 def gb(n: int) -> float:

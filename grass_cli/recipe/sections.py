@@ -150,11 +150,35 @@ class OffloadConfig(Section):
     # Overlap copies with compute (side CUDA stream / background disk thread).
     # Off only to measure what the overlap buys.
     overlap: bool = True
+    # target cpu: the most host RAM the pinned store may hold; beyond it the least
+    # recently used state waits in files (`path`, or RUN_DIR/offload): the two-tier
+    # store. GB, a share of the machine's RAM ("40%"), auto (what the plan leaves of
+    # this machine's RAM: every block's state in RAM when it fits), or null (no bound).
+    host_budget: float | str | None = "auto"
+    # Two-tier store: steps before a switch at which the next interval's blocks start
+    # coming back from disk (0: at the switch).
+    stage_steps: int = Field(2, ge=0)
 
     @field_validator("path")
     @classmethod
     def _expand_path(cls, v: str | None) -> str | None:
         return expand_home(v)
+
+    @field_validator("host_budget")
+    @classmethod
+    def _budget(cls, v: float | str | None) -> float | str | None:
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, str) and v.endswith("%"):
+            try:
+                share = float(v[:-1])
+            except ValueError:
+                share = -1.0
+            if 0 < share <= 100:
+                return v
+        elif isinstance(v, (int, float)) and v > 0:
+            return float(v)
+        raise ValueError("must be a number of GB, a share of RAM such as 40%, auto or null")
 
 
 class OptimizerConfig(Section):
@@ -301,6 +325,8 @@ class Recipe(Section):
     # sampler.gamma has its value when `auto` chose it (planner/auto.py).
     _source: str = "<recipe>"
     _gamma_auto: str | None = None
+    # optimizer.offload.host_budget in bytes, once planner/tiers.py resolved it
+    _host_budget: int | None = None
 
     @property
     def source(self) -> str:

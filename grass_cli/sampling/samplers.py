@@ -172,6 +172,18 @@ class Sampler(ABC):
         """Per-draw selection probability of each block (sums to 1; for telemetry)."""
         return [1.0 / self.num_blocks] * self.num_blocks
 
+    def upcoming(self, switch_step: int) -> list[int]:
+        """The blocks the draw at `switch_step` will give if importance does not change
+        before it: the same RNG stream, peeked without consuming it. Exact for lisa,
+        cyclic and grass-static; for grass a prediction (its MGN refresh can move the
+        draw), which the two-tier store only uses to read state from disk early."""
+        saved = (self.rng.bit_generator.state, self.credit.copy(), dict(self.lr_scales))
+        try:
+            return sorted(int(i) for i in self._sample(switch_step))
+        finally:
+            self.rng.bit_generator.state = saved[0]
+            self.credit, self.lr_scales = saved[1], saved[2]
+
     @abstractmethod
     def _sample(self, step: int) -> list[int]:
         """Draw a new active set (called only when a switch is due)."""
