@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import subprocess
 import sys
@@ -320,11 +321,12 @@ def test_booleans_are_refused_wherever_a_number_is_expected(tmp_path):
     assert {"training.max_steps", "optimizer.lr", "eval.max_new_tokens", "lora.r"} <= set(keys)
     base = {"data": {"train": "t"}, "sampler": {"strategy": "lora"}}
     for key in keys:
-        section, leaf = key.split(".")
-        doc = {
-            **base,
-            section: {**base.get(section, {}), leaf: True if leaf != "betas" else [True, 0.9]},
-        }
+        *sections, leaf = key.split(".")
+        doc = json.loads(json.dumps(base))
+        node = doc
+        for name in sections:  # (optimizer.offload.host_budget is three deep)
+            node = node.setdefault(name, {})
+        node[leaf] = True if leaf != "betas" else [True, 0.9]
         msg = error_of(write(tmp_path, doc))
         assert f"{key}: Input should be" in msg and "not a boolean" in msg, (key, msg)
     # Booleans stay booleans, and numbers given as text (quoted, or from the command
