@@ -4,6 +4,7 @@ validates and that the planner says fits; or one message saying why none fits.""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,11 +109,22 @@ def test_plenty_of_ram_keeps_the_state_in_pinned_memory(chats):
     assert "pinned host RAM" in (chats.parent / "r.yaml").read_text()
 
 
-def test_short_ram_never_chooses_the_pinned_store(chats):
+def test_short_ram_pins_what_it_can_and_spills_the_rest_to_disk(chats):
+    """32 GB of RAM cannot pin an 8B's 84 GB of state: the two-tier store pins what
+    the RAM leaves and the rest goes to disk; the host need stays within the RAM."""
     res = init("llama-3.1-8b", str(chats), "--gpu", "24", "--host-memory", "32", "-o", "r.yaml")
     assert res.exit_code == 0, res.output
-    r, _, _ = own_plan(chats.parent / "r.yaml")
-    assert not (r.optimizer.state_policy == "offload" and r.optimizer.offload.target == "cpu")
+    r, lay, p = own_plan(chats.parent / "r.yaml")
+    assert (r.optimizer.state_policy, r.optimizer.offload.target) == ("offload", "cpu")
+    assert r.optimizer.offload.host_budget == "auto"
+    from grass_cli.planner.machine import host_memory
+    from grass_cli.planner.tiers import resolve_budget
+
+    budgeted = resolve_budget(r, lay, "cuda", host_memory(32), 0, 0)
+    assert budgeted._host_budget == 28.8e9  # (no data nor runtime counted here)
+    assert p.disk_bytes == 0  # (own_plan resolves no budget: the whole store is counted)
+    text = re.sub(r"\n\s*# ", " ", (chats.parent / "r.yaml").read_text())  # comments unwrapped
+    assert "GB in files on disk: optimizer.offload.host_budget: auto sizes" in text
 
 
 def test_formats_are_detected_and_mapped(tmp_path, monkeypatch):

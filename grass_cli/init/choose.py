@@ -3,9 +3,10 @@ the host's RAM and the disk.
 
 Candidates are tried in order of speed, and the first that fits wins:
 
-1. where optimizer state waits: offloaded to pinned host RAM (fast copies), else
-   to disk files (when RAM is short), else dropped at each switch (BAdam's way,
-   when neither holds every block's state); on the CPU, kept (RAM is the device);
+1. where optimizer state waits: offloaded to pinned host RAM (fast copies; the
+   two-tier store spills what the RAM cannot hold to disk, host_budget: auto),
+   else to disk files, else dropped at each switch (BAdam's way, when neither
+   holds every block's state); on the CPU, kept (RAM is the device);
 2. how much is recomputed or streamed: no activation checkpointing with state
    moved once per switch, then checkpointing, then state streamed per weight
    matrix (`residency: step`), then both;
@@ -150,12 +151,14 @@ def _fits(
 ) -> tuple[Choice | None, int]:
     """The choice when `t` fits device, host and disk (None otherwise), and its peak."""
     from grass_cli.planner.memory import plan, recipe_scenario
+    from grass_cli.planner.tiers import resolve_budget
     from grass_cli.planner.verdict import disk_need, disk_short, host_need, judge_host
     from grass_cli.recipe import validate_dict
 
     d = _apply(base, t)
     r = validate_dict(d, "grass init")
     device = "cpu" if budget.device is None else "cuda"
+    r = resolve_budget(r, lay, device, budget.host, *fixed)  # the two-tier store's pinned part
     p = plan(r, lay, recipe_scenario(r), device)
     if budget.device is not None and p.device_peak_bytes > budget.device:
         return None, p.device_peak_bytes
@@ -182,7 +185,11 @@ def _describe(t: _Try, layerwise: bool, blocks: int) -> str:
     if layerwise:
         what.append(f"gamma {t.gamma} of {blocks} blocks")
         if t.policy == "offload":
-            where = "pinned host RAM" if t.target == "cpu" else "disk files"
+            where = (
+                "host RAM (spilling to disk past the RAM it has)"
+                if t.target == "cpu"
+                else "disk files"
+            )
             how = "streamed per weight matrix" if t.residency == "step" else "moved per switch"
             what.append(f"optimizer state offloaded to {where}, {how}")
         else:

@@ -3,7 +3,7 @@ from, so a reader can change one choice knowing what it trades."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from grass_cli.init import InitOptions
@@ -77,7 +77,7 @@ def explain(
     )
     _training(why, r, train_rows, steps, o)
     if o.strategy in ("grass", "lisa", "grass-static", "cyclic"):
-        _layerwise(why, r, m)
+        _layerwise(why, r, m, p)
     why["checkpoint.interval"] = (
         "a checkpoint every fifth of the run, one kept: `grass train FILE --resume auto`"
     )
@@ -94,7 +94,7 @@ def _training(why: dict[str, str], r: dict, rows: int, steps: int, o: InitOption
     why["training.warmup_steps"] = "3% of the steps"
 
 
-def _layerwise(why: dict[str, str], r: dict, m: ModelInfo) -> None:
+def _layerwise(why: dict[str, str], r: dict, m: ModelInfo, p: Any) -> None:
     opt = r["optimizer"]
     why["sampler.gamma"] = (
         f"blocks trained at once, the most that fit (at most half of {m.blocks}): more blocks "
@@ -107,7 +107,16 @@ def _layerwise(why: dict[str, str], r: dict, m: ModelInfo) -> None:
     policy = opt["state_policy"]
     if policy == "offload":
         off = opt["offload"]
-        where = "pinned host RAM" if off["target"] == "cpu" else "files on disk (RAM is short)"
+        where = "files on disk (RAM is short)"
+        if off["target"] == "cpu":
+            pinned, spill = p.host_kinds.get("store_pinned", 0), p.disk_bytes
+            where = f"pinned host RAM ({pinned / GB:.2f} GB"
+            where += (
+                f"; the other {spill / GB:.2f} GB in files on disk: optimizer.offload."
+                "host_budget: auto sizes the pinned part to this machine's RAM)"
+                if spill
+                else ")"
+            )
         how = (
             "streamed one weight matrix at a time in the step"
             if off["residency"] == "step"
