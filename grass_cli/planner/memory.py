@@ -199,7 +199,9 @@ def _state(lay: Layout, sc: Scenario, t: _Trained, visited: int | None) -> tuple
         device_state = sum(state_of.values())
     store = 0
     if sc.state_policy == "offload" and sc.strategy not in ("full", "lora"):
-        every = [g for g in groups.values() if g.kind == "block"]
+        # every block visited so far (by default all of them) has state in the store
+        nvis = L if visited is None else max(t.active_blocks, min(visited, L))
+        every = [groups[b] for b in lay.blocks[:nvis]]
         every += [g for g in t.groups if g.kind not in ("block", "lora")]
         store = sum(g.numel * t.sbytes for g in every)
     return device_state, store
