@@ -14,11 +14,12 @@
 #   4. benchmarks/memory.py --model 1b --device cuda   -> benchmarks/results/memory-1b-cuda.{json,md}
 #   5. benchmarks/packing.py --device cuda (bf16)      -> benchmarks/results/packing-cuda.{json,md}
 #   6. benchmarks/plan_accuracy.py --device cuda       -> benchmarks/results/plan_accuracy-cuda.{json,md}
+#   7. benchmarks/tiered.py --device cuda (1.2B)       -> benchmarks/results/tiered-cuda.{json,md}
 #
 # A failing or timed-out step does not stop the later ones: each step's exit status
 # (124: timed out) is written to gpu-check.txt, with a summary at the end, and the
 # script exits non-zero if any step failed. Without CUDA everything degrades to
-# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-6
+# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-7
 # are not run (they would measure the CPU, or fail).
 set -euo pipefail
 
@@ -144,6 +145,14 @@ if ((!HAVE_CUDA)); then
     STATUS+=("plan_accuracy: skipped (no CUDA)")
 else
     step plan_accuracy 180 "$LOG" "$PY" benchmarks/plan_accuracy.py --device cuda
+fi
+
+# 7) the two-tier state store on CUDA at 1.2B: pinned budget, disk spill, overlap on/off
+if ((!HAVE_CUDA)); then
+    log "== tiered: skipped (no CUDA)"
+    STATUS+=("tiered: skipped (no CUDA)")
+else
+    step tiered 120 "$LOG" "$PY" benchmarks/tiered.py --device cuda --steps 12 --host-budget 2
 fi
 
 log ""

@@ -187,6 +187,45 @@ def test_offload_matches_keep_on_cuda(residency, overlap, keep_cuda, tiny_factor
             assert torch.allclose(p, keep_params[name], rtol=1e-5, atol=1e-7), name
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
+def test_two_tier_store_matches_all_pinned_on_cuda(overlap, tiny_factory, tmp_path):
+    """A pinned budget of about one block: chunks are evicted to disk and read back
+    (and staged ahead of switches) between the device, pinned slabs and files, and
+    training is that of the all-pinned store, within the budget."""
+    from grass_cli.offload.tiered import TieredStore
+
+    folder = tiny_factory("llama", 4)
+    offload = {"target": "cpu", "residency": "interval", "overlap": overlap}
+    pinned = cuda_recipe(
+        folder,
+        tmp_path / "pinned",
+        {"state_policy": "offload", "offload": {**offload, "host_budget": None}},
+    )
+    r0, _, want = run_on_cuda(pinned, math_attention=True)
+    probe = setup(pinned, Telemetry([]), overwrite=True)
+    block = probe.optimizer.offload_bytes_needed(["block.0"])
+    probe.optimizer.store.close()
+    budget = 1.2 * block / 1e9
+    rec = cuda_recipe(
+        folder,
+        tmp_path / "run",
+        {"state_policy": "offload", "offload": {**offload, "host_budget": budget}},
+    )
+    sink = ListSink()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        r = setup(rec, Telemetry([sink]), overwrite=True)
+        result = train(r)
+    store = r.optimizer.store
+    assert isinstance(store, TieredStore) and store.evictions > 0
+    assert store.peak_host <= store.budget
+    assert result.losses == want.losses
+    for name, p in params(r.model).items():
+        assert torch.equal(p, params(r0.model)[name]), name
+    store.close()
+
+
 # ------------------------------------------------------- bf16 with fp32 masters
 
 

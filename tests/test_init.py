@@ -100,7 +100,18 @@ def test_the_choice_is_the_largest_that_fits(chats):
 
 
 def test_plenty_of_ram_keeps_the_state_in_pinned_memory(chats):
-    res = init("llama-3.1-8b", str(chats), "--gpu", "24", "--host-memory", "1000", "-o", "r.yaml")
+    res = init(
+        "llama-3.1-8b",
+        str(chats),
+        "--gpu",
+        "24",
+        "--host-memory",
+        "1000",
+        "--disk",
+        "1000",
+        "-o",
+        "r.yaml",
+    )  # (a given disk: the test does not depend on this machine's free space)
     assert res.exit_code == 0, res.output
     r, _, p = own_plan(chats.parent / "r.yaml")
     assert (r.optimizer.state_policy, r.optimizer.offload.target) == ("offload", "cpu")
@@ -112,7 +123,18 @@ def test_plenty_of_ram_keeps_the_state_in_pinned_memory(chats):
 def test_short_ram_pins_what_it_can_and_spills_the_rest_to_disk(chats):
     """32 GB of RAM cannot pin an 8B's 84 GB of state: the two-tier store pins what
     the RAM leaves and the rest goes to disk; the host need stays within the RAM."""
-    res = init("llama-3.1-8b", str(chats), "--gpu", "24", "--host-memory", "32", "-o", "r.yaml")
+    res = init(
+        "llama-3.1-8b",
+        str(chats),
+        "--gpu",
+        "24",
+        "--host-memory",
+        "32",
+        "--disk",
+        "500",
+        "-o",
+        "r.yaml",
+    )
     assert res.exit_code == 0, res.output
     r, lay, p = own_plan(chats.parent / "r.yaml")
     assert (r.optimizer.state_policy, r.optimizer.offload.target) == ("offload", "cpu")
@@ -125,6 +147,31 @@ def test_short_ram_pins_what_it_can_and_spills_the_rest_to_disk(chats):
     assert p.disk_bytes == 0  # (own_plan resolves no budget: the whole store is counted)
     text = re.sub(r"\n\s*# ", " ", (chats.parent / "r.yaml").read_text())  # comments unwrapped
     assert "GB in files on disk: optimizer.offload.host_budget: auto sizes" in text
+
+
+def test_a_small_disk_gives_up_the_spill_then_says_the_disk_is_short(chats):
+    """The disk decides between the two-tier store and dropping state: with room for
+    the spill (500 GB) the state is offloaded; with 30 GB only dropping fits, with
+    no checkpoints; with 5 GB not even the final model fits, and the one message says
+    the disk, not the GPU, is short."""
+    base = ("llama-3.1-8b", str(chats), "--gpu", "24", "--host-memory", "32")
+    res = init(*base, "--disk", "30", "-o", "small.yaml")
+    assert res.exit_code == 0, res.output
+    r, _, _ = own_plan(chats.parent / "small.yaml")
+    assert r.optimizer.state_policy == "drop"
+    assert (r.checkpoint.interval, r.checkpoint.at_end) == (None, False)
+    res = init(*base, "--disk", "5", "-o", "tiny.yaml")
+    assert res.exit_code == 2
+    assert "the disk has 5.0 GB free (the final model alone is 16.1 GB)" in res.output
+    assert "a 24 GB GPU (given) holds the fastest" in res.output
+    assert not (chats.parent / "tiny.yaml").exists()
+
+
+def test_short_ram_names_the_ram_not_the_gpu(chats):
+    res = init("llama-3.1-8b", str(chats), "--gpu", "80", "--host-memory", "8", "-o", "r.yaml")
+    assert res.exit_code == 2
+    assert "--host-memory's usable share is 7.2 GB" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_formats_are_detected_and_mapped(tmp_path, monkeypatch):

@@ -52,6 +52,12 @@ HostOpt = Annotated[
     float | None,
     typer.Option("--host-memory", min=0.1, help="Host RAM in GB (default: this machine's)."),
 ]
+DiskOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--disk", min=0.1, help="Free disk for output.dir in GB (default: this machine's)."
+    ),
+]
 FieldOpt = Annotated[list[str] | None, fields_option("FIELD=COLUMN for the format (repeatable).")]
 MaxLengthOpt = Annotated[int | None, typer.Option("--max-length", min=16, help="Tokens per row.")]
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, help="Rows per optimizer step.")]
@@ -71,6 +77,7 @@ def init(
     out: OutOpt = None,
     strategy: StrategyOpt = "grass",
     host_memory: HostOpt = None,
+    disk: DiskOpt = None,
     fmt: FormatOption = None,
     field: FieldOpt = None,
     max_length: MaxLengthOpt = None,
@@ -100,7 +107,7 @@ def init(
         output_dir=output_dir,
         lr=lr,
     )
-    _guard(lambda: _init(model, data, gpu, out, host_memory, field, given))
+    _guard(lambda: _init(model, data, gpu, out, host_memory, disk, field, given))
 
 
 def _init(
@@ -109,6 +116,7 @@ def _init(
     gpu: float | None,
     out: Path | None,
     host_memory: float | None,
+    disk: float | None,
     field: list[str] | None,
     given: dict[str, Any],
 ) -> None:
@@ -138,6 +146,7 @@ def _init(
         data=data,
         gpu_gb=gpu,
         host=host(host_memory),
+        disk_gb=disk,
         fields=parse_fields(field),
         **given,
     )

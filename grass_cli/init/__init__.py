@@ -32,6 +32,7 @@ class InitOptions:
     data: str
     gpu_gb: float | None  # None: this machine's GPU, else the CPU
     host: HostMemory
+    disk_gb: float | None = None  # None: this machine's free disk under output.dir
     strategy: str = "grass"
     format: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
@@ -86,11 +87,13 @@ def make_recipe(o: InitOptions, gpu_found: int | None) -> Made:
 
 def _budget(o: InitOptions, gpu_found: int | None) -> Budget:
     gpu = o.gpu_gb * 1e9 if o.gpu_gb is not None else gpu_found
+    disk = int(o.disk_gb * 1e9) if o.disk_gb is not None else None
     if gpu is None:
         label = f"{o.host.source}'s {o.host.total / 1e9:.0f} GB of RAM (no GPU)"
-        return Budget(None, o.host, label)
+        return Budget(None, o.host, label, disk)
     source = "given" if o.gpu_gb is not None else "this machine's"
-    return Budget(int(gpu * (1 - DEVICE_SLACK)), o.host, f"a {gpu / 1e9:g} GB GPU ({source})")
+    label = f"a {gpu / 1e9:g} GB GPU ({source})"
+    return Budget(int(gpu * (1 - DEVICE_SLACK)), o.host, label, disk)
 
 
 def _base(

@@ -42,11 +42,12 @@ _LIGHTER_CHECKPOINTS = (
 @dataclass
 class Budget:
     """What the run must fit: the device (None on the CPU: RAM is the device), the
-    host's RAM, and this machine's disk under output.dir."""
+    host's RAM, and the disk under output.dir (this machine's unless given)."""
 
     device: int | None
     host: HostMemory
     device_label: str  # "a 24 GB GPU" / "this machine's 25 GB of RAM"
+    disk: int | None = None  # bytes free for output.dir (None: this machine's disk)
 
 
 @dataclass
@@ -84,15 +85,27 @@ def choose(base: dict[str, Any], budget: Budget, layerwise: bool) -> Choice:
     fixed = (dataset_bytes(first), runtime_bytes())
     blocks = len(lay.blocks)
     leanest: tuple[int, _Try] | None = None
+    other: tuple[str, _Try] | None = None  # the fastest that fit the GPU, and what it did not
     for pass_ in (1, 2):
         for t in _tries(base, budget, layerwise, blocks, pass_):
-            got, peak = _fits(base, t, budget, lay, fixed)
+            got, peak, short = _fits(base, t, budget, lay, fixed)
             if got is not None:
                 got.notes.insert(0, _describe(t, layerwise, blocks))
                 return got
             if leanest is None or peak < leanest[0]:
                 leanest = (peak, t)
+            if other is None and short is not None:
+                other = (short, t)
     assert leanest is not None
+    if other is not None:  # the GPU was never the obstacle: RAM or disk was
+        lean = _describe(other[1], layerwise, blocks).removeprefix("chosen: ")
+        raise GrassError(
+            f"no configuration fits: {budget.device_label} holds the fastest ({lean}), "
+            f"but {other[0]}",
+            where="grass init",
+            hint="give the run more of what is short (--host-memory GB and --disk GB plan "
+            "for another machine), or a smaller model",
+        )
     raise _nothing_fits(first, lay, budget, leanest[0], leanest[1], layerwise)
 
 
@@ -148,8 +161,9 @@ def _apply(base: dict[str, Any], t: _Try) -> dict[str, Any]:
 
 def _fits(
     base: dict[str, Any], t: _Try, budget: Budget, lay: Any, fixed: tuple[int, int]
-) -> tuple[Choice | None, int]:
-    """The choice when `t` fits device, host and disk (None otherwise), and its peak."""
+) -> tuple[Choice | None, int, str | None]:
+    """The choice when `t` fits device, host and disk (None otherwise), its device
+    peak, and what fell short when the device was not it (host RAM or disk)."""
     from grass_cli.planner.memory import plan, recipe_scenario
     from grass_cli.planner.tiers import resolve_budget
     from grass_cli.planner.verdict import disk_need, disk_short, host_need, judge_host
@@ -161,22 +175,33 @@ def _fits(
     r = resolve_budget(r, lay, device, budget.host, *fixed)  # the two-tier store's pinned part
     p = plan(r, lay, recipe_scenario(r), device)
     if budget.device is not None and p.device_peak_bytes > budget.device:
-        return None, p.device_peak_bytes
+        return None, p.device_peak_bytes, None
     need = host_need(p, lay, *fixed)
     if not judge_host(p, need, budget.host)[0]:
-        return None, p.device_peak_bytes
+        short = (
+            f"the host needs {sum(need.values()) / 1e9:.1f} GB of RAM and "
+            f"{budget.host.source}'s usable share is {budget.host.usable / 1e9:.1f} GB"
+        )
+        return None, p.device_peak_bytes, short
     notes: list[str] = []
     disk = disk_need(r, lay, p)
     for lighter, note in _LIGHTER_CHECKPOINTS:
-        if disk_short(disk) is None:
+        if disk_short(disk, budget.disk) is None:
             break
         d["checkpoint"] |= lighter
         r = validate_dict(d, "grass init")
         disk = disk_need(r, lay, p)
         notes.append(note)
-    if disk_short(disk) is not None:
-        return None, p.device_peak_bytes
-    return Choice(d, p, need, disk.total, notes), p.device_peak_bytes
+    full = disk_short(disk, budget.disk)
+    if full is not None:
+        folder, needed, free = full
+        short = (
+            f"it writes {needed / 1e9:.1f} GB under {folder} and the disk has "
+            f"{free / 1e9:.1f} GB free (the final model alone is "
+            f"{lay.params * lay.weight_bytes / 1e9:.1f} GB)"
+        )
+        return None, p.device_peak_bytes, short
+    return Choice(d, p, need, disk.total, notes), p.device_peak_bytes, None
 
 
 def _describe(t: _Try, layerwise: bool, blocks: int) -> str:

@@ -109,13 +109,19 @@ def disk_need(recipe: Recipe, lay: Layout, p: Plan) -> DiskNeed:
     )
 
 
-def disk_short(need: DiskNeed) -> tuple[str, int, int] | None:
+def disk_short(need: DiskNeed, free_given: int | None = None) -> tuple[str, int, int] | None:
     """(folder, bytes needed on its filesystem, bytes free) of the first filesystem
-    the run would fill, or None when every one has room."""
+    the run would fill, or None when every one has room. `free_given` stands for
+    another machine's disk (`grass init --disk`): every folder on one filesystem
+    with that much free."""
     import os
 
     from grass_cli.planner.machine import nearest_existing
 
+    if free_given is not None:
+        needed = sum(need.folders.values())
+        first = next(iter(need.folders), "output.dir")
+        return (first, needed, free_given) if needed > free_given else None
     by_device: dict[int, tuple[str, int]] = {}
     for folder, n in need.folders.items():
         dev = os.stat(nearest_existing(Path(folder))).st_dev
