@@ -139,11 +139,15 @@ def check_data(recipe: Recipe, found: Preflight) -> None:
 
 def check_extras(recipe: Recipe) -> None:
     """What the recipe asks of the installed packages: the attention kernel (and
-    its device), W&B (and a login for online mode, and its folder), known before
-    the model loads."""
+    its device), bitsandbytes for 8-bit optimizer states, W&B (and a login for
+    online mode, and its folder), known before the model loads."""
     from grass_cli.attention import check_recipe
 
     check_recipe(recipe)
+    if recipe.optimizer.state_dtype == "8bit":
+        from grass_cli.offload.compact import check_eight_bit
+
+        check_eight_bit()
     if recipe.output.wandb is not None:
         from grass_cli.telemetry.wandb import check_wandb
 

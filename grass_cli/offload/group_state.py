@@ -31,7 +31,7 @@ class GroupState:
 
     name: str
     params: list[torch.nn.Parameter]
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer  # torch's AdamW, or a compact-moment one
     master: list[torch.nn.Parameter] | None = None
     # indices (into opt_params) of the chunks now in the store
     out: set[int] = field(default_factory=set)
@@ -82,15 +82,22 @@ class GroupState:
         sd = self.optimizer.state_dict()
         # state_dict() shares the per-parameter dicts with the live optimizer: copy
         # them before putting the offloaded tensors in.
-        sd["state"] = {i: dict(v) for i, v in sd["state"].items()}
+        sd["state"] = {
+            i: {k: dict(x) if isinstance(x, dict) else x for k, x in v.items()}
+            for i, v in sd["state"].items()
+        }
         masters = [m.data for m in self.master] if self.master is not None else None
         flat = (p for g in self.optimizer.param_groups for p in g["params"])
         index = {id(p): i for i, p in enumerate(flat)}
         for j, tensors in stored.items():
             p = self.opt_params[j]
             it = iter(tensors)
+            entry = sd["state"][index[id(p)]]
             for k in self._keys[j]:
-                sd["state"][index[id(p)]][k] = next(it)
+                # bitsandbytes' state_dict nests its quantization tensors one level
+                # down (hidden from FSDP's gathering): the tensor goes where the key is
+                nested = next((v for v in entry.values() if isinstance(v, dict) and k in v), None)
+                (entry if nested is None else nested)[k] = next(it)
             if masters is not None:
                 masters[j] = next(it)
         return {"opt": sd, "master": masters}

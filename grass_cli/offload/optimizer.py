@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from grass_cli.offload.compact import MOMENT_BYTES
 from grass_cli.offload.group_state import EMPTY, GroupState, chunk_name
 from grass_cli.offload.store import Store, tensor_bytes
 from grass_cli.recipe import OptimizerConfig
@@ -34,8 +35,9 @@ from grass_cli.sampling.blocks import ParamGroup
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
 
 
-def adamw(param_groups: list[dict], cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """torch's AdamW, fused where torch has a kernel for these parameters (`cfg.fused`).
+def adamw(param_groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch's AdamW, fused where torch has a kernel for these parameters (`cfg.fused`),
+    with its moments in the recipe's `state_dtype` (offload/compact.py).
 
     The fused kernel updates a group's tensors in one call instead of a handful
     of elementwise ops per tensor: on this project's 2-core CPU it halves the
@@ -43,14 +45,23 @@ def adamw(param_groups: list[dict], cfg: OptimizerConfig) -> torch.optim.AdamW:
     FUSED_DEVICES, a non-float dtype) get the default implementation, so
     `fused: true` never stops a run.
     """
+    from grass_cli.offload.compact import BF16MomentsAdamW, eight_bit_adamw
+
     kw = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
     params = [p for g in param_groups for p in g["params"]]
-    if cfg.fused and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params):
+    fused = cfg.fused and all(
+        p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params
+    )
+    if cfg.state_dtype == "8bit":
+        return eight_bit_adamw(param_groups, kw)
+    if cfg.state_dtype == "bf16":
+        return BF16MomentsAdamW(param_groups, fused=fused, **kw)
+    if fused:
         return torch.optim.AdamW(param_groups, fused=True, **kw)
     return torch.optim.AdamW(param_groups, **kw)
 
 
-def step_together(optimizers: list[torch.optim.AdamW]) -> None:
+def step_together(optimizers: list[torch.optim.Optimizer]) -> None:
     """Step several AdamW instances (one per active group) with one fused call per
     set of hyperparameters, instead of one call per optimizer and parameter group.
 
@@ -59,7 +70,8 @@ def step_together(optimizers: list[torch.optim.AdamW]) -> None:
     The state is made and kept as torch's AdamW makes it (`step`, `exp_avg`,
     `exp_avg_sq`; a float32 step tensor on the parameter's device, as fused keeps
     it), so checkpoints and the per-group offloading see the same tensors. Optimizers
-    that are not fused, or use amsgrad, step on their own.
+    that are not fused (compact moments among them), or use amsgrad, step on their
+    own.
     """
     from torch.optim.adamw import adamw as adamw_fn
 
@@ -378,6 +390,7 @@ class BlockAdamW:
         total = 0
         for name in names:
             for p in self.groups[name].tensors:
-                per = 8 if p.dtype == torch.float32 else 12  # 2 fp32 moments (+ master)
-                total += p.numel() * per
+                moments = MOMENT_BYTES[self.cfg.state_dtype]
+                per = moments if p.dtype == torch.float32 else moments + 4  # (+ fp32 master)
+                total += int(p.numel() * per)
         return total

@@ -89,6 +89,7 @@ class Plan:
     phases: dict[str, int]  # peak bytes of each phase
     host_kinds: dict[str, int]
     trainable_params: int
+    state_bytes_per_param: float = 8.0  # moments (+ fp32 master): state_dtype decides
     fits: bool | None = None  # on the device (when a device memory is given)
     dominant: str | None = None  # the part to lower: weights only when they alone are too big
     advice: str | None = None
@@ -130,7 +131,7 @@ def recipe_scenario(recipe: Recipe) -> Scenario:
 
 
 def _streamed_step(
-    trained: list[GroupShape], gbytes: int, sbytes: int, masters: bool, temps: int
+    trained: list[GroupShape], gbytes: int, sbytes: float, masters: bool, temps: int
 ) -> int:
     """The worst point of a streamed step, parameter by parameter in the engine's
     order: the gradients not yet consumed, this parameter's fp32 gradient and AdamW
@@ -153,21 +154,25 @@ class _Trained:
 
     groups: list[GroupShape]
     gbytes: int
-    sbytes: int
+    sbytes: float
     active_blocks: int
 
 
-def state_bytes_per_param(weight_bytes: int, strategy: str) -> int:
-    """AdamW's bytes per trained parameter: two fp32 moments, plus an fp32 master copy
-    of 16-bit weights (peft keeps LoRA adapters in fp32: moments only)."""
+def state_bytes_per_param(weight_bytes: int, strategy: str, state_dtype: str = "fp32") -> float:
+    """AdamW's bytes per trained parameter: two moments (8 bytes in fp32, 4 in bf16,
+    about 2 in 8 bits: offload/compact.py), plus an fp32 master copy of 16-bit
+    weights (peft keeps LoRA adapters in fp32: moments only)."""
+    from grass_cli.offload.compact import MOMENT_BYTES
+
+    moments = MOMENT_BYTES[state_dtype]
     if strategy == "lora":
-        return 8
-    return 8 + (4 if weight_bytes == 2 else 0)
+        return moments
+    return moments + (4 if weight_bytes == 2 else 0)
 
 
 def _trained(recipe: Recipe, lay: Layout, sc: Scenario) -> _Trained:
     s, L, w = recipe.sampler, len(lay.blocks), lay.weight_bytes
-    sbytes = state_bytes_per_param(w, sc.strategy)
+    sbytes = state_bytes_per_param(w, sc.strategy, recipe.optimizer.state_dtype)
     if sc.strategy == "lora":  # peft keeps the adapters in fp32
         return _Trained([lay.lora[b] for b in lay.blocks], 4, sbytes, L)
     if sc.strategy == "full":
@@ -329,6 +334,7 @@ def _result(
         phases={k: int(v) for k, v in phases.items()},
         host_kinds={k: int(v) for k, v in host_kinds.items()},
         trainable_params=sum(g.numel for g in t.groups),
+        state_bytes_per_param=t.sbytes,
     )
 
 

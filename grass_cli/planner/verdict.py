@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grass_cli.planner.machine import HostMemory, disk_free
-from grass_cli.planner.memory import Plan, state_bytes_per_param
+from grass_cli.planner.memory import Plan
 from grass_cli.planner.shape import Layout
 from grass_cli.recipe import LAYERWISE, Recipe
 
@@ -81,7 +81,7 @@ def disk_need(recipe: Recipe, lay: Layout, p: Plan) -> DiskNeed:
     weights plus the optimizer state it must carry for an exact resume), and a disk
     offload store."""
     weights = lay.params * lay.weight_bytes
-    sbytes = state_bytes_per_param(lay.weight_bytes, p.strategy)
+    sbytes = p.state_bytes_per_param
     if p.strategy in LAYERWISE and p.state_policy != "drop":
         # every block ends up with state (a long run visits them all), plus the
         # always-trained groups
@@ -162,10 +162,7 @@ def host_need(p: Plan, lay: Layout, dataset: int, runtime: int) -> dict[str, int
         # cache fill afterwards, so the larger of the two counts
         resident = {"pinned store": p.host_kinds.get("store_pinned", 0)}
         if p.offload_target == "disk":
-            resident = {
-                "page cache": p.trainable_params
-                * state_bytes_per_param(lay.weight_bytes, p.strategy)
-            }
+            resident = {"page cache": int(p.trainable_params * p.state_bytes_per_param)}
         loading = p.host_kinds.get("weights_at_load", 0)
         need = resident if sum(resident.values()) >= loading else {"weights while loading": loading}
     need["dataset"] = dataset

@@ -201,6 +201,10 @@ class OptimizerConfig(Section):
     # One fused AdamW kernel per group where torch has one (CPU, CUDA), as HF
     # Trainer's default; false: torch's default (per-tensor loop on the CPU).
     fused: bool = True
+    # AdamW's moments: fp32 (8 bytes a parameter), bf16 (4) or 8bit (bitsandbytes'
+    # blockwise 8-bit AdamW, about 2). They are what an offloaded run keeps for every
+    # visited block: compact moments shrink the store, its disk tier and checkpoints.
+    state_dtype: Literal["fp32", "bf16", "8bit"] = "fp32"
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimizerConfig:
