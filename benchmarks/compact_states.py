@@ -2,6 +2,7 @@
 and held-out accuracy of bf16 / 8-bit moments against fp32.
 
     python benchmarks/compact_states.py library             # the libraries, one process
+    python benchmarks/compact_states.py library --device cuda
     python benchmarks/compact_states.py accuracy            # 2 tasks x 3 seeds x 3 dtypes
     python benchmarks/compact_states.py accuracy --steps 10 --seeds 0 --test-limit 20
 
@@ -15,7 +16,7 @@ default), ours with bf16 moments (offload/compact.py, on torch's fused kernel),
 bitsandbytes' AdamW8bit, and torchao's AdamW8bit when torchao is installed (it is
 not a dependency: `pip install torchao` to include it). State bytes are counted
 from the tensors each one keeps (torchao's 8-bit state is a tensor subclass: its
-codes and scales are counted). Results: benchmarks/results/compact-library.{json,md}.
+codes and scales are counted). Results: benchmarks/results/compact-library[-cuda].{json,md}.
 
 `accuracy` trains GRASS from recipes/bench/grass.yaml (SmolLM2-135M, batch 8) on
 the two bench tasks (reversal, family), at three seeds, 150 steps and the study's
@@ -98,35 +99,47 @@ def _state_bytes(opt: Any) -> int:
     return total
 
 
-def _params(shapes: list[tuple[int, int]], seed: int) -> list[Any]:
+def _params(shapes: list[tuple[int, int]], seed: int, device: str) -> list[Any]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for s in shapes]
 
 
-def library(steps: int, drift_steps: int) -> dict[str, Any]:
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def library(steps: int, drift_steps: int, device: str = "cpu") -> dict[str, Any]:
     """Step time and state bytes on a 1B block, drift from fp32 on a 135M block."""
     import torch
 
     rows = []
     n_big = sum(a * b for a, b in BLOCK_1B)
     reference: list[Any] | None = None
-    start = [p.detach().clone() for p in _params(BLOCK_135M, 1)]
+    start = [p.detach().clone() for p in _params(BLOCK_135M, 1, device)]
     g = torch.Generator().manual_seed(2)
-    grads = [[torch.randn(s, generator=g) * 1e-3 for s in BLOCK_135M] for _ in range(drift_steps)]
+    grads = [
+        [(torch.randn(s, generator=g) * 1e-3).to(device) for s in BLOCK_135M]
+        for _ in range(drift_steps)
+    ]
     for name, make in _makers().items():
-        ps = _params(BLOCK_1B, 0)
+        ps = _params(BLOCK_1B, 0, device)
         for p in ps:
             p.grad = torch.randn_like(p) * 1e-3
         opt = make(ps, 1e-4)
         t0 = time.perf_counter()
         opt.step()
+        _sync(device)
         first = time.perf_counter() - t0
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             opt.step()
+            _sync(device)
             times.append(time.perf_counter() - t0)
         state = _state_bytes(opt)
         del opt, ps
@@ -154,9 +167,14 @@ def library(steps: int, drift_steps: int) -> dict[str, Any]:
     for r in rows:
         r["x_fp32"] = r["step_s"] / base
     return {
-        "command": "python benchmarks/compact_states.py library",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}",
+        "command": "python benchmarks/compact_states.py " + " ".join(sys.argv[1:]),
+        "device": device,
+        "machine": (
+            torch.cuda.get_device_name()
+            if device == "cuda"
+            else f"{platform.machine()}, {torch.get_num_threads()} threads"
+        )
+        + f", torch {torch.__version__}",
         "block_params": n_big,
         "drift_steps": drift_steps,
         "rows": rows,
@@ -166,7 +184,7 @@ def library(steps: int, drift_steps: int) -> dict[str, Any]:
 def library_md(res: dict[str, Any]) -> str:
     lines = [
         f"AdamW step over one Llama-3.2-1B block ({res['block_params'] / 1e6:.1f}M "
-        f"parameters), CPU ({res['machine']}); drift: weights after "
+        f"parameters), {res['device']} ({res['machine']}); drift: weights after "
         f"{res['drift_steps']} steps on a SmolLM2-135M block against fp32 AdamW's, over "
         "the distance fp32 AdamW moved them.",
         "",
@@ -185,46 +203,49 @@ def library_md(res: dict[str, Any]) -> str:
 # ------------------------------------------------------------------- accuracy
 
 
-def accuracy(args: argparse.Namespace) -> dict[str, Any]:
-    """Every (task, dtype, seed) run and its held-out score, through compare.py."""
+def accuracy(args: argparse.Namespace, save: Any) -> dict[str, Any]:
+    """Every (seed, task, dtype) run and its held-out score, through compare.py; the
+    results are saved after each run (`save`), so a stopped benchmark leaves the
+    seeds it finished, and a rerun reuses every run already done."""
     import compare
 
     work = Path(args.work)
-    runs = []
-    for task in args.tasks:
-        for dtype in args.dtypes:
-            # fp32 is the default: no override, so its runs are the plain bench runs
-            extra = () if dtype == "fp32" else (f"optimizer.state_dtype={dtype}",)
-            mode = compare.Mode(
-                steps=args.steps,
-                micro_batch=8,
-                seeds=tuple(args.seeds),
-                lr_grid=(1.0,),
-                val_limit=args.val_limit,
-                test_limit=args.test_limit,
-                overrides=("optimizer.offload.target=cpu", *extra),
-            )
-            for seed in args.seeds:
-                res = compare.train_one(work / dtype, task, "grass", args.lr, seed, mode, _log)
-                held = compare.held_out(res, mode, _log)
-                runs.append(
+    res: dict[str, Any] = {
+        "command": "python benchmarks/compact_states.py accuracy " + " ".join(sys.argv[2:]),
+        "steps": args.steps,
+        "lr": args.lr,
+        "test_limit": args.test_limit,
+        "runs": [],
+    }
+    for seed in args.seeds:  # seed-major: a stopped run still compares every dtype
+        for task in args.tasks:
+            for dtype in args.dtypes:
+                # fp32 is the default: no override, so its runs are the plain bench runs
+                extra = () if dtype == "fp32" else (f"optimizer.state_dtype={dtype}",)
+                mode = compare.Mode(
+                    steps=args.steps,
+                    micro_batch=8,
+                    seeds=tuple(args.seeds),
+                    lr_grid=(1.0,),
+                    val_limit=args.val_limit,
+                    test_limit=args.test_limit,
+                    overrides=("optimizer.offload.target=cpu", *extra),
+                )
+                run = compare.train_one(work / dtype, task, "grass", args.lr, seed, mode, _log)
+                held = compare.held_out(run, mode, _log)
+                res["runs"].append(
                     {
                         "task": task,
                         "dtype": dtype,
                         "seed": seed,
                         "accuracy": held["accuracy"],
-                        "val_loss": res["val_loss"],
-                        "train_peak_rss": res["train_peak_rss"],
-                        "wall_s": res.get("wall_s"),
+                        "val_loss": run["val_loss"],
+                        "train_peak_rss": run["train_peak_rss"],
+                        "wall_s": run.get("wall_s"),
                     }
                 )
-    return {
-        "command": "python benchmarks/compact_states.py accuracy " + " ".join(sys.argv[2:]),
-        "steps": args.steps,
-        "lr": args.lr,
-        "test_limit": args.test_limit,
-        "runs": runs,
-    }
+                save(res)
+    return res
 
 
 def _log(msg: str) -> None:
@@ -235,7 +256,8 @@ def accuracy_md(res: dict[str, Any]) -> str:
     runs = res["runs"]
     lines = [
         f"GRASS on SmolLM2-135M, {res['steps']} steps x batch 8, lr {res['lr']}, "
-        f"offloaded state; held-out exact match on {res['test_limit']} items.",
+        f"offloaded state; held-out exact match on {res['test_limit']} items; seeds "
+        f"{sorted({r['seed'] for r in runs})}.",
         "",
         "| task | state_dtype | accuracy (mean +- sd) | vs fp32, by seed (points) | "
         "val loss | peak RSS (GB) | time (s) |",
@@ -245,6 +267,8 @@ def accuracy_md(res: dict[str, Any]) -> str:
         base = {r["seed"]: r for r in runs if r["task"] == task and r["dtype"] == "fp32"}
         for dtype in dict.fromkeys(r["dtype"] for r in runs):
             rs = [r for r in runs if r["task"] == task and r["dtype"] == dtype]
+            if not rs:
+                continue
             acc = [100 * r["accuracy"] for r in rs]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             diffs = [
@@ -270,6 +294,7 @@ def main() -> None:
     lib = sub.add_parser("library", help="the libraries side by side")
     lib.add_argument("--steps", type=int, default=5)
     lib.add_argument("--drift-steps", type=int, default=50)
+    lib.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     acc = sub.add_parser("accuracy", help="held-out accuracy by state_dtype")
     acc.add_argument("--tasks", nargs="+", default=["reversal", "family"])
     acc.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
@@ -285,10 +310,16 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.what == "library":
-        res = library(args.steps, args.drift_steps)
-        stem, md = "compact-library", library_md(res)
+        res = library(args.steps, args.drift_steps, args.device)
+        stem = "compact-library" + ("" if args.device == "cpu" else f"-{args.device}")
+        md = library_md(res)
     else:
-        res = accuracy(args)
+
+        def save(partial: dict[str, Any]) -> None:
+            write_atomic_text(RESULTS / f"{args.results}.json", json.dumps(partial, indent=2))
+            write_atomic_text(RESULTS / f"{args.results}.md", accuracy_md(partial))
+
+        res = accuracy(args, save)
         stem, md = args.results, accuracy_md(res)
     write_atomic_text(RESULTS / f"{stem}.json", json.dumps(res, indent=2) + "\n")
     write_atomic_text(RESULTS / f"{stem}.md", md)

@@ -4,6 +4,7 @@ planner's host prediction, side by side in one run.
     python benchmarks/tiered.py                       # the ~1.2B random-weight model, CPU
     python benchmarks/tiered.py --model 135m --steps 24
     python benchmarks/tiered.py --device cuda         # on a GPU box (scripts/gpu_check.sh)
+    python benchmarks/tiered.py --state-dtype 8bit --configs all-in-ram two-tier
 
 Each configuration trains in its own child process on the same data, steps and seed
 (LISA, gamma 2, a switch every 3 steps, so many blocks leave and come back):
@@ -17,7 +18,9 @@ Reported per configuration: peak RSS (the process's high-water mark during
 training), the planner's host prediction for it (`grass plan`'s host need, on the
 CPU: the training peak with the pinned part, the data and the runtime), median step
 time over the steps after the first switch, the most state that was on disk, and
-ratios against all-in-ram. Results: benchmarks/results/tiered[-DEVICE].{json,md}.
+ratios against all-in-ram. `--state-dtype bf16|8bit` runs them with compact moments
+(optimizer.state_dtype), for the store's and the planner's figures at those bytes.
+Results: benchmarks/results/tiered[-DTYPE][-DEVICE].{json,md}.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--host-budget", type=float, default=2.0, help="GB pinned (two-tier)")
+    ap.add_argument("--state-dtype", choices=["fp32", "bf16", "8bit"], default="fp32")
+    ap.add_argument("--configs", nargs="+", choices=list(configs(0)), default=list(configs(0)))
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -113,10 +118,13 @@ def main() -> None:
         "training.eval_interval=null",
         "checkpoint.at_end=false",
         "output.save_model=false",
+        f"optimizer.state_dtype={args.state_dtype}",
     ]
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in configs(args.host_budget).items():
+            if name not in args.configs:
+                continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             row, err = run_child(__file__, [*common, *extra, f"output.dir={tmp}/{name}"])
             if row is None:
@@ -126,7 +134,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, rows: dict[str, dict]) -> None:
-    base = rows["all-in-ram"]
+    base = rows.get("all-in-ram") or next(iter(rows.values()))
     same = all(r["losses"] == base["losses"] for r in rows.values())
     gb = 1e9
     lines = [
@@ -145,7 +153,8 @@ def report(args: argparse.Namespace, rows: dict[str, dict]) -> None:
     table = "\n".join(lines)
     note = f"losses identical across configurations: {'yes' if same else 'NO'}"
     print(f"{table}\n\n{note}\ncommand: {cmd.strip()}")
-    suffix = "" if args.device == "cpu" else f"-{args.device}"
+    suffix = "" if args.state_dtype == "fp32" else f"-{args.state_dtype}"
+    suffix += "" if args.device == "cpu" else f"-{args.device}"
     out = ROOT / f"benchmarks/results/tiered{suffix}"
     out.with_suffix(".json").write_text(
         json.dumps({"command": cmd.strip(), "same_losses": same, "rows": rows}, indent=2) + "\n"

@@ -15,11 +15,12 @@
 #   5. benchmarks/packing.py --device cuda (bf16)      -> benchmarks/results/packing-cuda.{json,md}
 #   6. benchmarks/plan_accuracy.py --device cuda       -> benchmarks/results/plan_accuracy-cuda.{json,md}
 #   7. benchmarks/tiered.py --device cuda (1.2B)       -> benchmarks/results/tiered-cuda.{json,md}
+#   8. benchmarks/compact_states.py library --device cuda -> benchmarks/results/compact-library-cuda.{json,md}
 #
 # A failing or timed-out step does not stop the later ones: each step's exit status
 # (124: timed out) is written to gpu-check.txt, with a summary at the end, and the
 # script exits non-zero if any step failed. Without CUDA everything degrades to
-# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-7
+# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-8
 # are not run (they would measure the CPU, or fail).
 set -euo pipefail
 
@@ -153,6 +154,14 @@ if ((!HAVE_CUDA)); then
     STATUS+=("tiered: skipped (no CUDA)")
 else
     step tiered 120 "$LOG" "$PY" benchmarks/tiered.py --device cuda --steps 12 --host-budget 2
+fi
+
+# 8) compact optimizer states on CUDA: fp32 / bf16 / bitsandbytes 8-bit AdamW steps
+if ((!HAVE_CUDA)); then
+    log "== compact library: skipped (no CUDA)"
+    STATUS+=("compact library: skipped (no CUDA)")
+else
+    step "compact library" 45 "$LOG" "$PY" benchmarks/compact_states.py library --device cuda
 fi
 
 log ""

@@ -24,6 +24,7 @@ from grass_cli.commands.options import (
 )
 
 if TYPE_CHECKING:
+    from grass_cli.planner.disk_speed import DiskSpeed, Traffic
     from grass_cli.planner.machine import HostMemory
     from grass_cli.planner.memory import Plan
     from grass_cli.planner.shape import Layout
@@ -73,6 +74,19 @@ HostMemoryOpt = Annotated[
         show_default=False,
     ),
 ]
+DiskSpeedOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--disk-speed",
+        help="Disk speed in GB/s for the offloaded state's traffic (default: measured once "
+        "by a 128 MiB probe where the state would go, then cached).",
+        min=0.001,
+        show_default=False,
+    ),
+]
+ProbeOpt = Annotated[
+    bool, typer.Option("--probe-disk", help="Measure the disk's speed again (not the cached one).")
+]
 JsonOpt = Annotated[bool, json_option("One JSON object per strategy/policy, a list.")]
 
 
@@ -83,6 +97,8 @@ def plan(
     device_memory: DeviceMemoryOpt = None,
     device: DeviceOpt = None,
     host_memory: HostMemoryOpt = None,
+    disk_speed: DiskSpeedOpt = None,
+    probe_disk: ProbeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Predict peak device memory, host RAM and disk, by kind, for every strategy x
@@ -90,7 +106,8 @@ def plan(
     when it does not fit the device (with --device-memory), the host's RAM or the disk."""
     from grass_cli.cli import _guard
 
-    args = (recipe, overrides or [], model_config, device, device_memory, host_memory)
+    args = (recipe, overrides or [], model_config, device, device_memory, host_memory,
+            (disk_speed, probe_disk))  # fmt: skip
     layout, plans, own, extra = _guard(lambda: _plan(*args))
     if json_out:
         print_json([p.to_json() for p in plans], indent=2)
@@ -115,6 +132,8 @@ class Machine:
     disk_short: tuple[str, int, int] | None  # (folder, needed, free) when short
     gamma: int | str = 0  # the recipe's sampler.gamma, as planned
     gamma_auto: str | None = None  # why, when gamma: auto chose it
+    traffic: Traffic | None = None  # what the store moves through the disk
+    speed: DiskSpeed | None = None  # the disk's, measured or given
 
 
 def _plan(
@@ -124,11 +143,12 @@ def _plan(
     device: str | None,
     device_memory: float | None,
     host_memory: float | None,
+    speed_opts: tuple[float | None, bool] = (None, False),
 ) -> tuple[Layout, list[Plan], Plan, Machine]:
     """The layout, every strategy x policy's plan (with its host verdict), the
     recipe's own among them, and the host and disk it was checked against."""
     from grass_cli.errors import GrassError
-    from grass_cli.planner import machine, verdict
+    from grass_cli.planner import disk_speed, machine, verdict
     from grass_cli.planner.memory import recipe_scenario
     from grass_cli.planner.resolve import plan_resolved
     from grass_cli.recipe import load_recipe
@@ -147,12 +167,22 @@ def _plan(
     label = recipe_scenario(r).label
     own = next(p for p in plans if p.label == label)  # scenarios() covers every recipe
     disk = verdict.disk_need(r, layout, own)
-    return (
-        layout,
-        plans,
-        own,
-        Machine(host, disk, verdict.disk_short(disk), r.sampler.gamma, r._gamma_auto),
-    )
+    m = Machine(host, disk, verdict.disk_short(disk), r.sampler.gamma, r._gamma_auto)
+    m.traffic = disk_speed.traffic(r, layout, own)
+    if m.traffic is not None:
+        opt = r.optimizer.offload
+        folder = Path(opt.path) if opt.path else Path(r.output.dir) / "offload"
+        m.speed = disk_speed.disk_speed(folder, *speed_opts)
+        own.disk_traffic = {
+            "read_bytes": m.traffic.read,
+            "written_bytes": m.traffic.written,
+            "every_steps": m.traffic.every_steps,
+            "seconds": m.traffic.seconds(m.speed),
+            "read_bps": m.speed.read_bps,
+            "write_bps": m.speed.write_bps,
+            "speed_source": m.speed.source,
+        }
+    return layout, plans, own, m
 
 
 # ---------------------------------------------------------------------- the output
@@ -207,9 +237,29 @@ def render(
     )
     table = plan_table(layout, plans, own, device_memory)
     lines = [Text(device), Text(host), Text(disk)]
+    if m.traffic is not None and m.speed is not None:
+        lines.append(Text(_traffic_line(m.traffic, m.speed, own)))
     if m.gamma_auto:
         lines.insert(0, Text(f"* sampler.gamma {m.gamma}: {m.gamma_auto}"))
     return Group(table, *lines, note)
+
+
+def _traffic_line(t: Traffic, speed: DiskSpeed, own: Plan) -> str:
+    """What the store moves through the disk and the time that takes at its speed."""
+    from grass_cli.planner.memory import gb
+
+    secs = t.seconds(speed)
+    when = "every step" if t.every_steps == 1 else f"per switch (every {t.every_steps} steps)"
+    line = (
+        f"* disk traffic ({t.what}): about {gb(t.read):.2f} GB read and {gb(t.written):.2f} "
+        f"GB written {when}: {secs:.1f} s at {gb(speed.read_bps):.2f} GB/s read and "
+        f"{gb(speed.write_bps):.2f} GB/s write ({speed.source})"
+    )
+    if t.every_steps > 1:
+        line += f", {secs / t.every_steps:.2f} s a step on average"
+        if own.offload_target == "cpu":
+            line += "; read ahead of each switch (optimizer.offload.stage_steps), beside training"
+    return line
 
 
 def plan_table(layout: Layout, plans: list[Plan], own: Plan, device_memory: float | None) -> Any:

@@ -96,6 +96,7 @@ class Plan:
     host_need: dict[str, int] | None = None  # host RAM by part (verdict.host_need)
     host_fits: bool | None = None
     host_advice: str | None = None
+    disk_traffic: dict[str, Any] | None = None  # the recipe's own: grass plan's disk line
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,20 +132,22 @@ def recipe_scenario(recipe: Recipe) -> Scenario:
 
 
 def _streamed_step(
-    trained: list[GroupShape], gbytes: int, sbytes: float, masters: bool, temps: int
-) -> int:
+    trained: list[GroupShape], gbytes: int, sbytes: float, masters: bool, temps: int,
+    compact: int = 0,
+) -> int:  # fmt: skip
     """The worst point of a streamed step, parameter by parameter in the engine's
     order: the gradients not yet consumed, this parameter's fp32 gradient and AdamW
-    temporaries, and three parameters' state (the previous one's write-back, this
-    one's, the next one's prefetch)."""
+    temporaries (`compact` bytes a parameter more for compact moments), and three
+    parameters' state (the previous one's write-back, this one's, the next one's
+    prefetch)."""
     units = [n for g in sorted(trained, key=lambda g: g.name) for n in g.params]
     worst = 0
     for k, n in enumerate(units):
         waiting = sum(units[k + 1 :]) * gbytes
         own = n * 4 if masters else n * gbytes  # the fp32 copy, or the gradient itself
         state = sum(units[max(k - 1, 0) : k + 2]) * sbytes
-        worst = max(worst, waiting + own + n * 4 * temps + state)
-    return worst
+        worst = max(worst, waiting + own + n * (4 * temps + compact) + state)
+    return int(worst)
 
 
 @dataclass
@@ -212,8 +215,9 @@ def _state(lay: Layout, sc: Scenario, t: _Trained, visited: int | None) -> tuple
     return device_state, store
 
 
-def _step_transient(sc: Scenario, t: _Trained, masters: bool, device: str) -> int:
-    """fp32 gradients for the masters + one AdamW temporary (non-streamed step)."""
+def _step_transient(sc: Scenario, t: _Trained, masters: bool, device: str, compact: int = 0) -> int:
+    """fp32 gradients for the masters + one AdamW temporary (non-streamed step), and
+    the compact moments' temporaries of the largest matrix (stepped one at a time)."""
     largest_param = max(n for g in t.groups for n in g.params)
     largest_group = max(g.numel for g in t.groups)
     streaming = sc.state_policy == "offload" and sc.residency == "step"
@@ -221,7 +225,7 @@ def _step_transient(sc: Scenario, t: _Trained, masters: bool, device: str) -> in
     fp32_grads = (largest_param if streaming else largest_group) * 4 if masters else 0
     if sc.strategy == "lora":
         fp32_grads = 0
-    return fp32_grads + unit * 4
+    return fp32_grads + unit * 4 + largest_param * compact
 
 
 def _backward_peak(lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, accum: bool) -> int:
@@ -265,7 +269,10 @@ def plan(
     weights = lay.params * w
     grads = sum(g.numel * t.gbytes for g in t.groups)
     device_state, store = _state(lay, sc, t, visited)
-    step_transient = _step_transient(sc, t, masters, device)
+    from grass_cli.offload.compact import STEP_TEMP_BYTES
+
+    compact = STEP_TEMP_BYTES[recipe.optimizer.state_dtype]["cpu" if device == "cpu" else "cuda"]
+    step_transient = _step_transient(sc, t, masters, device, compact)
     acts = activations(recipe, lay, t.active_blocks, ckpt)
     streaming = sc.state_policy == "offload" and sc.residency == "step"
     # streamed state exists only inside the step: nothing of it during backward
@@ -274,7 +281,9 @@ def plan(
     phases = {"backward": _backward_peak(lay, t, acts, base, ckpt, accum)}
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
     if streaming:
-        phases["step"] = weights + _streamed_step(t.groups, t.gbytes, t.sbytes, masters, temps)
+        phases["step"] = weights + _streamed_step(
+            t.groups, t.gbytes, t.sbytes, masters, temps, compact
+        )
     else:
         phases["step"] = weights + grads + device_state + step_transient
     if sc.strategy in PROBING:

@@ -87,9 +87,9 @@ def disk_need(recipe: Recipe, lay: Layout, p: Plan) -> DiskNeed:
         # always-trained groups
         blocks = [lay.groups[b].numel for b in lay.blocks]
         active = sum(blocks[: min(recipe.sampler.gamma, len(blocks))])  # the plan's draw
-        state = (sum(blocks) + p.trainable_params - active) * sbytes
+        state = int((sum(blocks) + p.trainable_params - active) * sbytes)
     else:
-        state = p.trainable_params * sbytes
+        state = int(p.trainable_params * sbytes)
     ck = recipe.checkpoint
     alive = (ck.keep_last + 1) if ck.interval else (1 if ck.at_end else 0)
     store = p.disk_bytes
