@@ -204,3 +204,20 @@ def test_streamed_steps_match_interval_residency(dtype, tiny_factory, tmp_path):
     assert runs["step"][1] == runs["interval"][1]
     for name, p in runs["step"][0].items():
         assert torch.equal(p, runs["interval"][0][name]), name
+
+
+def test_a_resume_refuses_another_state_dtype(tiny_factory, tmp_path):
+    """The checkpoint holds the moments in the run's format: resuming with another
+    state_dtype is one message before anything trains (changing it needs a new run)."""
+    from grass_cli.engine import setup
+    from grass_cli.telemetry import Telemetry
+
+    model_dir = tiny_factory("gpt2", 4)
+    rec = make_recipe(model_dir, tmp_path / "run", "grass", {**OFFLOAD, "state_dtype": "bf16"})
+    rec.training.max_steps = 2
+    run_straight(rec)
+    other = make_recipe(model_dir, tmp_path / "run", "grass", {**OFFLOAD, "state_dtype": "8bit"})
+    with pytest.raises(
+        GrassError, match="cannot resume with a recipe that changes optimizer.state_dtype"
+    ):
+        setup(other, Telemetry([]), resume="auto")

@@ -83,6 +83,7 @@ RESUME_FIXED = (
     "sampler.gamma",
     "sampler.train_",
     "optimizer.state_policy",
+    "optimizer.state_dtype",  # the stored moments' format
     "training.micro_batch_size",
     "training.grad_accum_steps",
     "training.seed",
