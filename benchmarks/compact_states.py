@@ -256,17 +256,23 @@ def accuracy_md(res: dict[str, Any]) -> str:
     runs = res["runs"]
     lines = [
         f"GRASS on SmolLM2-135M, {res['steps']} steps x batch 8, lr {res['lr']}, "
-        f"offloaded state; held-out exact match on {res['test_limit']} items; seeds "
-        f"{sorted({r['seed'] for r in runs})}.",
+        f"offloaded state; held-out exact match on {res['test_limit']} items; the seeds "
+        "every dtype of a task has finished, paired by seed.",
         "",
         "| task | state_dtype | accuracy (mean +- sd) | vs fp32, by seed (points) | "
         "val loss | peak RSS (GB) | time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
+    extra = []
     for task in dict.fromkeys(r["task"] for r in runs):
-        base = {r["seed"]: r for r in runs if r["task"] == task and r["dtype"] == "fp32"}
-        for dtype in dict.fromkeys(r["dtype"] for r in runs):
-            rs = [r for r in runs if r["task"] == task and r["dtype"] == dtype]
+        mine = [r for r in runs if r["task"] == task]
+        dtypes = list(dict.fromkeys(r["dtype"] for r in mine))
+        # paired: only the seeds every dtype of this task has finished
+        common = set.intersection(*({r["seed"] for r in mine if r["dtype"] == d} for d in dtypes))
+        extra += [r for r in mine if r["seed"] not in common]
+        base = {r["seed"]: r for r in mine if r["dtype"] == "fp32" and r["seed"] in common}
+        for dtype in dtypes:
+            rs = [r for r in mine if r["dtype"] == dtype and r["seed"] in common]
             if not rs:
                 continue
             acc = [100 * r["accuracy"] for r in rs]
@@ -284,6 +290,11 @@ def accuracy_md(res: dict[str, Any]) -> str:
                 f"{max(r['train_peak_rss'] for r in rs) / 1e9:.2f} | "
                 f"{statistics.mean(wall) if wall else float('nan'):.0f} |"
             )
+    if extra:  # a stopped benchmark: runs of seeds not every dtype has yet
+        lines += ["", "Not yet paired (left out of the table above):"]
+        lines += [
+            f"- {r['task']} {r['dtype']} seed {r['seed']}: {100 * r['accuracy']:.1f}" for r in extra
+        ]
     lines += ["", f"command: `{res['command']}`"]
     return "\n".join(lines) + "\n"
 
