@@ -42,6 +42,15 @@ def init(*args: str):
     return runner.invoke(app, ["init", *args])
 
 
+def init_8b_on_24(chats: Path, ram: str, disk: str):
+    """Llama-3.1-8B on a 24 GB card into r.yaml, for this RAM and a given disk (so the
+    test does not depend on this machine's free space)."""
+    return init(
+        "llama-3.1-8b", str(chats), "--gpu", "24", "--host-memory", ram, "--disk", disk,
+        "-o", "r.yaml",
+    )  # fmt: skip
+
+
 def own_plan(path: Path):
     from grass_cli.planner.memory import plan_recipe
 
@@ -100,18 +109,7 @@ def test_the_choice_is_the_largest_that_fits(chats):
 
 
 def test_plenty_of_ram_keeps_the_state_in_pinned_memory(chats):
-    res = init(
-        "llama-3.1-8b",
-        str(chats),
-        "--gpu",
-        "24",
-        "--host-memory",
-        "1000",
-        "--disk",
-        "1000",
-        "-o",
-        "r.yaml",
-    )  # (a given disk: the test does not depend on this machine's free space)
+    res = init_8b_on_24(chats, ram="1000", disk="1000")
     assert res.exit_code == 0, res.output
     r, _, p = own_plan(chats.parent / "r.yaml")
     assert (r.optimizer.state_policy, r.optimizer.offload.target) == ("offload", "cpu")
@@ -123,18 +121,7 @@ def test_plenty_of_ram_keeps_the_state_in_pinned_memory(chats):
 def test_short_ram_pins_what_it_can_and_spills_the_rest_to_disk(chats):
     """32 GB of RAM cannot pin an 8B's 84 GB of state: the two-tier store pins what
     the RAM leaves and the rest goes to disk; the host need stays within the RAM."""
-    res = init(
-        "llama-3.1-8b",
-        str(chats),
-        "--gpu",
-        "24",
-        "--host-memory",
-        "32",
-        "--disk",
-        "500",
-        "-o",
-        "r.yaml",
-    )
+    res = init_8b_on_24(chats, ram="32", disk="500")
     assert res.exit_code == 0, res.output
     r, lay, p = own_plan(chats.parent / "r.yaml")
     assert (r.optimizer.state_policy, r.optimizer.offload.target) == ("offload", "cpu")

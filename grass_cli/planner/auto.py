@@ -1,8 +1,8 @@
 """`sampler.gamma: auto`: the most blocks whose plan fits the memory budget, chosen by
 the planner from the model's config before anything loads.
 
-More blocks per step means each block is updated more often, which is where the
-default gamma fell short of LoRA on tasks nobody tuned for (issue 35); the budget
+More blocks per step means each block is updated more often: accuracy a small fixed
+gamma leaves on the table when the card has room (docs/benchmarks.md). The budget
 says how much memory GRASS may take for it: a number of GB, `lora` (what LoRA needs
 on the same recipe: GRASS at LoRA's memory, one key), or `device` (the card less
 DEVICE_SLACK, or the host's usable RAM on the CPU). The choice is deterministic, so

@@ -57,7 +57,7 @@ class SamplerConfig(Section):
     """Which blocks train at each step (GRASS_SPEC.md)."""
 
     strategy: Strategy = "grass"
-    # Defaults: what issue 18's study measured against LoRA, LISA and GRASS-static
+    # Defaults: the configuration that did best against LoRA, LISA and GRASS-static
     # (docs/benchmarks.md, "The GRASS study"); gamma 2, tau 1, probe_steps 8 did no better.
     # Blocks trained at once (layer-wise strategies), or `auto`: the most blocks whose
     # plan fits `memory_budget`, chosen by the planner before the model loads.
