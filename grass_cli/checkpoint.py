@@ -26,6 +26,9 @@ any point leaves the previous checkpoint and pointer intact.
 Data-parallel runs: rank 0 writes the model and optimizer once (they are
 replicated); each rank adds `rank-NNNNN.json`/`.safetensors` with its own RNG
 state. The manifest records the world size; a resume with another is refused.
+Sharded runs: the model is gathered into the same HF folder, and each shard of the
+optimizer state goes to `optimizer/shard-NNNNN/` (written by the rank that holds
+it); such a checkpoint resumes on any number of ranks (grass_cli/sharded_io.py).
 This module knows nothing of the training engine: the engine hands it a
 `CheckpointContent` and gets a `TrainState` back.
 """
@@ -91,6 +94,13 @@ class CheckpointContent:
     optimizer_groups: Iterable[tuple[str, dict]]  # read lazily, one group at a time
     active: list[str]
     recipe_yaml: str
+    # Sharded runs (distributed.sharding: fsdp): every rank writes its own shard of
+    # the optimizer state, `shard` of `shards` (None: a replica of another rank's,
+    # hybrid sharding), and every rank calls `gather_model` (rank 0 with the folder
+    # to write, the others with None), which returns a write error's description.
+    shards: int = 0
+    shard: int | None = None
+    gather_model: Callable[[Path | None], str | None] | None = None
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -154,10 +164,14 @@ def save_checkpoint(
     if error is None and info.enabled:
         try:
             save_tree(tmp / f"rank-{info.rank:05d}", {"rng": rng_state(device)})
+            if content.shards and content.shard is not None:
+                _write_groups(tmp / OPT_DIR / shard_dir(content.shard), content.optimizer_groups)
         except Exception as e:  # noqa: BLE001 (OSError or safetensors' I/O error)
             shared = "" if tmp.is_dir() else " (is output.dir on storage every node sees?)"
             error = f"rank {info.rank}: {describe_write_error(e)}{shared}"
         error = first_error(error)
+    if error is None and content.gather_model is not None:  # every rank gathers
+        error = first_error(content.gather_model(tmp if info.is_main else None))
     if error is None and info.is_main:
         try:
             _write_main(content, tmp, final)
@@ -182,15 +196,15 @@ def save_checkpoint(
 
 
 def _write_main(content: CheckpointContent, tmp: Path, final: Path) -> None:
-    """Rank 0's part: model, optimizer, train state, manifest; then the rename."""
-    content.write_model(tmp)
+    """Rank 0's part: model, optimizer, train state, manifest; then the rename.
+    (Sharded: the model and the optimizer's shards are already there.)"""
     opt_dir = tmp / OPT_DIR
-    opt_dir.mkdir()
-    names = []
-    for name, group_state in content.optimizer_groups:
-        save_tree(opt_dir / name, group_state)
-        names.append(name)
-    index = {"groups": names, "active": sorted(content.active)}
+    if content.shards:
+        names = sorted(p.stem for p in (opt_dir / shard_dir(0)).glob("*.json"))
+    else:
+        content.write_model(tmp)
+        names = _write_groups(opt_dir, content.optimizer_groups)
+    index = {"groups": names, "active": sorted(content.active), "shards": content.shards}
     (opt_dir / "index.json").write_text(json.dumps(index), encoding="utf-8")
     save_tree(tmp / STATE, asdict(content.state))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -205,6 +219,20 @@ def _write_main(content: CheckpointContent, tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+def shard_dir(shard: int) -> str:
+    """The optimizer folder of one shard of a sharded run's state."""
+    return f"shard-{shard:05d}"
+
+
+def _write_groups(folder: Path, groups: Iterable[tuple[str, dict]]) -> list[str]:
+    folder.mkdir(parents=True)
+    names = []
+    for name, group_state in groups:
+        save_tree(folder / name, group_state)
+        names.append(name)
+    return names
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -285,15 +313,23 @@ def read_rank_rng(path: Path, rank: int) -> dict[str, Any]:
     return load_tree(path / f"rank-{rank:05d}")["rng"]
 
 
-def optimizer_groups(path: Path) -> Iterator[tuple[str, dict]]:
-    """The optimizer's groups, read one at a time as the caller goes."""
+def optimizer_index(path: Path) -> tuple[list[str], int]:
+    """The optimizer's group names, and the number of shards it was saved in (0:
+    whole, as replicated runs save it)."""
     try:
         index = json.loads((path / OPT_DIR / "index.json").read_text(encoding="utf-8"))
-        names = [str(n) for n in index["groups"]]
+        return [str(n) for n in index["groups"]], int(index.get("shards", 0))
     except (OSError, ValueError, KeyError, TypeError):
         raise _damaged(f"{OPT_DIR}/index.json is missing or unreadable", path) from None
+
+
+def optimizer_groups(path: Path, shard: int | None = None) -> Iterator[tuple[str, dict]]:
+    """The optimizer's groups (or one shard's of them), read one at a time as the
+    caller goes."""
+    names, _ = optimizer_index(path)
+    folder = path / OPT_DIR if shard is None else path / OPT_DIR / shard_dir(shard)
     for name in names:
-        yield name, load_tree(path / OPT_DIR / name)
+        yield name, load_tree(folder / name)
 
 
 def weight_files(path: Path) -> list[Path]:

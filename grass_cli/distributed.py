@@ -106,11 +106,12 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
 _owned = False  # whether init() created the process group (and shutdown() ends it)
 
 
-def init(info: DistInfo, device: torch.device) -> None:
+def init(info: DistInfo, device: torch.device, alone_too: bool = False) -> None:
     """Join the process group (NCCL between CUDA devices, gloo on CPU) and wait
-    for every rank: past this point, every rank has passed the start-up checks."""
+    for every rank: past this point, every rank has passed the start-up checks.
+    `alone_too`: a group of one process too (a sharded run on one device)."""
     global _owned
-    if not info.enabled:
+    if not (info.enabled or alone_too):
         return
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from grass_cli.engine import build as build_module
 from grass_cli.engine import setup, train
 from grass_cli.evaluate import loss as loss_module
-from grass_cli.offload.optimizer import adamw
+from grass_cli.offload.adamw import adamw
 from grass_cli.recipe import OptimizerConfig, validate_dict
 from grass_cli.telemetry import Telemetry
 
@@ -354,7 +354,7 @@ def test_one_fused_call_for_all_groups_equals_each_optimizer_stepping():
     """BlockAdamW steps its fp32 groups together (one fused call per hyperparameter
     set): bit for bit each optimizer's own step, with the same state tensors, for
     optimizers at different step counts and with decayed and undecayed groups."""
-    from grass_cli.offload.optimizer import step_together
+    from grass_cli.offload.adamw import step_together
 
     def make(seed: int) -> tuple[list[torch.optim.AdamW], list[torch.nn.Parameter]]:
         g = torch.Generator().manual_seed(seed)

@@ -37,7 +37,7 @@ def moment_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
 def test_moments_take_the_bytes_the_planner_counts(dtype):
     """A 4096 x 1024 matrix: bf16 moments are 4 bytes a parameter, 8-bit ones 2 plus
     an fp32 scale per 256 values (MOMENT_BYTES, which the planner uses), exactly."""
-    from grass_cli.offload.optimizer import adamw
+    from grass_cli.offload.adamw import adamw
 
     p = torch.nn.Parameter(torch.randn(4096, 1024) * 0.02)
     opt = adamw([{"params": [p], "weight_decay": 0.0}], OptimizerConfig(state_dtype=dtype))

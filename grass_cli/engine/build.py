@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grass_cli import distributed
+from grass_cli import distributed, sharding
 from grass_cli.data import BatchIterator, TokenizedData, build_splits
 from grass_cli.data.packing import check_model_packs
 from grass_cli.data.stream import StreamBatches, build_stream
@@ -36,8 +36,9 @@ from grass_cli.offload.store import DiskStore, build_store
 from grass_cli.planner.auto import resolve_gamma
 from grass_cli.recipe import Recipe
 from grass_cli.sampling import Sampler, build_sampler
-from grass_cli.sampling.blocks import BlockMap, build_block_map
+from grass_cli.sampling.blocks import BlockMap, build_block_map, find_blocks
 from grass_cli.sampling.importance import ImportanceTracker
+from grass_cli.sharding import Sharded, ShardedGrads
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.sinks import JsonlSink
 
@@ -65,10 +66,11 @@ class Run:
     metrics_sink: JsonlSink | None  # rank 0 only
     resume_from: Path | None = None
     dist: DistInfo = SINGLE
-    reducer: GradReducer | None = None  # data-parallel runs only
+    reducer: GradReducer | ShardedGrads | None = None  # several processes only
     # strategy lora: peft's wrapper around `model` (which trains with the adapters
     # injected), kept to save the merged model and the adapter.
     peft_model: Any = None
+    sharded: Sharded | None = None  # distributed.sharding: fsdp under torchrun
 
 
 def seed_everything(seed: int) -> None:
@@ -95,12 +97,13 @@ def setup(
     # resume compares it with the one the run started with
     recipe = resolve_gamma(recipe, device.type, _device_total(device))
     resume_from = rundir.resolve_resume(recipe, resume, overwrite, info.world)
-    distributed.init(info, device)
+    sharding.check_launch(recipe.distributed, info.world, recipe.source)
+    distributed.init(info, device, alone_too=sharding.wanted(recipe.distributed))
     seed_everything(recipe.training.seed)
-    model, tokenizer, source, block_map, peft_model = build_model(recipe, device)
+    model, tokenizer, source, block_map, peft_model, sharded = build_model(recipe, device, info)
     train_data, eval_data, batches, total_steps = build_data(recipe, tokenizer, info)
     run_dir, metrics_sink = open_run_dir(recipe, overwrite, resume_from, info, telemetry)
-    tracker, reducer = build_importance(recipe, block_map, device, info)
+    tracker, reducer = build_importance(recipe, block_map, device, info, sharded)
     sampler = build_sampler(
         recipe.sampler, block_map.num_blocks, tracker, seed=recipe.training.seed + 1
     )
@@ -134,6 +137,7 @@ def setup(
         dist=info,
         reducer=reducer,
         peft_model=peft_model,
+        sharded=sharded,
     )
 
 
@@ -142,24 +146,32 @@ def _device_total(device: torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[1]) if device.type == "cuda" else None
 
 
-def build_model(recipe: Recipe, device: torch.device) -> tuple[Any, Any, str, BlockMap, Any]:
-    """Model, tokenizer, where it came from, its block map, and peft's wrapper (LoRA)."""
+def build_model(
+    recipe: Recipe, device: torch.device, info: DistInfo
+) -> tuple[Any, Any, str, BlockMap, Any, Sharded | None]:
+    """Model, tokenizer, where it came from, its block map, peft's wrapper (LoRA),
+    and, sharded, the FSDP2 units (the block map then holds the sharded weights)."""
     model, tokenizer, source = load_model_and_tokenizer(recipe.model)
-    peft_model = None
+    peft_model, sharded = None, None
     if recipe.sampler.strategy == "lora":
         from grass_cli import lora  # imports peft: only for LoRA runs
 
         peft_model = lora.wrap(model, recipe.lora, recipe.model.blocks_attr)
         block_map = lora.adapter_block_map(peft_model, recipe.model.blocks_attr)
+    elif sharding.wanted(recipe.distributed):
+        layers, _ = find_blocks(model, recipe.model.blocks_attr)
+        sharded = sharding.shard_model(model, layers, recipe.distributed, info, device)
+        block_map = build_block_map(model, recipe.model.blocks_attr)  # the sharded weights
     else:
         block_map = build_block_map(model, recipe.model.blocks_attr)
-        sparse_tied_embedding_grads(model)
+        sparse_tied_embedding_grads(model)  # (a sparse gradient cannot be reduce-scattered)
     recipe.check_against_model(block_map.num_blocks, max_positions(model))
-    model.to(device)
+    if sharded is None:
+        model.to(device)
     if recipe.data.packing:  # a model that would leak across packed rows is refused
         check_model_packs(model, device)
     model.train()
-    return model, tokenizer, source, block_map, peft_model
+    return model, tokenizer, source, block_map, peft_model, sharded
 
 
 def build_data(
@@ -213,17 +225,26 @@ def open_run_dir(
 
 
 def build_importance(
-    recipe: Recipe, block_map: BlockMap, device: torch.device, info: DistInfo
-) -> tuple[ImportanceTracker, GradReducer | None]:
+    recipe: Recipe,
+    block_map: BlockMap,
+    device: torch.device,
+    info: DistInfo,
+    sharded: Sharded | None,
+) -> tuple[ImportanceTracker, GradReducer | ShardedGrads | None]:
     """The MGN tracker (hooks can only be registered while parameters require grad,
     so before anything is frozen) and, data-parallel, the gradient reducer that
-    feeds it the summed gradients."""
+    feeds it the summed gradients (sharded: FSDP2 reduces them, and the tracker
+    sums each rank's squared norms)."""
     tracker = ImportanceTracker(block_map.blocks, recipe.sampler.alpha, device)
     # Only grass reads the MGN while it trains (probing observes for every
     # strategy that probes); `output.importance: always` observes anyway.
     tracker.observing = recipe.sampler.strategy == "grass" or recipe.output.importance == "always"
-    reducer = None
-    if info.enabled:
+    reducer: GradReducer | ShardedGrads | None = None
+    if sharded is not None:
+        tracker.local_hooks = False
+        tracker.reduce = sharding.sum_over(sharded.group)
+        reducer = ShardedGrads(sharded.units, observe=tracker.observe)
+    elif info.enabled:
         tracker.local_hooks = False
         params = list({id(p): p for g in block_map.groups() for p in g.tensors}.values())
         bucket = int(recipe.training.allreduce_bucket_mb * 2**20)

@@ -28,6 +28,7 @@ from grass_cli.models import checkpointed
 from grass_cli.recipe import PROBING, Recipe
 from grass_cli.sampling.probing import forward_backward
 from grass_cli.sampling.probing import probe as probe_blocks
+from grass_cli.sharding import as_float
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.memory import memory_stats
 
@@ -104,7 +105,7 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
         # 3) clip and step the active groups only, unless something is NaN/inf
         params = run.optimizer.trainable_params()
         max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             run.optimizer.step(lr, {f"block.{i}": v for i, v in run.sampler.lr_scales.items()})
@@ -298,8 +299,8 @@ def finish(run: Run, pr: Progress) -> TrainResult:
         r.task_eval = task_eval(run, run.total_steps)
     if rc.checkpoint.at_end:
         checkpoint(run, pr, run.total_steps)
-    if rc.output.save_model and run.dist.is_main:
-        r.model_dir = save_model(run)
+    if rc.output.save_model and (run.dist.is_main or run.sharded is not None):
+        r.model_dir = save_model(run)  # (sharded: every rank gathers, rank 0 writes)
         run.telemetry.emit("saved", path=str(r.model_dir))
     r.elapsed_s = time.perf_counter() - pr.t_start
     if not run.dist.is_main:

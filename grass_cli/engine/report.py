@@ -12,6 +12,7 @@ import torch
 
 from grass_cli.atomic import write_atomic_json
 from grass_cli.distributed import all_sum
+from grass_cli.sharding import local
 
 if TYPE_CHECKING:
     from grass_cli.engine.build import Run
@@ -38,6 +39,7 @@ def run_facts(run: Run) -> dict[str, Any]:
         "micro_batch": tc.micro_batch_size,
         "grad_accum": tc.grad_accum_steps,
         "world_size": run.dist.world,
+        "sharding": rc.distributed.sharding if run.dist.enabled or run.sharded else None,
         # None: data.streaming (the stream's length is unknown)
         "train_rows": run.train_data.rows if run.train_data else None,
         "train_tokens": run.train_data.trainable_tokens if run.train_data else None,
@@ -74,11 +76,12 @@ def step_tokens(run: Run, micro: list[dict[str, torch.Tensor]]) -> tuple[int, in
 
 def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str, int]:
     """Bytes by kind: weights, gradients of the trained parameters, optimizer state
-    on the device and in the offload store, fp32 master weights."""
-    weights = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    on the device and in the offload store, fp32 master weights. Sharded: this
+    rank's shards (about 1/N of each)."""
+    weights = sum(local(p).numel() * p.element_size() for p in run.model.parameters())
     return {
         "weights_bytes": weights,
-        "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        "grad_bytes": sum(local(p).numel() * p.element_size() for p in trainable),
         **run.optimizer.memory(),
     }
 

@@ -88,6 +88,7 @@ RESUME_FIXED = (
     "training.grad_accum_steps",
     "training.seed",
     "lora",
+    "distributed.sharding",  # how the optimizer state was saved
 )
 RESUME_FREE = ("model.attn_implementation",)
 
@@ -273,7 +274,9 @@ def _holds_out(old_yaml: str, new: Recipe) -> bool:
 def _check_checkpoint(ckpt: Path, recipe: Recipe, world: int) -> None:
     manifest = verify(ckpt)
     saved_world = int(manifest.get("world_size", 1))
-    if saved_world != world:
+    saved = yaml.safe_load(manifest["recipe"]) or {}
+    sharded = (saved.get("distributed") or {}).get("sharding") == "fsdp"
+    if saved_world != world and not sharded:  # (a sharded one re-shards on resume)
         raise GrassError(
             f"the checkpoint was written by {saved_world} process(es) but this run has {world}",
             where=str(ckpt),

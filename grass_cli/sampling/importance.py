@@ -15,7 +15,7 @@ model's gradients until the step ends.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,10 @@ class ImportanceTracker:
         # Data-parallel runs observe the gradients summed across ranks (`observe`,
         # called by the GradReducer), not each rank's local part in the hooks.
         self.local_hooks = True
+        # Sharded runs observe each rank's shard of the gradients: set to a sum over
+        # the ranks holding the other shards (sharding.sum_over), applied to the
+        # squared norms before they become an observation.
+        self.reduce: Callable[[torch.Tensor], None] | None = None
         # Off where nothing reads the MGN (output.importance: auto and a sampler
         # other than grass, after probing): the hooks then return at once instead
         # of reading every gradient a second time.
@@ -111,6 +115,8 @@ class ImportanceTracker:
         """Turn this micro-batch's squared norms into one RMS observation per block."""
         if not self._touched:
             return
+        if self.reduce is not None:  # (every rank observed the same blocks' shards)
+            self.reduce(self._micro_sq)
         # (indices built on the host and copied over: reading them back from the
         # device would wait for the whole backward on a GPU)
         host_idx = torch.tensor(sorted(self._touched))

@@ -92,7 +92,8 @@ def probe(
     Data-parallel (`reducer` given), each block's gradient is summed across ranks
     bucket by bucket and observed, and the buckets are freed as backward goes on.
     """
-    trainable_before = {id(p): p.requires_grad for p in model.parameters()}
+    params = list(model.parameters())  # (a sharded model's are swapped in forward)
+    trainable_before = [p.requires_grad for p in params]
     for group in block_map.groups():
         group.set_trainable(group.kind == "block")
     if reducer is not None:
@@ -108,6 +109,6 @@ def probe(
     finally:
         tracker.free_grads = False
         tracker.observing = observing_before
-        for p in model.parameters():
+        for p, trainable in zip(params, trainable_before, strict=True):
             p.grad = None
-            p.requires_grad_(trainable_before[id(p)])
+            p.requires_grad_(trainable)

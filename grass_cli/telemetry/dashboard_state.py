@@ -109,6 +109,7 @@ class DashboardState:
             f"started: {self.num_blocks} blocks, {self.strategy}, {self.total_steps} steps "
             f"of {e.get('global_batch')} rows on {self.device}"
             + (f" x {e['world_size']} processes" if processes > 1 else "")
+            + (" (sharded)" if e.get("sharding") == "fsdp" else "")
         )
 
     def _on_resume(self, e: Event) -> None:

@@ -164,7 +164,7 @@ def _batch_parts(e: Event) -> str:
     if accum > 1:
         parts.append(f"{accum} accum")
     if world > 1:
-        parts.append(f"{world} processes")
+        parts.append(f"{world} processes" + (", sharded" if e.get("sharding") == "fsdp" else ""))
     return f" ({' x '.join(parts)})"
 
 

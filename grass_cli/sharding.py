@@ -1,0 +1,236 @@
+"""Sharded training on torch's FSDP2 (`distributed.sharding: fsdp`): each decoder
+block one `fully_shard` unit, and the block optimizer on each rank's own shards.
+
+Layer-wise training and FSDP2 fit each other: a block is a unit, the sampler
+switches blocks with `requires_grad` as it does on one process, and a frozen
+unit gets no gradient and sends no reduce-scatter. Its weights are still gathered
+for forward (and for backward above the lowest trained block).
+
+What the rest of grass sees:
+
+- `shard_model` replaces every parameter of the model with a DTensor holding
+  this rank's rows (dim-0 shards, padded by FSDP2); the block map is built after
+  it, so groups hold the sharded parameters.
+- `local` is a parameter's (or gradient's) plain local tensor. The block
+  optimizer (offload/optimizer.py) steps plain tensors that share storage with
+  the local shards, so keep / drop / offload, compact moments and checkpoints
+  work on shards exactly as on whole tensors: each rank holds and moves only its
+  1/N of the active blocks' state.
+- `ShardedGrads` takes the place of the replicated path's `GradReducer` in a
+  step: FSDP2 reduce-scatters the trained blocks' gradients itself, once per
+  optimizer step (earlier micro-batches accumulate unsharded, like DDP's
+  no_sync); this class feeds the importance tracker each rank's local squared
+  norms, which the tracker sums over the shard group, so the MGN equals the
+  unsharded value.
+
+Gradients are summed across ranks, not averaged (each rank's loss is already its
+share of the global token mean), as in the replicated path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from grass_cli.distributed import DistInfo
+from grass_cli.errors import GrassError
+from grass_cli.recipe import DistributedConfig
+
+Observer = Callable[[torch.nn.Parameter, torch.Tensor], None]
+
+
+@dataclass
+class Sharded:
+    """A sharded run's device mesh and FSDP2 units (every block, then the root)."""
+
+    mesh: Any
+    units: list[Any]
+
+    @property
+    def group(self) -> Any:
+        """The process group whose ranks hold different shards of the same copy."""
+        return self.mesh.get_group("shard")
+
+    @property
+    def shards(self) -> int:
+        """Into how many shards each weight is cut."""
+        return self.mesh.size(self.mesh.mesh_dim_names.index("shard"))
+
+    @property
+    def shard(self) -> int:
+        """Which of them this rank holds."""
+        return self.mesh.get_local_rank("shard")
+
+    @property
+    def saved_shard(self) -> int | None:
+        """The shard this rank writes to a checkpoint (None: a replica's rank,
+        hybrid sharding, whose shard the first copy's rank writes)."""
+        if "replicate" in self.mesh.mesh_dim_names and self.mesh.get_local_rank("replicate"):
+            return None
+        return self.shard
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard as a plain tensor (sharing its storage); any other
+    tensor as it is."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def as_float(t: torch.Tensor) -> float:
+    """A scalar's value; a DTensor's (a sharded gradient norm) as the whole mesh sees it."""
+    return float(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    return isinstance(p, DTensor)
+
+
+def wanted(cfg: DistributedConfig) -> bool:
+    return cfg.sharding == "fsdp"
+
+
+def check_launch(cfg: DistributedConfig, world: int, where: str) -> None:
+    """What sharding needs from the launch, said before the model loads: torchrun
+    (a mesh of one process is allowed: it runs the sharded code path on one GPU),
+    and a shard group size that divides the number of processes."""
+    if not wanted(cfg):
+        return
+    if "MASTER_ADDR" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise GrassError(
+            "distributed.sharding is fsdp, which needs the processes torchrun starts",
+            where=where,
+            hint="launch with torchrun --nproc-per-node N -m grass_cli train RECIPE "
+            "(N GPUs, or N CPU processes), or set distributed.sharding: replicate",
+        )
+    g = cfg.shard_group_size
+    if g is not None and (g > world or world % g):
+        raise GrassError(
+            f"distributed.shard_group_size is {g} but the job has {world} process(es); "
+            "it must divide the number of processes",
+            where=where,
+            hint=f"set it to a divisor of {world} (the GPUs of one node, for hybrid "
+            "sharding), or null to shard across every process",
+        )
+
+
+def build_mesh(cfg: DistributedConfig, info: DistInfo, device: torch.device) -> Any:
+    """A 1-D mesh over every rank, or (replicate, shard) for hybrid sharding."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    g = cfg.shard_group_size or info.world
+    if g == info.world:
+        return init_device_mesh(device.type, (info.world,), mesh_dim_names=("shard",))
+    return init_device_mesh(
+        device.type, (info.world // g, g), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def mixed_precision(device: torch.device, weights: torch.dtype) -> Any:
+    """On CUDA: bf16 compute on fp32 sharded weights, gradients reduced in fp32
+    (the weights and the optimizer keep fp32). On the CPU: none, so a sharded run
+    computes exactly what one process does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return MixedPrecisionPolicy()
+    param = torch.bfloat16 if weights == torch.float32 else None
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=torch.float32)
+
+
+def shard_model(
+    model: torch.nn.Module,
+    layers: torch.nn.ModuleList,
+    cfg: DistributedConfig,
+    info: DistInfo,
+    device: torch.device,
+) -> Sharded:
+    """`fully_shard` every block, then the root (embeddings, head, final norm).
+    Gradients are summed, not averaged, across ranks. The weights move to the
+    device as shards: no rank puts the whole model on its device."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = build_mesh(cfg, info, device)
+    weights = next(model.parameters()).dtype
+    mp = mixed_precision(device, weights)
+    units = []
+    for layer in layers:
+        units.append(
+            fully_shard(
+                layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp
+            )
+        )
+    # the root: embeddings, final norm and head
+    units.append(
+        fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp)
+    )
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)
+    return Sharded(mesh, units)
+
+
+class ShardedGrads:
+    """One step's gradients in sharded mode, with `GradReducer`'s interface.
+
+    `arm()` before the backward of the step's last micro-batch turns FSDP2's
+    reduce-scatter on (earlier ones accumulate unsharded), `finish()` after it
+    shows the tracker each trained parameter's local gradient shard. With
+    `keep_grads=False` (probing) the shards are freed once read.
+    """
+
+    def __init__(self, units: list[Any], observe: Observer | None = None) -> None:
+        self.units = units
+        self.observe = observe
+        self._params: list[torch.nn.Parameter] = []
+        self.keep_grads = True
+        self.armed = False
+        self.bytes_reduced = 0
+        self._sync(False)
+
+    def _sync(self, on: bool) -> None:
+        for unit in self.units:
+            unit.set_requires_gradient_sync(on, recurse=False)
+
+    def prepare(self, params: list[torch.nn.Parameter]) -> None:
+        """The parameters trained from now on (at each switch)."""
+        self._params = list(params)
+
+    def arm(self, keep_grads: bool = True) -> None:
+        self.keep_grads = keep_grads
+        self.armed = True
+        self._sync(True)
+
+    def finish(self) -> None:
+        if not self.armed:
+            return
+        for p in self._params:
+            if p.grad is None:
+                continue
+            # what each rank feeds the reduce-scatter: the whole gradient
+            self.bytes_reduced += p.numel() * p.grad.element_size()
+            if self.observe is not None:
+                self.observe(p, local(p.grad))
+            if not self.keep_grads:
+                p.grad = None
+        self.armed = False
+        self._sync(False)
+
+    def take_bytes(self) -> int:
+        """Gradient bytes sent into collectives since the last call (one step's)."""
+        n, self.bytes_reduced = self.bytes_reduced, 0
+        return n
+
+
+def sum_over(group: Any) -> Callable[[torch.Tensor], None]:
+    """An in-place sum of a tensor over `group` (the tracker's squared norms)."""
+
+    def reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t, group=group)
+
+    return reduce
