@@ -197,18 +197,26 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
 
 
 def _from_pretrained(
-    source: str, cfg: ModelConfig
+    source: str, cfg: ModelConfig, empty: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM
+    """`empty`: the parameters on the meta device (buffers real), for a caller that
+    reads the weights itself (a sharded run reads each rank's rows only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=_torch_dtype(cfg.dtype),
-        trust_remote_code=cfg.trust_remote_code,
-        **load_kwargs(cfg.attn_implementation),
-    )
-    return model, tokenizer
+    kw = {"dtype": _torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
+    kw.update(load_kwargs(cfg.attn_implementation))
+    if empty:
+        from accelerate import init_empty_weights
+
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        if kw["dtype"] == "auto":  # (from_config takes a dtype, not "auto")
+            kw["dtype"] = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, **kw)
+        model.tie_weights()  # (from_pretrained ties them; from_config does not)
+        return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(source, **kw), tokenizer
 
 
 def _load_hub_model(
@@ -251,19 +259,21 @@ def fix_pad_token(tok: PreTrainedTokenizerBase) -> None:
 
 
 def load_model_and_tokenizer(
-    cfg: ModelConfig,
+    cfg: ModelConfig, empty_weights: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Load model + tokenizer on the CPU; returns them and the resolved source.
 
     The source is the folder loaded, or the hub id for a hub model (even when it
-    was loaded from its snapshot folder in the local cache).
+    was loaded from its snapshot folder in the local cache). `empty_weights`: a
+    local folder's model is built with its parameters on the meta device, and the
+    caller reads them (`has_safetensors` says whether it can).
     """
     quiet_hf()
     check_attention(cfg.attn_implementation)  # the package; pre-flight also checked the device
     source = resolve_model_path(cfg.path)
     try:
         if Path(source).is_dir():
-            model, tokenizer = _from_pretrained(source, cfg)
+            model, tokenizer = _from_pretrained(source, cfg, empty_weights)
         else:
             model, tokenizer = _load_hub_model(source, cfg)
     except (OSError, ValueError) as e:
@@ -287,90 +297,18 @@ def load_model_and_tokenizer(
     if preset is not None and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = preset.template_text()  # a base model's tokenizer has none
     if cfg.gradient_checkpointing:
+        from grass_cli.model_memory import enable_gradient_checkpointing
+
         enable_gradient_checkpointing(model)
     return model, tokenizer, source
 
 
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each block's activations in backward, with torch's non-reentrant checkpoint.
-
-    Non-reentrant, because the reentrant variant yields no parameter gradients at all
-    for a block whose input does not require grad (frozen embeddings and frozen
-    blocks below it, the usual case in layer-wise training).
-
-    transformers then also registers a hook that makes the embedding output require
-    grad (a workaround only the reentrant variant needs). That hook is removed:
-    with it, backward runs through every block below the lowest trainable one
-    (recomputing their forward and computing activation gradients nobody uses),
-    which throws away what layer-wise training saves when the active blocks are
-    high in the stack. Gradients are the same either way (tested).
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
-    model.config.use_cache = False
-
-
-def sparse_tied_embedding_grads(model: Any) -> bool:
-    """Make the input embedding's backward sparse when it shares its weight with the
-    LM head (SmolLM2, Llama 3.2 1B/3B, Gemma, Qwen2.5 small); returns whether it did.
-
-    A dense embedding backward writes a (V, d) tensor that is zero outside the rows of
-    the batch's tokens, then autograd adds it to the head's (V, d) gradient: three
-    vocabulary-sized buffers at the end of backward, the peak of a step that trains
-    the embeddings. A sparse one carries only the used rows, and autograd sums it
-    into the head's dense gradient, so the weight's `.grad` is dense as before (the
-    optimizer, clipping and the importance hooks see the same tensor) and one
-    vocabulary-sized buffer is saved (113 MB for SmolLM2-135M in fp32). Untied
-    embeddings stay dense: alone, their gradient would stay sparse, which fused
-    AdamW does not take.
-    """
-    import torch
-
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(emb, torch.nn.Embedding) or head is None:
-        return False
-    if getattr(head, "weight", None) is not emb.weight:
-        return False
-    emb.sparse = True
-    return True
-
-
-@contextlib.contextmanager
-def checkpointed(model: Any) -> Iterator[bool]:
-    """Activation checkpointing for the duration of a block (GRASS probing), if the
-    model supports it and it is not on already; yields whether it is on.
-
-    Probing runs backward through every block: without checkpointing its
-    activation peak would be full fine-tuning's, whatever the recipe says about
-    training. Gradients are the same with and without it (tested), so the MGN is too.
-    """
-    # transformers 5 names it is_activation_checkpointing (and warns on the old name)
-    name = (
-        "is_activation_checkpointing"
-        if hasattr(type(model), "is_activation_checkpointing")
-        else "is_gradient_checkpointing"
-    )
-    already = bool(getattr(model, name, False))
-    if already or not getattr(model, "supports_gradient_checkpointing", False):
-        yield already
-        return
-    use_cache = getattr(model.config, "use_cache", None)
-    enable_gradient_checkpointing(model)
-    try:
-        yield True
-    finally:
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+def has_safetensors(source: str) -> bool:
+    """Whether `source` is a folder whose weights are in safetensors files."""
+    folder = Path(source)
+    return (folder / "model.safetensors").is_file() or (
+        folder / "model.safetensors.index.json"
+    ).is_file()
 
 
 def max_positions(model: Any) -> int | None:

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from grass_cli.atomic import describe_write_error, write_atomic_text
+from grass_cli.errors import ModelError
 from grass_cli.sharding import local
 
 if TYPE_CHECKING:
@@ -214,3 +215,31 @@ def _rows_of(p: torch.Tensor, pieces: list[torch.Tensor], what: str) -> torch.Te
         raise ValueError(f"{what}: {full.shape[0]} rows saved for a weight of {p.shape[0]}")
     start, rows = shard_rows(p)
     return full[start : start + rows].clone()
+
+
+def materialize(model: torch.nn.Module, device: torch.device, folder: Path) -> None:
+    """A sharded model built on the meta device gets its weights: each rank
+    allocates its shards on `device` and reads its own rows from `folder`'s
+    safetensors files (buffers, real already, are kept)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # tied weights' modules
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, name))
+    model.to_empty(device=device)  # (allocates each module's parameters apart)
+    for (first, name), *others in owners.values():
+        for module, other in others:  # tied again, as they were
+            setattr(module, other, getattr(first, name))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    found = load_into_shards(model, weight_files(folder))
+    missing = set(model.state_dict()) - found - tied_names(model) - set(buffers)
+    if missing:
+        raise ModelError(
+            f"the model's weights files lack {len(missing)} of its weights "
+            f"(e.g. {sorted(missing)[0]})",
+            where=str(folder),
+            hint="point model.path at a complete folder written by save_pretrained",
+        )

@@ -289,7 +289,7 @@ def test_tied_embeddings_get_sparse_backward_and_the_same_dense_gradient(tiny_fa
     gradient is still dense and equals the dense embedding's up to the order in
     which a repeated token's gradients are summed (bit for bit for the others)."""
     from grass_cli.evaluate import loss_sum
-    from grass_cli.models import sparse_tied_embedding_grads
+    from grass_cli.model_memory import sparse_tied_embedding_grads
 
     batch = _batch(3, (30, 12, 21))
     grads = []

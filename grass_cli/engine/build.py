@@ -18,18 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from grass_cli import distributed, sharding
+from grass_cli import distributed, sharded_io, sharding
 from grass_cli.data import BatchIterator, TokenizedData, build_splits
 from grass_cli.data.packing import check_model_packs
 from grass_cli.data.stream import StreamBatches, build_stream
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
 from grass_cli.evaluate.source import check_source, require_source
+from grass_cli.model_memory import sparse_tied_embedding_grads
 from grass_cli.models import (
+    has_safetensors,
     load_model_and_tokenizer,
     max_positions,
     resolve_device,
-    sparse_tied_embedding_grads,
+    resolve_model_path,
 )
 from grass_cli.offload.optimizer import BlockAdamW
 from grass_cli.offload.store import DiskStore, build_store
@@ -151,16 +153,21 @@ def build_model(
 ) -> tuple[Any, Any, str, BlockMap, Any, Sharded | None]:
     """Model, tokenizer, where it came from, its block map, peft's wrapper (LoRA),
     and, sharded, the FSDP2 units (the block map then holds the sharded weights)."""
-    model, tokenizer, source = load_model_and_tokenizer(recipe.model)
+    shard = sharding.wanted(recipe.distributed)  # (LoRA is refused with it)
+    # sharded, no rank loads the whole model: each reads its own rows of the weights
+    empty = shard and has_safetensors(resolve_model_path(recipe.model.path))
+    model, tokenizer, source = load_model_and_tokenizer(recipe.model, empty_weights=empty)
     peft_model, sharded = None, None
     if recipe.sampler.strategy == "lora":
         from grass_cli import lora  # imports peft: only for LoRA runs
 
         peft_model = lora.wrap(model, recipe.lora, recipe.model.blocks_attr)
         block_map = lora.adapter_block_map(peft_model, recipe.model.blocks_attr)
-    elif sharding.wanted(recipe.distributed):
+    elif shard:
         layers, _ = find_blocks(model, recipe.model.blocks_attr)
         sharded = sharding.shard_model(model, layers, recipe.distributed, info, device)
+        if empty:
+            sharded_io.materialize(model, device, Path(source))
         block_map = build_block_map(model, recipe.model.blocks_attr)  # the sharded weights
     else:
         block_map = build_block_map(model, recipe.model.blocks_attr)

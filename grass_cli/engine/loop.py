@@ -24,7 +24,7 @@ from grass_cli.engine.evals import evaluate_loss, task_eval
 from grass_cli.engine.saving import restore, save_model, write_checkpoint
 from grass_cli.engine.schedule import lr_at
 from grass_cli.errors import GrassError
-from grass_cli.models import checkpointed
+from grass_cli.model_memory import checkpointed
 from grass_cli.recipe import PROBING, Recipe
 from grass_cli.sampling.probing import forward_backward
 from grass_cli.sampling.probing import probe as probe_blocks
