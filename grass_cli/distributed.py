@@ -33,8 +33,11 @@ import torch.distributed as dist
 
 from grass_cli.errors import GrassError
 
-# Long enough for a rank-0-only task evaluation or final save while the others wait.
-_TIMEOUT = timedelta(hours=2)
+# Words of the errors a collective raises when another rank died or stopped
+# answering (gloo: "Timed out waiting", "Connection closed by peer"; NCCL: watchdog
+# timeouts and aborted communicators).
+_PEER_LOST = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+              "aborted", "connection refused")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,21 +109,47 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
 _owned = False  # whether init() created the process group (and shutdown() ends it)
 
 
-def init(info: DistInfo, device: torch.device, alone_too: bool = False) -> None:
+def init(
+    info: DistInfo, device: torch.device, timeout_s: float = 3600.0, alone_too: bool = False
+) -> None:
     """Join the process group (NCCL between CUDA devices, gloo on CPU) and wait
     for every rank: past this point, every rank has passed the start-up checks.
+    A collective waits at most `timeout_s` for the other ranks.
     `alone_too`: a group of one process too (a sharded run on one device)."""
     global _owned
     if not (info.enabled or alone_too):
         return
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": _TIMEOUT}
+        timeout = timedelta(seconds=timeout_s)
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
         if backend == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
         _owned = True
     dist.barrier()
+
+
+class PeerLost(GrassError):
+    """Another rank died or stopped answering while this one waited for it."""
+
+    exit_code = 1
+
+
+def peer_lost(e: BaseException, info: DistInfo, timeout_s: float) -> PeerLost | None:
+    """The error a collective raised, as one message, when it means another rank
+    is gone (None: some other error, left as it is)."""
+    text = str(e).lower()
+    if not (dist.is_available() and dist.is_initialized()) or not any(
+        w in text for w in _PEER_LOST
+    ):
+        return None
+    return PeerLost(
+        f"rank {info.rank} stopped: another process of the job died or stopped answering "
+        f"(a collective waited up to {timeout_s:g} s: {str(e).splitlines()[0][:160]})",
+        hint="see the other ranks' output for the first error; resume with "
+        "`--resume auto` once it is fixed (distributed.timeout_s sets how long ranks wait)",
+    )
 
 
 def shutdown() -> None:

@@ -9,6 +9,7 @@ the same weights, while each rank holds about 1/N of the weights and state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -226,3 +227,56 @@ def test_what_sharding_needs_is_said_before_the_model_loads(tiny_factory, tmp_pa
                        (f"eval.data={EVAL}", "task evaluation")):  # fmt: skip
         proc = _cli("validate", str(recipe), key)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+
+
+def _rank_pid(recipe: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` that trains `recipe`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(recipe).encode() in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_rank_that_hangs_stops_the_others_with_a_message(tiny_factory, tmp_path):
+    import signal
+    import time
+
+    model = tiny_factory("llama", 4)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model, out, *CASES["full-keep"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "grass_cli", "train", str(recipe), "--no-live", "training.max_steps=100000",
+           "checkpoint.interval=null", "training.eval_interval=null",
+           "distributed.timeout_s=4"]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pid = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+            (out / "metrics.jsonl").exists() and '"step"' in (out / "metrics.jsonl").read_text()
+        ):
+            time.sleep(0.5)
+        pid = _rank_pid(recipe, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # alive, but never answers again
+        stopped = time.time()
+        _, err = job.communicate(timeout=120)
+        waited = time.time() - stopped
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        job.kill()
+    assert job.returncode != 0
+    assert "rank 0 stopped: another process of the job died or stopped answering" in err
+    assert "waited up to 4 s" in err
+    assert f'File "{ROOT / "grass_cli"}' not in err
+    assert waited < 60

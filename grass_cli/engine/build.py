@@ -100,7 +100,8 @@ def setup(
     recipe = resolve_gamma(recipe, device.type, _device_total(device))
     resume_from = rundir.resolve_resume(recipe, resume, overwrite, info.world)
     sharding.check_launch(recipe.distributed, info.world, recipe.source)
-    distributed.init(info, device, alone_too=sharding.wanted(recipe.distributed))
+    dc = recipe.distributed
+    distributed.init(info, device, dc.timeout_s, alone_too=sharding.wanted(dc))
     seed_everything(recipe.training.seed)
     model, tokenizer, source, block_map, peft_model, sharded = build_model(recipe, device, info)
     train_data, eval_data, batches, total_steps = build_data(recipe, tokenizer, info)

@@ -325,6 +325,11 @@ def run_training(
     try:
         run = setup(recipe, telemetry, overwrite=overwrite, resume=resume, dist_info=dist_info)
         return train(run, stop)
+    except RuntimeError as e:  # a collective whose peer is gone: one message, not a trace
+        lost = run and distributed.peer_lost(e, run.dist, recipe.distributed.timeout_s)
+        if lost:
+            raise lost from None
+        raise
     finally:
         if run is not None and run.optimizer.store is not None:
             run.optimizer.store.close()

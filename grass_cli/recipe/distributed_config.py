@@ -32,6 +32,11 @@ class DistributedConfig(Section):
     # fsdp only: free a block's gathered weights after its forward and gather them
     # again in backward (less memory, one more all-gather per trained block).
     reshard_after_forward: bool = True
+    # Seconds a rank waits in a collective for the others (either mode): a rank
+    # that died or hangs makes the others stop with a message after this long
+    # instead of waiting forever. Longer than the longest one-rank phase (rank 0's
+    # task evaluation of a replicated run, the final save).
+    timeout_s: float = Field(3600.0, gt=0)
 
 
 def sharding_conflict(sharding: str, strategy: str, task_eval: bool) -> str | None:
