@@ -16,11 +16,13 @@
 #   6. benchmarks/plan_accuracy.py --device cuda       -> benchmarks/results/plan_accuracy-cuda.{json,md}
 #   7. benchmarks/tiered.py --device cuda (1.2B)       -> benchmarks/results/tiered-cuda.{json,md}
 #   8. benchmarks/compact_states.py library --device cuda -> benchmarks/results/compact-library-cuda.{json,md}
+#   9. sharded training on one GPU (FSDP2 over NCCL, a mesh of one process, under
+#      torchrun), GRASS on SmolLM2-135M               -> benchmarks/results/fsdp-cuda.txt
 #
 # A failing or timed-out step does not stop the later ones: each step's exit status
 # (124: timed out) is written to gpu-check.txt, with a summary at the end, and the
 # script exits non-zero if any step failed. Without CUDA everything degrades to
-# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-8
+# skips: the cuda tests skip, gpu_offload.py says so and exits 0, and steps 4-9
 # are not run (they would measure the CPU, or fail).
 set -euo pipefail
 
@@ -162,6 +164,18 @@ if ((!HAVE_CUDA)); then
     STATUS+=("compact library: skipped (no CUDA)")
 else
     step "compact library" 45 "$LOG" "$PY" benchmarks/compact_states.py library --device cuda
+fi
+
+# 9) the sharded (FSDP2) code path on CUDA: NCCL, bf16 compute, fp32 reduction
+if ((!HAVE_CUDA)); then
+    log "== fsdp: skipped (no CUDA)"
+    STATUS+=("fsdp: skipped (no CUDA)")
+else
+    : >"$RESULTS/fsdp-cuda.txt"
+    step fsdp 90 "$RESULTS/fsdp-cuda.txt" "$PY" -m torch.distributed.run --standalone \
+        --nproc-per-node 1 -m grass_cli train recipes/quickstart.yaml --no-live --overwrite \
+        distributed.sharding=fsdp training.device=cuda training.max_steps=20 \
+        output.dir="${TMPDIR:-/tmp}/grass-gpu-check-fsdp"
 fi
 
 log ""

@@ -4,7 +4,8 @@ What the CPU suite cannot check: the host store's pinned slabs and side-stream
 copies, offloading bit-identical to keep on a GPU (where copies really are
 asynchronous), bf16 weights with fp32 masters, `grass plan`'s predicted peak
 against the peak the caching allocator measures, and sample packing with CUDA's
-attention kernels (each packed row's loss its unpacked loss, fp32 and bf16).
+attention kernels (each packed row's loss its unpacked loss, fp32 and bf16), and
+the sharded (FSDP2) path over NCCL.
 """
 
 from __future__ import annotations
@@ -471,3 +472,35 @@ def test_packed_rows_on_cuda_equal_unpacked(dtype, tiny_factory, tokenizer, tmp_
     assert len(result.losses) == 8 and all(math.isfinite(x) for x in result.losses)
     steps = sink.of("step")
     assert min(e["tokens"] for e in steps) > 4 * 53  # several rows a sequence
+
+
+def test_sharded_on_one_cuda_device_matches_replicated(tiny_factory, tmp_path):
+    """FSDP2 over NCCL with a mesh of one process (torchrun --nproc-per-node 1): bf16
+    weights (so the mixed-precision policy only adds fp32 gradient reduction) train
+    as the replicated path does, to bf16 rounding."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    model = tiny_factory("llama", 4)
+    losses = {}
+    for mode in ("replicate", "fsdp"):
+        out = tmp_path / mode
+        recipe = tmp_path / f"{mode}.yaml"
+        data = cuda_recipe(
+            model, out, {"state_policy": "offload"}, training={"max_steps": 6}, dtype="bfloat16"
+        ).model_dump(mode="json")
+        data["distributed"]["sharding"] = mode
+        recipe.write_text(yaml.safe_dump(data))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=1", "-m", "grass_cli", "train", str(recipe),
+               "--no-live"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        losses[mode] = [e["loss"] for e in map(json.loads, lines) if e["event"] == "step"]
+    assert len(losses["fsdp"]) == 6
+    assert losses["fsdp"] == pytest.approx(losses["replicate"], rel=2e-2)
