@@ -275,6 +275,8 @@ class GradReducer:
     so probing never holds the whole model's gradients, as on one process.
     """
 
+    frees_grads = True  # (probing: the reduced buckets are freed here, not by the tracker)
+
     def __init__(
         self,
         params: list[torch.nn.Parameter],

@@ -181,9 +181,10 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
     """The recipe's own plan against this machine: the disk it writes (refused when a
     filesystem is short), the host RAM it needs (refused by train, a warning in
     validate) and, on the CPU, nothing more (host memory is the device)."""
-    from grass_cli.distributed import local_world
+    from grass_cli.distributed import from_env, local_world
     from grass_cli.planner.machine import host_memory, runtime_bytes
     from grass_cli.planner.memory import plan, recipe_scenario
+    from grass_cli.planner.sharded import shards
     from grass_cli.planner.tiers import resolve_budget
     from grass_cli.planner.verdict import (
         dataset_bytes,
@@ -197,8 +198,9 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
     recipe = _resolve_gamma(recipe, found, layout, device, training)
     host, local, runtime = host_memory(), local_world(), runtime_bytes()
     data = dataset_bytes(recipe)
-    recipe = found.recipe = resolve_budget(recipe, layout, device, host, data, runtime, local)
-    p = plan(recipe, layout, recipe_scenario(recipe), device)
+    n = shards(recipe, from_env().world)  # (one rank's plan when sharded)
+    recipe = found.recipe = resolve_budget(recipe, layout, device, host, data, runtime, local, n)
+    p = plan(recipe, layout, recipe_scenario(recipe), device, shards=n)
     need = disk_need(recipe, layout, p)
     found.disk = need
     found.disk_needed = dict(need.folders)

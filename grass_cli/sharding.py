@@ -42,8 +42,6 @@ from grass_cli.distributed import DistInfo
 from grass_cli.errors import GrassError
 from grass_cli.recipe import DistributedConfig
 
-Observer = Callable[[torch.nn.Parameter, torch.Tensor], None]
-
 
 @dataclass
 class Sharded:
@@ -165,10 +163,10 @@ def shard_model(
                 layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp
             )
         )
-    # the root: embeddings, final norm and head
-    units.append(
-        fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp)
-    )
+    # the root: embeddings, final norm and head. Kept gathered from forward to
+    # backward: the chunked loss (evaluate/loss.py) uses the head's weight after the
+    # model's forward has returned, and both ends of every step need the root.
+    units.append(fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)
@@ -180,13 +178,15 @@ class ShardedGrads:
 
     `arm()` before the backward of the step's last micro-batch turns FSDP2's
     reduce-scatter on (earlier ones accumulate unsharded), `finish()` after it
-    shows the tracker each trained parameter's local gradient shard. With
-    `keep_grads=False` (probing) the shards are freed once read.
+    counts the bytes reduced. The importance tracker reads each gradient shard as
+    FSDP2 assigns it (`ImportanceTracker.observe_shards`), and while probing frees
+    it right away, so probing holds one block's gradient at a time, not all of them.
     """
 
-    def __init__(self, units: list[Any], observe: Observer | None = None) -> None:
+    frees_grads = False  # (the tracker frees each shard once it has read it)
+
+    def __init__(self, units: list[Any]) -> None:
         self.units = units
-        self.observe = observe
         self._params: list[torch.nn.Parameter] = []
         self.keep_grads = True
         self.armed = False
@@ -210,12 +210,10 @@ class ShardedGrads:
         if not self.armed:
             return
         for p in self._params:
-            if p.grad is None:
+            if not p.requires_grad:
                 continue
             # what each rank feeds the reduce-scatter: the whole gradient
-            self.bytes_reduced += p.numel() * p.grad.element_size()
-            if self.observe is not None:
-                self.observe(p, local(p.grad))
+            self.bytes_reduced += p.numel() * p.element_size()
             if not self.keep_grads:
                 p.grad = None
         self.armed = False

@@ -191,3 +191,35 @@ def test_scaled_heads_are_not_chunked():
     assert head_is_plain(LlamaConfig())
     assert not head_is_plain(Gemma2Config())  # final_logit_softcapping 30
     assert not head_is_plain(LlamaConfig(logit_scale=0.5))
+
+
+def test_sharded_plan_is_one_ranks_share_and_the_machine_holds_every_rank():
+    """--nproc N with distributed.sharding=fsdp: weights, gradients and state are
+    1/N of one process's, plus the gathered root and blocks; the host and disk are
+    the machine's (every rank's store); LoRA (replicated only) is left out."""
+    path = str(ROOT / "recipes/gpu-grass.yaml")
+    base = [path, "--model-config", "llama-3-8b", "--host-memory", "400", "--json"]
+
+    def rows(*extra: str) -> dict[str, dict]:
+        res = CliRunner().invoke(app, ["plan", *base, *extra])
+        assert res.exit_code in (0, 1), res.output
+        return {r["label"]: r for r in json.loads(res.stdout)}
+
+    one, four = rows(), rows("--nproc", "4", "distributed.sharding=fsdp")
+    assert "lora" in one and "lora" not in four
+    for label, r in four.items():
+        assert r["shards"] == 4 and r["processes"] == 4
+        o = one[label]
+        assert r["kinds"]["weights"] == o["kinds"]["weights"] // 4
+        # the step holds shards only: weights, gradients, state and temporaries / 4
+        assert r["phases"]["step"] == pytest.approx(o["phases"]["step"] / 4, abs=8)
+        assert r["device_peak_bytes"] < o["device_peak_bytes"]
+        # 4 ranks' stores on one machine: as much pinned RAM as one process's store
+        assert sum(r["host_need"].values()) >= o["host_kinds"].get("store_pinned", 0)
+    # replicated: one rank is one process, the machine holds 4 of them
+    rep = rows("--nproc", "4")
+    for label, r in rep.items():
+        assert r["shards"] == 0 and r["device_peak_bytes"] == one[label]["device_peak_bytes"]
+        for part, v in one[label]["host_need"].items():
+            if part != "runtime":  # (this process's own size, measured: it grows)
+                assert r["host_need"][part] == 4 * v, (label, part)

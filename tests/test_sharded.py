@@ -86,12 +86,14 @@ def sharded_runs(tiny_factory, tmp_path_factory):
     return model, runs
 
 
-def single_run(recipe: Path, out: Path, world: int) -> Path:
+def single_run(
+    recipe: Path, out: Path, world: int, micro: int = 2, extra: list[str] | None = None
+) -> Path:
     """One process, the same global batch, replicated (nothing to shard)."""
     one = load_recipe(
         recipe,
-        [f"output.dir={out}", f"training.micro_batch_size={2 * world}",
-         "distributed.sharding=replicate"],
+        [f"output.dir={out}", f"training.micro_batch_size={micro * world}",
+         "distributed.sharding=replicate", *(extra or [])],
     )  # fmt: skip
     return run_training(one, Telemetry([]), overwrite=True).run_dir
 
@@ -197,8 +199,17 @@ def test_four_processes_full_and_hybrid_sharding_match_one(tiny_factory, tmp_pat
     case = CASES["grass-offload-cpu"]
     recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "four", *case)
     extra = [] if group is None else [f"distributed.shard_group_size={group}"]
-    train_sharded(recipe, *extra, nproc=4)
-    assert_same_training(tmp_path / "four", single_run(recipe, tmp_path / "one", 4), model)
+    # text rows longer than max_length, micro batch 4: 4 x 63 target tokens whose
+    # logits pass HEAD_CHUNK_BYTES, so the loss runs in chunks, using the head's
+    # weight after the model's forward has returned (the root unit stays gathered)
+    words = ("the", "of", "model", "layer", "and", "to", "in", "is")
+    rows = [" ".join(words[(i * 7 + j) % 8] for j in range(200)) for i in range(48)]
+    text = tmp_path / "long.jsonl"
+    text.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    data = [f"data.train={text}", "data.format=text", "data.eval=null"]
+    train_sharded(recipe, "training.micro_batch_size=4", *data, *extra, nproc=4)
+    one = single_run(recipe, tmp_path / "one", 4, micro=4, extra=data)
+    assert_same_training(tmp_path / "four", one, model)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

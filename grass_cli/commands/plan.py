@@ -87,6 +87,17 @@ DiskSpeedOpt = Annotated[
 ProbeOpt = Annotated[
     bool, typer.Option("--probe-disk", help="Measure the disk's speed again (not the cached one).")
 ]
+NprocOpt = Annotated[
+    int,
+    typer.Option(
+        "--nproc",
+        help="Processes per machine (torchrun --nproc-per-node): plan one rank, and the "
+        "machine's RAM for all of them. With distributed.sharding=fsdp each rank holds "
+        "1/N of the weights, gradients and state.",
+        min=1,
+    ),
+]
+NodesOpt = Annotated[int, typer.Option("--nodes", help="Machines (torchrun --nnodes).", min=1)]
 JsonOpt = Annotated[bool, json_option("One JSON object per strategy/policy, a list.")]
 
 
@@ -99,6 +110,8 @@ def plan(
     host_memory: HostMemoryOpt = None,
     disk_speed: DiskSpeedOpt = None,
     probe_disk: ProbeOpt = False,
+    nproc: NprocOpt = 1,
+    nodes: NodesOpt = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Predict peak device memory, host RAM and disk, by kind, for every strategy x
@@ -107,7 +120,7 @@ def plan(
     from grass_cli.cli import _guard
 
     args = (recipe, overrides or [], model_config, device, device_memory, host_memory,
-            (disk_speed, probe_disk))  # fmt: skip
+            (disk_speed, probe_disk), (nproc, nodes))  # fmt: skip
     layout, plans, own, extra = _guard(lambda: _plan(*args))
     if json_out:
         print_json([p.to_json() for p in plans], indent=2)
@@ -144,11 +157,14 @@ def _plan(
     device_memory: float | None,
     host_memory: float | None,
     speed_opts: tuple[float | None, bool] = (None, False),
+    procs: tuple[int, int] = (1, 1),
 ) -> tuple[Layout, list[Plan], Plan, Machine]:
     """The layout, every strategy x policy's plan (with its host verdict), the
-    recipe's own among them, and the host and disk it was checked against."""
+    recipe's own among them, and the host and disk it was checked against.
+    `procs` (per machine, machines): the plans are one rank's, the host's RAM and
+    disk a machine's."""
     from grass_cli.errors import GrassError
-    from grass_cli.planner import disk_speed, machine, verdict
+    from grass_cli.planner import disk_speed, machine, sharded, verdict
     from grass_cli.planner.memory import recipe_scenario
     from grass_cli.planner.resolve import plan_resolved
     from grass_cli.recipe import load_recipe
@@ -156,14 +172,20 @@ def _plan(
     if device not in (None, "cuda", "cpu"):
         raise GrassError(f"unknown device {device!r}", where="--device", hint="cuda or cpu")
     r = load_recipe(recipe, overrides)
+    nproc, nodes = procs
+    shards = sharded.shards(r, nproc * nodes)
     host = machine.host_memory(host_memory)
     data, runtime = verdict.dataset_bytes(r), machine.runtime_bytes()
     r, layout, plans = plan_resolved(
-        r, model_config, device, device_memory, flag=True, host=host, beside=(data, runtime)
-    )
+        r, model_config, device, device_memory, flag=True, host=host, beside=(data, runtime),
+        shards=shards, local=nproc,
+    )  # fmt: skip
     for p in plans:
-        p.host_need = verdict.host_need(p, layout, data, runtime)
+        # every process of a machine has its own store, data and runtime
+        p.host_need = {k: v * nproc for k, v in verdict.host_need(p, layout, data, runtime).items()}
         p.host_fits, p.host_advice = verdict.judge_host(p, p.host_need, host)
+        p.disk_bytes *= nproc
+        p.processes = nproc * nodes
     label = recipe_scenario(r).label
     own = next(p for p in plans if p.label == label)  # scenarios() covers every recipe
     disk = verdict.disk_need(r, layout, own)
@@ -272,6 +294,9 @@ def plan_table(layout: Layout, plans: list[Plan], own: Plan, device_memory: floa
         f"{layout.name}: {layout.params / 1e9:.2f}B parameters, {len(layout.blocks)} blocks, "
         f"{layout.weight_bytes * 8}-bit weights, device {first.device}"
     )
+    if first.processes > 1 or first.shards:
+        how = f"sharded in {first.shards}" if first.shards else "replicated"
+        title += f"; one rank of {first.processes} processes ({how}), host and disk per machine"
     table = Table(title=title, title_justify="left")
     table.caption = (
         "GB (1e9 bytes). peak: device peak; weights..activ.: its parts; host: RAM needed "

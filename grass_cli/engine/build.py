@@ -250,8 +250,9 @@ def build_importance(
     reducer: GradReducer | ShardedGrads | None = None
     if sharded is not None:
         tracker.local_hooks = False
+        tracker.observe_shards = True
         tracker.reduce = sharding.sum_over(sharded.group)
-        reducer = ShardedGrads(sharded.units, observe=tracker.observe)
+        reducer = ShardedGrads(sharded.units)
     elif info.enabled:
         tracker.local_hooks = False
         params = list({id(p): p for g in block_map.groups() for p in g.tensors}.values())
@@ -294,6 +295,7 @@ def _host_budget(recipe: Recipe, device: torch.device) -> int | None:
     from grass_cli.planner import tiers
     from grass_cli.planner.machine import host_memory, runtime_bytes
     from grass_cli.planner.shape import build_layout, load_config
+    from grass_cli.planner.sharded import shards as plan_shards
     from grass_cli.planner.verdict import dataset_bytes
 
     if not tiers.applies(recipe) or recipe.optimizer.offload.host_budget is None:
@@ -309,5 +311,6 @@ def _host_budget(recipe: Recipe, device: torch.device) -> int | None:
         dataset_bytes(recipe),
         runtime_bytes(),
         distributed.local_world(),
+        plan_shards(recipe, distributed.from_env().world),
     )
     return r._host_budget

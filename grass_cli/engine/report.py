@@ -78,7 +78,10 @@ def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str,
     """Bytes by kind: weights, gradients of the trained parameters, optimizer state
     on the device and in the offload store, fp32 master weights. Sharded: this
     rank's shards (about 1/N of each)."""
-    weights = sum(local(p).numel() * p.element_size() for p in run.model.parameters())
+    # (the block map's tensors: a sharded model's own may be gathered right now)
+    weights = sum(
+        local(p).numel() * p.element_size() for g in run.block_map.groups() for p in g.tensors
+    )
     return {
         "weights_bytes": weights,
         "grad_bytes": sum(local(p).numel() * p.element_size() for p in trainable),

@@ -44,6 +44,7 @@ from typing import Any
 
 from grass_cli.planner.activations import Acts, activations
 from grass_cli.planner.shape import GroupShape, Layout
+from grass_cli.planner.sharded import sharding_extra
 from grass_cli.recipe import LAYERWISE, PROBING, Recipe
 
 # ------------------------------------------------------------------------- scenario
@@ -97,6 +98,8 @@ class Plan:
     host_fits: bool | None = None
     host_advice: str | None = None
     disk_traffic: dict[str, Any] | None = None  # the recipe's own: grass plan's disk line
+    shards: int = 0  # one rank of a sharded run whose weights are cut in this many shards
+    processes: int = 1  # of the job (grass plan --nproc x --nodes): the plan is one rank's
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,16 +231,21 @@ def _step_transient(sc: Scenario, t: _Trained, masters: bool, device: str, compa
     return fp32_grads + unit * 4 + largest_param * compact
 
 
-def _backward_peak(lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, accum: bool) -> int:
+def _backward_peak(
+    lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, accum: bool, shards: int = 1,
+    reduce: int = 0,
+) -> int:  # fmt: skip
     """Backward swept from the head down to block 0 (the worst draw has the lowest
     block active, so every block is in the gradient range): activations shrink as
-    gradients grow; the peak is the worst point of the sweep."""
-    grads_of = {g.name: g.numel * t.gbytes for g in t.groups}
+    gradients grow; the peak is the worst point of the sweep. Sharded: the
+    gradients made so far are shards, plus one block's whole gradient (`reduce`);
+    accumulating micro-batches hold whole gradients until the step's last one."""
+    grads_of = {g.name: g.numel * t.gbytes // shards for g in t.groups}
     grads = sum(grads_of.values())
     groups, L = lay.groups, len(lay.blocks)
     head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
     block_grads = [grads_of.get(b, 0) for b in lay.blocks]
-    g_before = grads if accum else 0
+    g_before = grads * shards if accum else 0
     # the chunked loss makes a trained head's gradient in fp32 during the forward: at
     # the loss it is that buffer; as backward starts, also its copy in the weight's dtype
     head = any(g.kind == "head" or (g.kind == "embed" and g.tied) for g in t.groups)
@@ -248,7 +256,7 @@ def _backward_peak(lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, 
         peak = max(peak, base + sum(acts.saved) + max(g_before, loss_grads + head_numel * t.gbytes))
     for k in range(L - 1, -1, -1):
         live = sum(acts.saved[:k]) + (acts.per_layer[k] if ckpt else acts.saved[k]) + acts.work
-        produced = head_grads + sum(block_grads[k:])
+        produced = head_grads + sum(block_grads[k:]) + (reduce if block_grads[k] else 0)
         peak = max(peak, base + live + max(g_before, produced))
     return peak
 
@@ -260,37 +268,43 @@ def plan(
     device: str = "cuda",
     visited: int | None = None,
     checkpointing: bool | None = None,
+    shards: int = 0,
 ) -> Plan:
     """Predict one scenario's peaks. `visited`: blocks whose state `keep` holds
-    (default: all of them, which a long enough run reaches)."""
+    (default: all of them, which a long enough run reaches). `shards`: one rank of
+    a sharded run (distributed.sharding: fsdp) whose weights, gradients and state
+    are cut in that many shards (0: not sharded)."""
     ckpt = recipe.model.gradient_checkpointing if checkpointing is None else checkpointing
     w, L, masters = lay.weight_bytes, len(lay.blocks), lay.weight_bytes == 2
     t = _trained(recipe, lay, sc)
-    weights = lay.params * w
-    grads = sum(g.numel * t.gbytes for g in t.groups)
-    device_state, store = _state(lay, sc, t, visited)
+    ns = max(shards, 1)
+    weights = lay.params * w // ns
+    grads = sum(g.numel * t.gbytes for g in t.groups) // ns
+    device_state, store = (x // ns for x in _state(lay, sc, t, visited))
     from grass_cli.offload.compact import STEP_TEMP_BYTES
 
     compact = STEP_TEMP_BYTES[recipe.optimizer.state_dtype]["cpu" if device == "cpu" else "cuda"]
-    step_transient = _step_transient(sc, t, masters, device, compact)
+    step_transient = _step_transient(sc, t, masters, device, compact) // ns
     acts = activations(recipe, lay, t.active_blocks, ckpt)
     streaming = sc.state_policy == "offload" and sc.residency == "step"
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
+    gathered, reduce = sharding_extra(lay, t, device) if shards else (0, 0)
     accum = recipe.training.grad_accum_steps > 1
-    phases = {"backward": _backward_peak(lay, t, acts, base, ckpt, accum)}
+    phases = {"backward": _backward_peak(lay, t, acts, base + gathered, ckpt, accum, ns, reduce)}
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
     if streaming:
-        phases["step"] = weights + _streamed_step(
-            t.groups, t.gbytes, t.sbytes, masters, temps, compact
+        phases["step"] = (
+            weights + _streamed_step(t.groups, t.gbytes, t.sbytes, masters, temps, compact) // ns
         )
     else:
         phases["step"] = weights + grads + device_state + step_transient
     if sc.strategy in PROBING:
         # all blocks in the gradient range, checkpointed; one gradient at a time
+        # (sharded: plus one block's whole gradient before its reduce-scatter)
         probe_live = L * acts.layer_in + max(acts.logits, acts.layer_trained + acts.work)
         largest_block_param = max(n for b in lay.blocks for n in lay.groups[b].params)
-        phases["probe"] = weights + probe_live + largest_block_param * (w + 8)
+        phases["probe"] = weights + gathered + reduce + probe_live + largest_block_param * (w + 8)
     phase = max(phases, key=lambda k: phases[k])
     kinds = {
         "weights": weights,
@@ -303,7 +317,9 @@ def plan(
         else phases["probe"] - weights,
         "step_transient": step_transient if phase == "step" else 0,
     }
-    return _result(sc, t, device, phases, phase, kinds, weights, store)
+    p = _result(sc, t, device, phases, phase, kinds, weights, store)
+    p.shards = shards
+    return p
 
 
 def _result(

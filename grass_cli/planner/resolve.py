@@ -24,12 +24,16 @@ def plan_resolved(
     flag: bool = False,
     host: HostMemory | None = None,
     beside: tuple[int, int] | None = None,
+    shards: int = 0,
+    local: int = 1,
 ) -> tuple[Recipe, Layout, list[Plan]]:
     """Plans for every scenario (or the recipe's own), and the recipe they planned:
     sampler.gamma: auto resolved for the device memory given (else this machine's
     card), and with `host`, the two-tier store's pinned budget for that RAM. `flag`:
     the caller offers --model-config (its hints may name it). `beside`: (dataset,
-    runtime) bytes, measured once by a caller that judges the host with them too."""
+    runtime) bytes, measured once by a caller that judges the host with them too.
+    `shards`: plan one rank of a sharded run (planner/sharded.py); `local`: the
+    processes of a machine, which share its RAM."""
     from grass_cli.planner.auto import needs_resolving, resolve_gamma
     from grass_cli.planner.verdict import judge
 
@@ -51,6 +55,9 @@ def plan_resolved(
         from grass_cli.planner.verdict import dataset_bytes
 
         data, runtime = beside or (dataset_bytes(recipe), runtime_bytes())
-        recipe = resolve_budget(recipe, lay, device, host, data, runtime)
+        recipe = resolve_budget(recipe, lay, device, host, data, runtime, local, shards)
     chosen = scenarios(recipe) if all_scenarios else [recipe_scenario(recipe)]
-    return recipe, lay, [judge(plan(recipe, lay, sc, device), recipe, lay, budget) for sc in chosen]
+    if shards:  # (LoRA trains replicated only)
+        chosen = [sc for sc in chosen if sc.strategy != "lora"]
+    plans = [plan(recipe, lay, sc, device, shards=shards) for sc in chosen]
+    return recipe, lay, [judge(p, recipe, lay, budget) for p in plans]

@@ -57,15 +57,17 @@ def resolve_budget(
     dataset: int,
     runtime: int,
     local: int = 1,
+    shards: int = 0,
 ) -> Recipe:
     """The recipe with its pinned budget resolved against this host, from the plan of
     its unbounded store. The budget is the machine's: `local` processes of a torchrun
-    job share it (each holds a store), so each gets its share."""
+    job share it (each holds a store, of 1/`shards` of the state when sharded), so
+    each gets its share."""
     from grass_cli.planner.memory import plan, recipe_scenario
 
     if not applies(recipe):
         return recipe
-    p = plan(recipe, lay, recipe_scenario(with_budget(recipe, None)), device)
+    p = plan(recipe, lay, recipe_scenario(with_budget(recipe, None)), device, shards=shards)
     store = p.host_kinds.get("store_pinned", 0) or p.host_kinds.get("store", 0)
     others = dataset + runtime
     if device == "cpu":

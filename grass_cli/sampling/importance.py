@@ -65,9 +65,12 @@ class ImportanceTracker:
         # Data-parallel runs observe the gradients summed across ranks (`observe`,
         # called by the GradReducer), not each rank's local part in the hooks.
         self.local_hooks = True
-        # Sharded runs observe each rank's shard of the gradients: set to a sum over
-        # the ranks holding the other shards (sharding.sum_over), applied to the
-        # squared norms before they become an observation.
+        # Sharded runs observe each rank's shard of the reduced gradients as FSDP2
+        # hands it over (it runs a parameter's post-accumulate-grad hooks when it
+        # assigns the shard), and `reduce` sums the squared norms over the ranks
+        # holding the other shards (sharding.sum_over) before they become an
+        # observation.
+        self.observe_shards = False
         self.reduce: Callable[[torch.Tensor], None] | None = None
         # Off where nothing reads the MGN (output.importance: auto and a sampler
         # other than grass, after probing): the hooks then return at once instead
@@ -97,6 +100,8 @@ class ImportanceTracker:
             self._touched.add(index)
 
     def _free(self, p: torch.Tensor) -> None:
+        if self.observe_shards and p.grad is not None:
+            self.observe(p, p.grad._local_tensor)  # (a DTensor: this rank's shard)
         if self.free_grads:
             p.grad = None
 

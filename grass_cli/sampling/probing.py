@@ -98,7 +98,8 @@ def probe(
         group.set_trainable(group.kind == "block")
     if reducer is not None:
         reducer.prepare([p for b in block_map.blocks for p in b.tensors])
-    tracker.free_grads = reducer is None  # the reducer frees what it has reduced
+    # freed once read (a GradReducer frees what it has reduced itself)
+    tracker.free_grads = reducer is None or not reducer.frees_grads
     observing_before, tracker.observing = tracker.observing, True
     try:
         for micro in steps:

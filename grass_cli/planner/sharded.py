@@ -1,0 +1,37 @@
+"""The planner's view of a sharded run (distributed.sharding: fsdp): what one rank
+holds beyond its 1/N shards, and what a machine's ranks hold together.
+
+planner/memory.py divides weights, gradients and optimizer state by the number of
+shards; this module adds the rest: FSDP2's gathered weights and a block's whole
+gradient before its reduce-scatter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from grass_cli.planner.memory import _Trained
+    from grass_cli.planner.shape import Layout
+    from grass_cli.recipe import Recipe
+
+
+def shards(recipe: Recipe, world: int) -> int:
+    """Into how many shards a run of `world` processes cuts each weight (0: the
+    recipe replicates the model)."""
+    d = recipe.distributed
+    if d.sharding != "fsdp":
+        return 0
+    return d.shard_group_size or world
+
+
+def sharding_extra(lay: Layout, t: _Trained, device: str) -> tuple[int, int]:
+    """A sharded rank's working set beyond its shards: the gathered weights (the root
+    unit, embeddings, norm and head, for the whole step; two blocks: the one computing
+    and the next, prefetched), in the compute dtype (bf16 on CUDA); and a trained
+    block's whole gradient before its reduce-scatter (with an fp32 copy on CUDA)."""
+    cw = 2 if device == "cuda" else lay.weight_bytes
+    root = sum(g.numel for g in lay.groups.values() if g.kind != "block")
+    block = max(lay.groups[b].numel for b in lay.blocks)
+    trained = max((g.numel for g in t.groups if g.kind == "block"), default=0)
+    return (root + 2 * block) * cw, trained * (t.gbytes + (4 if device == "cuda" else 0))
