@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -161,15 +161,6 @@ def shard_rows(t: DTensor) -> tuple[int, int]:
     chunk = -(-n // ranks)
     start = min(coord * chunk, n)
     return start, min(chunk, n - start)
-
-
-def shard_layout(model: torch.nn.Module) -> dict[str, Any]:
-    """Per sharded weight, its rows on this rank (for tests and checkpoints)."""
-    return {
-        name: shard_rows(t)
-        for name, t in model.state_dict(keep_vars=True).items()
-        if isinstance(t, DTensor)
-    }
 
 
 def resharded(

@@ -283,10 +283,3 @@ def conversation_field(
             f"{'|'.join(to_assistant) or 'assistant'}}} message",
         )
     return out
-
-
-def messages_field(
-    row: dict[str, Any], col: str, where: str, need_assistant: bool = True
-) -> list[dict[str, str]]:
-    """A chat-format `messages` list with the plain role names (see `conversation_field`)."""
-    return conversation_field(row, col, where, "chat", None, need_assistant)

@@ -116,8 +116,3 @@ class DataConfig(Section):
     def train_file(self) -> str | None:
         """`data.train` when it names one file or folder (not a source or a mixture)."""
         return self.train if isinstance(self.train, str) else None
-
-    @property
-    def eval_file(self) -> str | None:
-        """`data.eval` when it names a file (not rows held out of train, not a source)."""
-        return self.eval if isinstance(self.eval, str) else None

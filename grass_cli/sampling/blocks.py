@@ -12,7 +12,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from torch import nn
 
 from grass_cli.errors import ModelError
@@ -172,17 +171,3 @@ def build_block_map(model: nn.Module, blocks_attr: str | None = None) -> BlockMa
         norm=norm if norm.params else None,
         blocks_path=path,
     )
-
-
-def trainable_numel(groups: list[ParamGroup]) -> int:
-    return sum(g.numel for g in groups)
-
-
-def group_grad_sq(group: ParamGroup) -> torch.Tensor | None:
-    """Sum of squared gradient entries of a group (None if no gradient)."""
-    total: torch.Tensor | None = None
-    for _, p in group.params:
-        if p.grad is not None:
-            s = p.grad.detach().float().pow(2).sum()
-            total = s if total is None else total + s
-    return total
