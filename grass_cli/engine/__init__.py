@@ -3,7 +3,8 @@
 Layout: build.py (each component from its recipe section), loop.py (train: choose
 blocks -> forward/backward -> step -> telemetry -> eval/checkpoint), report.py
 (what the loop tells its sinks), evals.py (evaluation during training), saving.py
-(checkpoints and the final model), run_dir.py (the run folder's rules).
+(checkpoints and the final model), run_dir.py (the run folder's rules), result.py
+(what a run returns).
 """
 
 from grass_cli.engine.build import Run, seed_everything, setup
@@ -11,11 +12,11 @@ from grass_cli.engine.loop import (
     Interrupted,
     NonFiniteError,
     StopRequest,
-    TrainResult,
     probe,
     run_training,
     train,
 )
+from grass_cli.engine.result import TrainResult
 
 __all__ = [
     "Interrupted",

@@ -21,6 +21,7 @@ from grass_cli.distributed import any_rank, check_same
 from grass_cli.engine import report
 from grass_cli.engine.build import Run, setup
 from grass_cli.engine.evals import evaluate_loss, task_eval
+from grass_cli.engine.result import TrainResult
 from grass_cli.engine.saving import restore, save_model, write_checkpoint
 from grass_cli.engine.schedule import lr_at
 from grass_cli.errors import GrassError
@@ -31,20 +32,6 @@ from grass_cli.sampling.probing import probe as probe_blocks
 from grass_cli.sharding import as_float
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.memory import memory_stats
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    model_dir: Path | None
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    eval_losses: dict[int, float] = field(default_factory=dict)
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    peak_rss: int = 0
-    skipped: int = 0
-    task_eval: dict[str, Any] | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from grass_cli.sharding import local
 
 if TYPE_CHECKING:
     from grass_cli.engine.build import Run
-    from grass_cli.engine.loop import TrainResult
+    from grass_cli.engine.result import TrainResult
 
 
 def run_facts(run: Run) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from grass_cli.models import quiet_stderr
 
 if TYPE_CHECKING:
     from grass_cli.engine.build import Run
-    from grass_cli.engine.loop import TrainResult
+    from grass_cli.engine.result import TrainResult
 
 
 def write_model(run: Run, folder: Path, shard_size: int | str | None = None) -> None:

@@ -289,7 +289,7 @@ def plan(
     streaming = sc.state_policy == "offload" and sc.residency == "step"
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
-    gathered, reduce = sharding_extra(lay, t, device) if shards else (0, 0)
+    gathered, reduce = sharding_extra(lay, t.groups, t.gbytes, device) if shards else (0, 0)
     accum = recipe.training.grad_accum_steps > 1
     phases = {"backward": _backward_peak(lay, t, acts, base + gathered, ckpt, accum, ns, reduce)}
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from grass_cli.planner.memory import _Trained
-    from grass_cli.planner.shape import Layout
+    from grass_cli.planner.shape import GroupShape, Layout
     from grass_cli.recipe import Recipe
 
 
@@ -25,13 +24,16 @@ def shards(recipe: Recipe, world: int) -> int:
     return d.shard_group_size or world
 
 
-def sharding_extra(lay: Layout, t: _Trained, device: str) -> tuple[int, int]:
+def sharding_extra(
+    lay: Layout, trained: list[GroupShape], gbytes: int, device: str
+) -> tuple[int, int]:
     """A sharded rank's working set beyond its shards: the gathered weights (the root
     unit, embeddings, norm and head, for the whole step; two blocks: the one computing
     and the next, prefetched), in the compute dtype (bf16 on CUDA); and a trained
-    block's whole gradient before its reduce-scatter (with an fp32 copy on CUDA)."""
+    block's whole gradient (`gbytes` a parameter) before its reduce-scatter (with an
+    fp32 copy on CUDA)."""
     cw = 2 if device == "cuda" else lay.weight_bytes
     root = sum(g.numel for g in lay.groups.values() if g.kind != "block")
     block = max(lay.groups[b].numel for b in lay.blocks)
-    trained = max((g.numel for g in t.groups if g.kind == "block"), default=0)
-    return (root + 2 * block) * cw, trained * (t.gbytes + (4 if device == "cuda" else 0))
+    largest = max((g.numel for g in trained if g.kind == "block"), default=0)
+    return (root + 2 * block) * cw, largest * (gbytes + (4 if device == "cuda" else 0))
