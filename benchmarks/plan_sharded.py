@@ -10,7 +10,9 @@ in float32; the ~1.2B random-weight Llama in bfloat16 with checkpointing), minus
 `distributed.sharding=fsdp`. Every rank measures itself as plan_accuracy.py's child
 does: the tensors alive before training plus the highest running total of the
 allocations and frees torch's profiler saw during training (the CPU's analogue of
-`torch.cuda.max_memory_allocated`), and writes it to a file; the table gives the
+`torch.cuda.max_memory_allocated`), reset at each step's end to the live tensor
+bytes counted there (the profiler misses the frees gloo's threads do, which would
+otherwise pile up step after step), and writes it to a file; the table gives the
 largest rank's and the prediction for one rank. Goal (issue 38): within +-10%.
 Results: benchmarks/results/plan_sharded.{json,md}. Runs one job at a time: give it
 a quiet machine (2 ranks each use one core).
@@ -57,19 +59,40 @@ def rank_child(out: Path, overrides: list[str]) -> None:
 
     run.telemetry.add(Capture())
     base = pa.live_tensor_bytes()
+    actual: list[int] = []  # live tensor bytes at each step's end, counted
+
+    class StepEnd:
+        def emit(self, event: dict) -> None:
+            if event.get("event") == "step":
+                actual.append(pa.live_tensor_bytes() - base)
+                with torch.profiler.record_function("grass-step-end"):
+                    pass
+
+        def close(self) -> None:
+            pass
+
+    run.telemetry.add(StepEnd())
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
         train(run)
     if run.optimizer.store is not None:
         run.optimizer.store.close()
-    deltas = sorted(
-        (e.start_ns(), e.nbytes())
+    # The profiler sees every allocation but not the frees done on gloo's own
+    # threads (a collective's buffers), so its running total drifts up by those;
+    # at each step's end it is reset to the live bytes counted there, which leaves
+    # at most one step's missed frees in the peak.
+    events = sorted(
+        (e.start_ns(), e.nbytes() if e.name() == "[memory]" else None)
         for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
+        if e.name() in ("[memory]", "grass-step-end")
     )
     live = peak = 0
-    for _, d in deltas:
+    ends = iter(actual)
+    for _, d in events:
+        if d is None:
+            live = next(ends, live)
+            continue
         live += d
         peak = max(peak, live)
     visited = {b for e in steps for b in e["active"]}
