@@ -63,7 +63,7 @@ def rank_child(out: Path, overrides: list[str]) -> None:
 
     class StepEnd:
         def emit(self, event: dict) -> None:
-            if event.get("event") == "step":
+            if event.get("event") in ("step", "probe"):  # (probing steps too)
                 actual.append(pa.live_tensor_bytes() - base)
                 with torch.profiler.record_function("grass-step-end"):
                     pass
@@ -80,8 +80,8 @@ def rank_child(out: Path, overrides: list[str]) -> None:
         run.optimizer.store.close()
     # The profiler sees every allocation but not the frees done on gloo's own
     # threads (a collective's buffers), so its running total drifts up by those;
-    # at each step's end it is reset to the live bytes counted there, which leaves
-    # at most one step's missed frees in the peak.
+    # at each (probing) step's end it is reset to the live bytes counted there, which
+    # leaves at most one step's missed frees in the peak.
     events = sorted(
         (e.start_ns(), e.nbytes() if e.name() == "[memory]" else None)
         for e in prof.profiler.kineto_results.events()
