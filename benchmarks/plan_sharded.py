@@ -145,7 +145,9 @@ def to_md(res: dict) -> str:
     lines = [
         "# grass plan --nproc N (sharded, FSDP2) against measured per-rank peaks",
         "",
-        f"Command: `{res['command']}`  ",
+        f"Command: `{res['command']}`"
+        + (f" (predictions: `{res['repredicted']}`)" if res.get("repredicted") else "")
+        + "  ",
         f"Machine: {res['machine']}",
         "",
         "| model | method | ranks | measured (largest rank) | predicted (one rank) "
@@ -167,10 +169,30 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(pa.MODELS), choices=list(pa.MODELS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--nprocs", nargs="+", type=int, default=[2, 4])
+    ap.add_argument(
+        "--repredict",
+        action="store_true",
+        help="predict again for the measurements in results/plan_sharded.json (after a "
+        "planner change), without training",
+    )
     ap.add_argument("--rank-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_child:
         rank_child(Path(args.rank_child[0]), args.rank_child[1:])
+        return
+    if args.repredict:
+        res = json.loads((RESULTS / "plan_sharded.json").read_text())
+        data = Path(tempfile.gettempdir()) / "unused.jsonl"  # (only its name is planned)
+        for row in res["rows"]:
+            overrides = pa.run_overrides(row["model"], row["method"], data, "cpu", "unused")
+            p = predict([*overrides, "distributed.sharding=fsdp"], row["visited"], row["nproc"])
+            row["predicted"] = p["device_peak_bytes"]
+            row["ratio"] = row["predicted"] / row["measured"]
+            row["phase"] = p["peak_phase"]
+        res["repredicted"] = "python benchmarks/plan_sharded.py --repredict"
+        (RESULTS / "plan_sharded.json").write_text(json.dumps(res, indent=1) + "\n")
+        (RESULTS / "plan_sharded.md").write_text(to_md(res))
+        print(to_md(res))
         return
     res = {
         "command": "python benchmarks/plan_sharded.py " + " ".join(sys.argv[1:]),

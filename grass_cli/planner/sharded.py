@@ -29,11 +29,15 @@ def sharding_extra(
 ) -> tuple[int, int]:
     """A sharded rank's working set beyond its shards: the gathered weights (the root
     unit, embeddings, norm and head, for the whole step; two blocks: the one computing
-    and the next, prefetched), in the compute dtype (bf16 on CUDA); and a trained
-    block's whole gradient (`gbytes` a parameter) before its reduce-scatter (with an
-    fp32 copy on CUDA)."""
+    and the next, prefetched), in the compute dtype (bf16 on CUDA); and the largest
+    trained unit's whole gradient (`gbytes` a parameter) with the reduce-scatter's
+    input copy of it (in fp32 on CUDA), which exist together before it is reduced.
+    The root is a unit too: training the embeddings or head makes its whole
+    gradient, vocabulary-sized, the largest."""
     cw = 2 if device == "cuda" else lay.weight_bytes
     root = sum(g.numel for g in lay.groups.values() if g.kind != "block")
     block = max(lay.groups[b].numel for b in lay.blocks)
-    largest = max((g.numel for g in trained if g.kind == "block"), default=0)
-    return (root + 2 * block) * cw, largest * (gbytes + (4 if device == "cuda" else 0))
+    units = [g.numel for g in trained if g.kind == "block"]
+    units.append(sum(g.numel for g in trained if g.kind in ("embed", "head", "norm")))
+    copy = 4 if device == "cuda" else gbytes
+    return (root + 2 * block) * cw, max(units) * (gbytes + copy)
