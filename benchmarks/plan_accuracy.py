@@ -39,6 +39,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from runstats import run_child  # benchmarks/ is on sys.path when a script here runs
 
@@ -210,6 +211,26 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+def profiler_peak(prof: Any, marker: str | None = None, resets: tuple | list = ()) -> int:
+    """The highest running total of the allocations and frees a torch profiler saw.
+    At each `marker` event the total is set to the next of `resets` (bytes counted
+    then), for frees the profiler cannot see (those done on other threads)."""
+    events = sorted(
+        (e.start_ns(), e.nbytes() if e.name() == "[memory]" else None)
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" or e.name() == marker
+    )
+    live = peak = 0
+    counted = iter(resets)
+    for _, d in events:
+        if d is None:
+            live = next(counted, live)
+            continue
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
 def child(overrides: list[str], recipe: Path = QUICKSTART) -> None:
     """Train once in this process; print one JSON line: measured peak, visited blocks
     (and the lowest visited: GRASS's activations reach down to it)."""
@@ -256,16 +277,7 @@ def child(overrides: list[str], recipe: Path = QUICKSTART) -> None:
     else:
         # CPU's analogue of max_memory_allocated: tensors alive before training, plus
         # the highest running total of the allocations and frees the profiler saw
-        deltas = sorted(
-            (e.start_ns(), e.nbytes())
-            for e in prof.profiler.kineto_results.events()
-            if e.name() == "[memory]"
-        )
-        live = peak = 0
-        for _, d in deltas:
-            live += d
-            peak = max(peak, live)
-        measured = base + peak
+        measured = base + profiler_peak(prof)
         extra = {
             "live_before_train": base,
             "rss_before_load": before,

@@ -82,19 +82,7 @@ def rank_child(out: Path, overrides: list[str]) -> None:
     # threads (a collective's buffers), so its running total drifts up by those;
     # at each (probing) step's end it is reset to the live bytes counted there, which
     # leaves at most one step's missed frees in the peak.
-    events = sorted(
-        (e.start_ns(), e.nbytes() if e.name() == "[memory]" else None)
-        for e in prof.profiler.kineto_results.events()
-        if e.name() in ("[memory]", "grass-step-end")
-    )
-    live = peak = 0
-    ends = iter(actual)
-    for _, d in events:
-        if d is None:
-            live = next(ends, live)
-            continue
-        live += d
-        peak = max(peak, live)
+    peak = pa.profiler_peak(prof, "grass-step-end", actual)
     visited = {b for e in steps for b in e["active"]}
     rank = int(os.environ.get("RANK", "0"))
     result = {"measured": base + peak, "live_before_train": base, "visited": len(visited)}

@@ -38,7 +38,17 @@ POLICIES = {
 }
 
 
-def write_recipe(path: Path, model_dir: Path, out: Path, strategy: str, offload: dict) -> Path:
+def write_recipe(
+    path: Path,
+    model_dir: Path,
+    out: Path,
+    strategy: str,
+    offload: dict,
+    policy: str = "offload",
+    **sections: dict,
+) -> Path:
+    """The distributed tests' recipe (tests/test_sharded.py's too); `sections` are
+    merged into the recipe's sections, e.g. distributed={"sharding": "fsdp"}."""
     recipe = {
         "model": {"path": str(model_dir)},
         "data": {"train": TRAIN, "eval": EVAL, "max_length": 64, "limit": 48, "eval_limit": 6},
@@ -52,8 +62,8 @@ def write_recipe(path: Path, model_dir: Path, out: Path, strategy: str, offload:
         "optimizer": {
             "lr": 2e-3,
             "weight_decay": 0.01,
-            "state_policy": "offload",
-            "offload": offload,
+            "state_policy": policy,
+            **({"offload": offload} if offload else {}),
         },
         # constant lr: a run resumed with a larger max_steps follows the same curve
         "training": {
@@ -66,6 +76,8 @@ def write_recipe(path: Path, model_dir: Path, out: Path, strategy: str, offload:
         "checkpoint": {"at_end": True},
         "output": {"dir": str(out), "save_model": True},
     }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
     path.write_text(yaml.safe_dump(recipe))
     return path
 

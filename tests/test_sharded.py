@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from test_distributed import EVAL, ROOT, TRAIN, events, torchrun
+from test_distributed import EVAL, ROOT, events, torchrun
+from test_distributed import write_recipe as dist_recipe
 
 from grass_cli.engine import run_training
 from grass_cli.recipe import load_recipe
@@ -40,32 +40,14 @@ CASES = {
 
 
 def write_recipe(path: Path, model: Path, out: Path, strategy: str, policy: str, off: dict) -> Path:
-    recipe = {
-        "model": {"path": str(model)},
-        "data": {"train": TRAIN, "eval": EVAL, "max_length": 64, "limit": 48, "eval_limit": 7},
-        "sampler": {
-            "strategy": strategy,
-            "gamma": 2,
-            "switch_interval": 2,
-            "probe_steps": 2,
-            "update_interval": 2,
-        },
-        "optimizer": {"lr": 2e-3, "weight_decay": 0.01, "state_policy": policy},
-        "training": {
-            "max_steps": STEPS,
-            "micro_batch_size": 2,
-            "seed": 3,
-            "lr_scheduler": "constant",
-            "eval_interval": 3,
-        },
-        "checkpoint": {"interval": 3, "at_end": True},
-        "distributed": {"sharding": "fsdp"},
-        "output": {"dir": str(out), "save_model": True},
-    }
-    if off:
-        recipe["optimizer"]["offload"] = off
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    """test_distributed's recipe, sharded, with a checkpoint mid-run and 7 eval rows
+    (an odd number: the ranks' shares of the eval batches differ)."""
+    return dist_recipe(
+        path, model, out, strategy, off, policy,
+        data={"eval_limit": 7},
+        checkpoint={"interval": 3},
+        distributed={"sharding": "fsdp"},
+    )  # fmt: skip
 
 
 def train_sharded(recipe: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
