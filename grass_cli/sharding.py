@@ -163,10 +163,11 @@ def shard_model(
                 layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp
             )
         )
-    # the root: embeddings, final norm and head. Kept gathered from forward to
-    # backward: the chunked loss (evaluate/loss.py) uses the head's weight after the
-    # model's forward has returned, and both ends of every step need the root.
-    units.append(fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp))
+    # the root: embeddings, final norm and head (its weights are used only inside
+    # the model's forward: the chunked loss is off when sharded, evaluate/loss.py)
+    units.append(
+        fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp)
+    )
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)

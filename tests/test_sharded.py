@@ -182,8 +182,9 @@ def test_four_processes_full_and_hybrid_sharding_match_one(tiny_factory, tmp_pat
     recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "four", *case)
     extra = [] if group is None else [f"distributed.shard_group_size={group}"]
     # text rows longer than max_length, micro batch 4: 4 x 63 target tokens whose
-    # logits pass HEAD_CHUNK_BYTES, so the loss runs in chunks, using the head's
-    # weight after the model's forward has returned (the root unit stays gathered)
+    # logits pass HEAD_CHUNK_BYTES: one process runs the chunked loss, which uses the
+    # head's weight after the forward; sharded ranks, whose head is gathered only
+    # inside the forward, the plain one
     words = ("the", "of", "model", "layer", "and", "to", "in", "is")
     rows = [" ".join(words[(i * 7 + j) % 8] for j in range(200)) for i in range(48)]
     text = tmp_path / "long.jsonl"

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from grass_cli.data import IGNORE_INDEX, eval_batches, tokenize_rows
 from grass_cli.data.packing import model_inputs
@@ -120,6 +121,10 @@ def _chunk_rows(model: torch.nn.Module, head: torch.nn.Module | None, n: int) ->
     """Rows per chunk when the loss may be chunked and `n` rows need more than one;
     0 for the plain path (one (N, V) logits tensor, as a model computes it)."""
     if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or custom head
+        return 0
+    if isinstance(head.weight, DTensor):
+        # sharded (FSDP2): the head's weight is gathered only inside the model's
+        # forward, and the chunked loss would use it after
         return 0
     if not head_is_plain(getattr(model, "config", None)):
         return 0

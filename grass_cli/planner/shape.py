@@ -214,6 +214,8 @@ def build_layout(recipe: Recipe, config: Any, name: str) -> Layout:
         weight_bytes=_weight_bytes(recipe, config),
         params=sum(p.numel() for p in model.parameters()),
         lora=lora,
+        # (a sharded run computes the plain logits: evaluate/loss.py)
         chunked_head=head_is_plain(model.config)
+        and recipe.distributed.sharding != "fsdp"
         and type(model.get_output_embeddings()) is nn.Linear,
     )
