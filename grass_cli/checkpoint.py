@@ -152,6 +152,7 @@ def save_checkpoint(
     name = f"step-{content.state.step:07d}"
     final, tmp = root / name, root / f".tmp-{name}"
     error: str | None = None
+    names: list[str] = []  # the optimizer groups this rank wrote (sharded runs)
     if info.is_main:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,8 @@ def save_checkpoint(
         try:
             save_tree(tmp / f"rank-{info.rank:05d}", {"rng": rng_state(device)})
             if content.shards and content.shard is not None:
-                _write_groups(tmp / OPT_DIR / shard_dir(content.shard), content.optimizer_groups)
+                folder = tmp / OPT_DIR / shard_dir(content.shard)
+                names = _write_groups(folder, content.optimizer_groups)
         except Exception as e:  # noqa: BLE001 (OSError or safetensors' I/O error)
             shared = "" if tmp.is_dir() else " (is output.dir on storage every node sees?)"
             error = f"rank {info.rank}: {describe_write_error(e)}{shared}"
@@ -174,7 +176,7 @@ def save_checkpoint(
         error = first_error(content.gather_model(tmp if info.is_main else None))
     if error is None and info.is_main:
         try:
-            _write_main(content, tmp, final)
+            _write_main(content, tmp, final, names)
             write_atomic_text(root / "latest", name + "\n")
         except Exception as e:  # noqa: BLE001
             error = describe_write_error(e)
@@ -195,13 +197,11 @@ def save_checkpoint(
     return final
 
 
-def _write_main(content: CheckpointContent, tmp: Path, final: Path) -> None:
+def _write_main(content: CheckpointContent, tmp: Path, final: Path, names: list[str]) -> None:
     """Rank 0's part: model, optimizer, train state, manifest; then the rename.
-    (Sharded: the model and the optimizer's shards are already there.)"""
+    (Sharded: the model and the optimizer's shards, `names`, are already there.)"""
     opt_dir = tmp / OPT_DIR
-    if content.shards:
-        names = sorted(p.stem for p in (opt_dir / shard_dir(0)).glob("*.json"))
-    else:
+    if not content.shards:
         content.write_model(tmp)
         names = _write_groups(opt_dir, content.optimizer_groups)
     index = {"groups": names, "active": sorted(content.active), "shards": content.shards}

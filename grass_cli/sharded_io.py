@@ -25,17 +25,17 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
 
 from grass_cli.atomic import describe_write_error, write_atomic_text
+from grass_cli.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX
 from grass_cli.errors import ModelError
-from grass_cli.sharding import local
+from grass_cli.sharding import is_sharded, local, shard_coords
 
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
     from grass_cli.offload.optimizer import BlockAdamW
 
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 # Largest weights file of a gathered model (transformers' own default is 5 GB; a
 # smaller one bounds what rank 0 holds while it writes).
 SHARD_BYTES = 2 * 2**30
@@ -96,7 +96,7 @@ def write_gathered(
         tensors: dict[str, torch.Tensor] = {}
         for i in indices:
             name, t = named[i]
-            full = t.full_tensor() if isinstance(t, DTensor) else t
+            full = t.full_tensor() if is_sharded(t) else t
             if folder is not None:
                 tensors[name] = full.detach().to("cpu", copy=True).contiguous()
                 weight_map[name] = fname
@@ -139,11 +139,10 @@ def load_into_shards(model: torch.nn.Module, files: list[Path]) -> set[str]:
                     continue
                 found.add(name)
                 with torch.no_grad():
-                    if isinstance(t, DTensor):
+                    if is_sharded(t):
                         start, rows = shard_rows(t)
                         if rows:
-                            part = f.get_slice(name)[start : start + rows]
-                            local(t)[:rows].copy_(part)
+                            local(t).copy_(f.get_slice(name)[start : start + rows])
                     else:
                         t.copy_(f.get_tensor(name))
     return found
@@ -154,10 +153,8 @@ def shard_rows(t: DTensor) -> tuple[int, int]:
 
     FSDP2 shards dim 0 as torch.chunk does over the mesh's shard dimension: chunks
     of ceil(n / N) rows, the last ones shorter or empty."""
-    mesh = t.device_mesh
     n = t.shape[0]
-    ranks = mesh.size(mesh.mesh_dim_names.index("shard")) if mesh.mesh_dim_names else mesh.size()
-    coord = mesh.get_local_rank("shard") if mesh.mesh_dim_names else mesh.get_local_rank()
+    coord, ranks = shard_coords(t.device_mesh)
     chunk = -(-n // ranks)
     start = min(coord * chunk, n)
     return start, min(chunk, n - start)
@@ -199,7 +196,7 @@ def resharded(
 
 
 def _rows_of(p: torch.Tensor, pieces: list[torch.Tensor], what: str) -> torch.Tensor:
-    if any(t.numel() == 0 for t in pieces) and all(t.numel() == 0 for t in pieces):
+    if all(t.numel() == 0 for t in pieces):
         return pieces[0]  # (an offloaded or dropped master: nothing saved)
     full = torch.cat(pieces, dim=0)
     if full.shape[0] != p.shape[0]:

@@ -30,13 +30,13 @@ share of the global token mean), as in the replicated path.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from grass_cli.distributed import DistInfo
 from grass_cli.errors import GrassError
@@ -58,12 +58,12 @@ class Sharded:
     @property
     def shards(self) -> int:
         """Into how many shards each weight is cut."""
-        return self.mesh.size(self.mesh.mesh_dim_names.index("shard"))
+        return shard_coords(self.mesh)[1]
 
     @property
     def shard(self) -> int:
         """Which of them this rank holds."""
-        return self.mesh.get_local_rank("shard")
+        return shard_coords(self.mesh)[0]
 
     @property
     def saved_shard(self) -> int | None:
@@ -74,19 +74,28 @@ class Sharded:
         return self.shard
 
 
+def shard_coords(mesh: Any) -> tuple[int, int]:
+    """(this rank's shard, the number of shards) on a mesh `build_mesh` made."""
+    return mesh.get_local_rank("shard"), mesh.size(mesh.mesh_dim_names.index("shard"))
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor. Looked up only once something imported
+    torch.distributed.tensor (half a second of imports a single process never
+    needs): a DTensor cannot exist before."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard as a plain tensor (sharing its storage); any other
     tensor as it is."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+    return t._local_tensor if is_sharded(t) else t
 
 
 def as_float(t: torch.Tensor) -> float:
     """A scalar's value; a DTensor's (a sharded gradient norm) as the whole mesh sees it."""
-    return float(t.full_tensor() if isinstance(t, DTensor) else t)
-
-
-def is_sharded(p: torch.Tensor) -> bool:
-    return isinstance(p, DTensor)
+    return float(t.full_tensor() if is_sharded(t) else t)
 
 
 def wanted(cfg: DistributedConfig) -> bool:

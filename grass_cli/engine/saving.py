@@ -92,12 +92,12 @@ def restore(run: Run, path: Path) -> ckpt.TrainState:
     run.tracker.load_state_dict(state.tracker)
     if state.world_size != run.dist.world:  # (a sharded checkpoint: re-sharded above)
         tc = run.recipe.training
+        rows = tc.micro_batch_size * tc.grad_accum_steps  # (per process)
         run.telemetry.emit(
             "warning",
             message=f"resuming on {run.dist.world} processes a run saved by "
             f"{state.world_size} processes: the global batch is now "
-            f"{tc.micro_batch_size * tc.grad_accum_steps * run.dist.world} rows (was "
-            f"{tc.micro_batch_size * tc.grad_accum_steps * state.world_size})",
+            f"{rows * run.dist.world} rows (was {rows * state.world_size})",
         )
     if run.dist.enabled and run.dist.world == state.world_size:  # each rank its own streams
         ckpt.set_rng_state(ckpt.read_rank_rng(path, run.dist.rank))
@@ -148,19 +148,19 @@ def save_model(run: Run) -> Path:
     final = run.run_dir / "final"
     tmp = run.run_dir / ".final.tmp"
     main = run.dist.is_main
+    error = None
     try:
         if main and tmp.exists():
             shutil.rmtree(tmp)
         if run.sharded is not None:
             error = distributed.first_error(write_sharded(run, tmp if main else None))
-            if error is not None:
-                raise OSError(error)
-            if not main:
-                return final
         else:
             write_model(run, tmp)
-        _move_into(run.run_dir, tmp, final)
+        if error is None and main:
+            _move_into(run.run_dir, tmp, final)
     except (OSError, SafetensorError) as e:
+        error = describe_write_error(e)
+    if error is not None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = ckpt.find_latest(run.run_dir)
@@ -169,15 +169,16 @@ def save_model(run: Run) -> Path:
             if latest
             else "no checkpoint holds them: the trained weights are lost"
         )
-        what = e.args[0] if run.sharded is not None and e.args else describe_write_error(e)
         raise GrassError(
-            f"{what} while saving the trained model; {kept}",
+            f"{error} while saving the trained model; {kept}",
             where=str(final),
             hint="free space (the folder needs about the model's size), then continue with "
             "`grass train RECIPE --resume auto`"
             if latest
             else "free space and train again; set checkpoint.at_end: true to keep a copy",
-        ) from None
+        )
+    if not main:
+        return final
     rundir.own(run.run_dir, [p for p in final.rglob("*") if p.is_file()])
     return final
 

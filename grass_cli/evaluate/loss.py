@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from grass_cli.data import IGNORE_INDEX, eval_batches, tokenize_rows
 from grass_cli.data.packing import model_inputs
 from grass_cli.evaluate.common import EvalContext
 from grass_cli.recipe import DataConfig
+from grass_cli.sharding import is_sharded
 
 
 def autocast_ctx(device: torch.device, autocast: str) -> contextlib.AbstractContextManager:
@@ -122,7 +122,7 @@ def _chunk_rows(model: torch.nn.Module, head: torch.nn.Module | None, n: int) ->
     0 for the plain path (one (N, V) logits tensor, as a model computes it)."""
     if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or custom head
         return 0
-    if isinstance(head.weight, DTensor):
+    if is_sharded(head.weight):
         # sharded (FSDP2): the head's weight is gathered only inside the model's
         # forward, and the chunked loss would use it after
         return 0
