@@ -1,0 +1,277 @@
+"""The accuracy suite: every method on twelve reasoning-gym tasks, run as a user would.
+
+    python benchmarks/suite.py tune                    # one lr per method, on validation
+    python benchmarks/suite.py run --steps 300         # every task x method, seed 0
+    python benchmarks/suite.py run --steps 1000        # the long budget (+ equal wall-clock)
+    python benchmarks/suite.py run --steps 300 --tasks gcd count_bits --methods grass lora
+    python benchmarks/suite.py table                   # the tables from the runs done so far
+    python benchmarks/suite.py plan                    # what is done, what is left, the time
+
+What a user does with a new task: take a method's recipe and its usual lr, train, and
+score the held-out questions. So:
+
+- Tasks: the study's three (chain_sum, family, reversal) and nine more, made by
+  `scripts/make_data.py --suite` into data/suite/ (train 3000 / validation 200 / test
+  300 rows, each split from its own seed, no test question in train; made here when
+  missing). `data.max_length` is each task's longest row plus the chat template, as
+  `grass init` sizes it from the rows; no row is truncated (checked).
+- Methods (SmolLM2-135M-Instruct, recipes/bench/, batch 8, cosine schedule):
+  `full` (full fine-tuning), `lora` (r 16, alpha 32, every linear layer), `lisa`,
+  `grass` (the sampler defaults, gamma 4 of 30) and `grass-auto` (gamma: auto with
+  memory_budget: lora: GRASS at LoRA's memory, one key). At 1000 steps
+  `grass-wall` is GRASS trained for as long as LoRA took on the same task: its steps
+  are LoRA's training seconds over GRASS's seconds per step, both measured on that
+  task at 1000 steps.
+- One lr per method, never per task: `tune` trains every lr of the method's grid on
+  the tuning tasks (TUNE_TASKS, 300 steps, seed 0) and keeps the lr with the lowest
+  geometric mean of their validation losses (eval.jsonl). Test rows are read only by
+  the held-out scoring.
+- Seeds: 0 everywhere; where two methods of a goal (GOAL_PAIRS) end within
+  CLOSE_POINTS of each other on a task, both get seeds 1 and 2 (`--no-extra-seeds`
+  leaves them out).
+- Held out: `grass eval RUN --kind generate --scorer exact` (greedy) on the test
+  split; propositional_logic has no single right answer (any valid conclusion is
+  right), so its predictions are scored again with reasoning-gym's own verifier.
+
+Every training runs alone in a child process (benchmarks/compare.py's train_one) and
+is kept in --work (default runs/suite): a run whose recipe and overrides are unchanged
+is reused, so the suite resumes where it stopped, a run at a time. Results:
+benchmarks/results/suite-lr.{json,md}, suite-STEPS.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import compare  # noqa: E402  (the bench's run/reuse machinery)
+
+from grass_cli.atomic import write_atomic_text  # noqa: E402
+
+# name -> (what it exercises, tokens the answer may need)
+TASKS: dict[str, tuple[str, int]] = {
+    "chain_sum": ("arithmetic", 8),
+    "family": ("relational reasoning", 8),
+    "reversal": ("string manipulation", 32),
+    "leg_counting": ("arithmetic word problem", 8),
+    "gcd": ("number theory", 8),
+    "number_sorting": ("ordering", 48),
+    "caesar_cipher": ("string manipulation", 32),
+    "string_insertion": ("rule following", 16),
+    "count_bits": ("binary", 8),
+    "base_conversion": ("number bases", 16),
+    "basic_arithmetic": ("arithmetic", 12),
+    "propositional_logic": ("logic", 24),
+}
+METHODS = ("full", "lora", "lisa", "grass", "grass-auto")
+LABELS = {
+    "full": "full FT",
+    "lora": "LoRA r16",
+    "lisa": "LISA",
+    "grass": "GRASS (gamma 4)",
+    "grass-auto": "GRASS auto @ LoRA mem",
+    "grass-wall": "GRASS @ LoRA's time",
+}
+RECIPE = {"grass-wall": "grass"}  # methods that train another method's recipe
+# Each grid is x0.5, x1, x2 around the lr the GRASS study chose for the method on
+# reversal (docs/benchmarks.md); grass-auto's around the study's lr at gamma 24.
+LR_GRID: dict[str, tuple[float, ...]] = {
+    "full": (1e-4, 2e-4, 4e-4),
+    "lora": (1e-3, 2e-3, 4e-3),
+    "lisa": (2e-4, 4e-4, 8e-4),
+    "grass": (4e-4, 8e-4, 1.6e-3),
+    "grass-auto": (2e-4, 4e-4, 8e-4),
+}
+TUNE_TASKS = ("reversal", "family")
+TUNE_STEPS = 300
+EXTRA = {"lora": ("lora.r=16", "lora.alpha=32")}
+# (a, b): a is held against b in a goal; close pairs get two more seeds
+GOAL_PAIRS = (("grass-auto", "lora"), ("grass", "lora"), ("grass", "lisa"))
+CLOSE_POINTS = 3.0
+TEMPLATE_TOKENS = 48  # the chat template's markup and system prompt, with room
+LENGTH_STEP = 32
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# ------------------------------------------------------------------- tasks, modes
+
+
+def ensure_data(tasks: list[str]) -> None:
+    """data/suite/TASK from scripts/make_data.py, made where missing."""
+    missing = [t for t in tasks if not (ROOT / "data/suite" / t / "test.jsonl").exists()]
+    if missing:
+        log(f"making data for {', '.join(missing)}")
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts/make_data.py"), "--suite", *missing],
+            check=True, cwd=ROOT, capture_output=True,
+        )  # fmt: skip
+
+
+def register(tasks: list[str]) -> None:
+    """The suite's tasks are compare.py's tasks in this process (its runs read them)."""
+    compare.TASKS.clear()
+    for t in tasks:
+        kind, new_tokens = TASKS[t]
+        compare.TASKS[t] = compare.Task(f"data/suite/{t}", kind, "exact", new_tokens)
+
+
+_lengths: dict[str, int] = {}
+
+
+def max_length(task: str) -> int:
+    """The task's longest row in tokens (prompt and answer, every split) plus the chat
+    template, rounded up to LENGTH_STEP: no row is cut, and batches pad to their
+    longest row, so a generous value costs nothing."""
+    if task not in _lengths:
+        from transformers import AutoTokenizer
+
+        from grass_cli.models import resolve_model_path
+
+        tok = AutoTokenizer.from_pretrained(
+            resolve_model_path(compare._recipe("grass")["model"]["path"])
+        )
+        longest = 0
+        for split in ("train", "eval", "test"):
+            for line in (ROOT / "data/suite" / task / f"{split}.jsonl").open(encoding="utf-8"):
+                row = json.loads(line)
+                longest = max(longest, len(tok(row["prompt"] + row["completion"])["input_ids"]))
+        _lengths[task] = -(-(longest + TEMPLATE_TOKENS) // LENGTH_STEP) * LENGTH_STEP
+    return _lengths[task]
+
+
+def mode(task: str, steps: int, seed: int) -> compare.Mode:
+    return compare.Mode(
+        steps=steps, micro_batch=8, seeds=(seed,), lr_grid=(1.0,), val_limit=200,
+        test_limit=300, max_length=max_length(task), extra_by_method=EXTRA,
+        # a row longer than max_length is dropped, not cut: `train` checks none was
+        overrides=("data.truncation=drop",),
+    )  # fmt: skip
+
+
+def train(work: Path, task: str, method: str, lr: float, seed: int, steps: int) -> dict[str, Any]:
+    """One run (reused when done), with its held-out accuracy."""
+    recipe = RECIPE.get(method, method)
+    m = mode(task, steps, seed)
+    result = compare.train_one(work, task, recipe, lr, seed, m, log)
+    check_rows(task, Path(result["run_dir"]), m.max_length)
+    held = compare.held_out(result, m, log)
+    acc = held["accuracy"]
+    if task == "propositional_logic":
+        acc = verified_accuracy(task, Path(result["run_dir"]) / f"held-out-{m.test_limit}")
+    return {**result, "method": method, "steps": steps, "accuracy": acc}
+
+
+def check_rows(task: str, run_dir: Path, length: int) -> None:
+    """Every training row was trained on (none dropped for length)."""
+    with (run_dir / "metrics.jsonl").open(encoding="utf-8") as f:
+        start = json.loads(f.readline())
+    rows = sum(1 for _ in (ROOT / "data/suite" / task / "train.jsonl").open(encoding="utf-8"))
+    if start["train_rows"] != rows:
+        sys.exit(f"{task}: {rows - start['train_rows']} rows longer than max_length {length}")
+
+
+def verified_accuracy(task: str, held_dir: Path) -> float:
+    """Held-out accuracy by reasoning-gym's verifier (score 1.0 counts): for tasks whose
+    gold answer is one example of many right ones. Each item is rebuilt from the seed
+    and index its row records, and checked to be the question that was asked."""
+    import reasoning_gym
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_data
+
+    name, config = make_data.SUITE[task]
+    rows = [json.loads(x) for x in (ROOT / "data/suite" / task / "test.jsonl").open()]
+    preds = [json.loads(x) for x in (held_dir / "predictions.jsonl").open()]
+    right = 0
+    for p in preds:
+        row = rows[p["index"]]
+        ds = reasoning_gym.create_dataset(name, size=row["index"] + 1, seed=row["seed"], **config)
+        item = ds[row["index"]]
+        if item["question"] != row["prompt"]:
+            sys.exit(f"{task}: test row {p['index']} is not the item its seed and index make")
+        right += ds.score_answer(p["prediction"].strip(), item) == 1.0
+    return right / len(preds)
+
+
+# ------------------------------------------------------------------------- tuning
+
+
+def tune(work: Path, methods: list[str], results: Path) -> dict[str, float]:
+    """Each method's lr: the grid value with the lowest geometric mean of validation
+    losses over TUNE_TASKS (seed 0, TUNE_STEPS). The middle value trains first, so an
+    interrupted tuning has the runs the suite needs most."""
+    path = results / "suite-lr.json"
+    done = json.loads(path.read_text()) if path.exists() else {"chosen": {}, "losses": {}}
+    for method in methods:
+        grid = LR_GRID[method]
+        order = [grid[1], grid[0], *grid[2:]]
+        losses: dict[str, dict[str, float]] = {}
+        for lr in order:
+            for task in TUNE_TASKS:
+                r = compare.train_one(work, task, method, lr, 0, mode(task, TUNE_STEPS, 0), log)
+                losses.setdefault(f"{lr:g}", {})[task] = r["val_loss"]
+        score = {
+            lr: math.exp(statistics.mean(math.log(v) for v in d.values()))
+            for lr, d in losses.items()
+        }
+        best = min(score, key=score.get)
+        edge = best in (f"{grid[0]:g}", f"{grid[-1]:g}")
+        log(f"{method}: lr {best} (geometric mean validation loss {score[best]:.4f})"
+            + (" - at the grid's edge" if edge else ""))  # fmt: skip
+        done["chosen"][method] = float(best)
+        done["losses"][method] = losses
+        write_atomic_text(path, json.dumps(done, indent=1))
+    write_atomic_text(results / "suite-lr.md", lr_table(done))
+    return {m: done["chosen"][m] for m in methods}
+
+
+def lr_table(done: dict[str, Any]) -> str:
+    lines = [
+        f"# Suite lrs: validation loss on {', '.join(TUNE_TASKS)} "
+        f"({TUNE_STEPS} steps x batch 8, seed 0)",
+        "",
+        "| method | lr | " + " | ".join(TUNE_TASKS) + " | geometric mean | chosen |",
+        "|---|---|" + "---|" * len(TUNE_TASKS) + "---|---|",
+    ]
+    for method, losses in done["losses"].items():
+        for lr, by_task in sorted(losses.items(), key=lambda kv: float(kv[0])):
+            gm = math.exp(statistics.mean(math.log(v) for v in by_task.values()))
+            mark = "**yes**" if float(lr) == done["chosen"].get(method) else ""
+            cells = " | ".join(f"{by_task[t]:.4f}" if t in by_task else "-" for t in TUNE_TASKS)
+            lines.append(f"| {method} | {float(lr):.1e} | {cells} | {gm:.4f} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("tune", "run", "table", "plan"))
+    ap.add_argument("--steps", type=int, default=300, help="the budget, x batch 8")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--no-extra-seeds", action="store_true", help="seed 0 only")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs/suite")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    args = ap.parse_args()
+    ensure_data(sorted(set(args.tasks) | set(TUNE_TASKS)))
+    register(list(TASKS))
+    if args.command == "tune":
+        tune(args.work, args.methods, args.results)
+
+
+if __name__ == "__main__":
+    main()
