@@ -97,6 +97,7 @@ EXTRA = {"lora": ("lora.r=16", "lora.alpha=32")}
 # (a, b): a is held against b in a goal; close pairs get two more seeds
 GOAL_PAIRS = (("grass-auto", "lora"), ("grass", "lora"), ("grass", "lisa"))
 CLOSE_POINTS = 3.0
+DATA = ROOT / "data/suite"  # scripts/make_data.py --suite writes here
 TEMPLATE_TOKENS = 48  # the chat template's markup and system prompt, with room
 LENGTH_STEP = 32
 
@@ -110,7 +111,7 @@ def log(msg: str) -> None:
 
 def ensure_data(tasks: list[str]) -> None:
     """data/suite/TASK from scripts/make_data.py, made where missing."""
-    missing = [t for t in tasks if not (ROOT / "data/suite" / t / "test.jsonl").exists()]
+    missing = [t for t in tasks if not (DATA / t / "test.jsonl").exists()]
     if missing:
         log(f"making data for {', '.join(missing)}")
         subprocess.run(
@@ -124,7 +125,10 @@ def register(tasks: list[str]) -> None:
     compare.TASKS.clear()
     for t in tasks:
         kind, new_tokens = TASKS[t]
-        compare.TASKS[t] = compare.Task(f"data/suite/{t}", kind, "exact", new_tokens)
+        # relative to the checkout, as the runs' keys name it: a run made in another
+        # checkout of the same commit is the same run
+        data = DATA.relative_to(ROOT) if DATA.is_relative_to(ROOT) else DATA
+        compare.TASKS[t] = compare.Task(str(data / t), kind, "exact", new_tokens)
 
 
 _lengths: dict[str, int] = {}
@@ -144,7 +148,7 @@ def max_length(task: str) -> int:
         )
         longest = 0
         for split in ("train", "eval", "test"):
-            for line in (ROOT / "data/suite" / task / f"{split}.jsonl").open(encoding="utf-8"):
+            for line in (DATA / task / f"{split}.jsonl").open(encoding="utf-8"):
                 row = json.loads(line)
                 longest = max(longest, len(tok(row["prompt"] + row["completion"])["input_ids"]))
         _lengths[task] = -(-(longest + TEMPLATE_TOKENS) // LENGTH_STEP) * LENGTH_STEP
@@ -165,21 +169,27 @@ def train(work: Path, task: str, method: str, lr: float, seed: int, steps: int) 
     recipe = RECIPE.get(method, method)
     m = mode(task, steps, seed)
     result = compare.train_one(work, task, recipe, lr, seed, m, log)
-    check_rows(task, Path(result["run_dir"]), m.max_length)
+    start = check_rows(task, Path(result["run_dir"]), m.max_length)
     held = compare.held_out(result, m, log)
     acc = held["accuracy"]
     if task == "propositional_logic":
         acc = verified_accuracy(task, Path(result["run_dir"]) / f"held-out-{m.test_limit}")
-    return {**result, "method": method, "steps": steps, "accuracy": acc}
+    keep = ("val_loss", "train_peak_rss", "train_s", "wall_s", "tokens_per_s", "run_dir")
+    return {
+        "task": task, "method": method, "lr": lr, "seed": seed, "steps": steps,
+        "gamma": start["gamma"], "accuracy": acc, **{k: result[k] for k in keep},
+    }  # fmt: skip
 
 
-def check_rows(task: str, run_dir: Path, length: int) -> None:
-    """Every training row was trained on (none dropped for length)."""
+def check_rows(task: str, run_dir: Path, length: int) -> dict[str, Any]:
+    """Every training row was trained on (none dropped for length); the run's start
+    event."""
     with (run_dir / "metrics.jsonl").open(encoding="utf-8") as f:
         start = json.loads(f.readline())
-    rows = sum(1 for _ in (ROOT / "data/suite" / task / "train.jsonl").open(encoding="utf-8"))
+    rows = sum(1 for _ in (DATA / task / "train.jsonl").open(encoding="utf-8"))
     if start["train_rows"] != rows:
         sys.exit(f"{task}: {rows - start['train_rows']} rows longer than max_length {length}")
+    return start
 
 
 def verified_accuracy(task: str, held_dir: Path) -> float:
@@ -192,7 +202,7 @@ def verified_accuracy(task: str, held_dir: Path) -> float:
     import make_data
 
     name, config = make_data.SUITE[task]
-    rows = [json.loads(x) for x in (ROOT / "data/suite" / task / "test.jsonl").open()]
+    rows = [json.loads(x) for x in (DATA / task / "test.jsonl").open()]
     preds = [json.loads(x) for x in (held_dir / "predictions.jsonl").open()]
     right = 0
     for p in preds:
@@ -254,6 +264,150 @@ def lr_table(done: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------- the suite
+
+
+def chosen_lrs(work: Path, methods: list[str], results: Path) -> dict[str, float]:
+    """The tuned lr of each method (tuning the ones not tuned yet first)."""
+    path = results / "suite-lr.json"
+    chosen = json.loads(path.read_text())["chosen"] if path.exists() else {}
+    todo = [m for m in methods if m not in chosen]
+    if todo:
+        chosen.update(tune(work, todo, results))
+    return {m: chosen[m] for m in methods}
+
+
+def wall_steps(lora: dict[str, Any], grass: dict[str, Any]) -> int:
+    """GRASS's steps in the seconds LoRA trained for on the same task and budget."""
+    return round(lora["train_s"] / (grass["train_s"] / grass["steps"]))
+
+
+def close_pairs(rows: list[dict[str, Any]], task: str) -> set[str]:
+    """Methods of a goal pair within CLOSE_POINTS of each other on `task` (seed 0)."""
+    acc = {r["method"]: r["accuracy"] for r in rows if r["task"] == task and r["seed"] == 0}
+    out: set[str] = set()
+    for a, b in GOAL_PAIRS:
+        if a in acc and b in acc and abs(acc[a] - acc[b]) * 100 < CLOSE_POINTS:
+            out |= {a, b}
+    return out
+
+
+def run(work: Path, steps: int, tasks: list[str], methods: list[str], extra_seeds: bool,
+        results: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Every task x method at this budget, a task at a time (its table row complete
+    before the next task starts); the results file is written after every run."""
+    lrs = chosen_lrs(work, methods, results)
+    path = results / f"suite-{steps}.json"
+    rows: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        rows[:] = [
+            r
+            for r in rows
+            if (r["task"], r["method"], r["seed"]) != (row["task"], row["method"], row["seed"])
+        ]
+        rows.append(row)
+        write_atomic_text(path, json.dumps({"steps": steps, "lrs": lrs, "rows": rows}, indent=1))
+        write_atomic_text(path.with_suffix(".md"), table(steps, lrs, rows))
+
+    for task in tasks:
+        for method in methods:
+            keep(train(work, task, method, lrs[method], 0, steps))
+        by = {r["method"]: r for r in rows if r["task"] == task and r["seed"] == 0}
+        wall = steps >= 1000 and "lora" in by and "grass" in by
+        if wall:
+            n = wall_steps(by["lora"], by["grass"])
+            keep(train(work, task, "grass-wall", lrs["grass"], 0, n))
+        if extra_seeds:
+            for method in sorted(close_pairs(rows, task)):
+                for seed in (1, 2):
+                    keep(train(work, task, method, lrs[method], seed, steps))
+    return rows
+
+
+def cell(accs: list[float]) -> str:
+    if not accs:
+        return "-"
+    m = 100 * statistics.mean(accs)
+    if len(accs) == 1:
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {100 * statistics.stdev(accs):.1f}"
+
+
+def table(steps: int, lrs: dict[str, float], rows: list[dict[str, Any]]) -> str:
+    """Held-out accuracy per task and method (mean ± sd over seeds where there are
+    several), the mean over the tasks every method has, and each method's costs."""
+    methods = [m for m in (*METHODS, "grass-wall") if any(r["method"] == m for r in rows)]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    acc = {
+        (t, m): [r["accuracy"] for r in rows if r["task"] == t and r["method"] == m]
+        for t in tasks for m in methods
+    }  # fmt: skip
+    complete = [t for t in tasks if all(acc[t, m] for m in methods)]
+    lines = [
+        f"# Accuracy suite, {steps} steps x batch 8 (SmolLM2-135M-Instruct)",
+        "",
+        "Held-out exact match % on up to 300 test questions per task (propositional_logic: "
+        "reasoning-gym's verifier); mean ± sd over seeds where a cell has several. "
+        "lrs (one per method, tuned on validation): "
+        + ", ".join(f"{LABELS[m]} {lrs[m]:.0e}" for m in lrs)
+        + ".",
+        "",
+        "| task | kind | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for t in tasks:
+        cells = " | ".join(cell(acc[t, m]) for m in methods)
+        lines.append(f"| {t} | {TASKS[t][0]} | {cells} |")
+    if complete:
+        means = " | ".join(
+            f"**{statistics.mean(100 * statistics.mean(acc[t, m]) for t in complete):.1f}**"
+            for m in methods
+        )
+        lines.append(f"| **mean** ({len(complete)} tasks) | | {means} |")
+    lines += ["", "| method | peak RSS in training (GiB) | x LoRA | training s | x LoRA | "
+              "validation loss | gamma | steps |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    first = [r for r in rows if r["seed"] == 0 and r["task"] in complete]
+
+    def avg(m: str, key: str) -> float | None:
+        xs = [r[key] for r in first if r["method"] == m]
+        return statistics.mean(xs) if xs else None
+
+    for m in methods:
+        rss, secs, loss = avg(m, "train_peak_rss"), avg(m, "train_s"), avg(m, "val_loss")
+        if rss is None:
+            continue
+        lr_rss, lr_s = avg("lora", "train_peak_rss"), avg("lora", "train_s")
+        gammas = sorted({r["gamma"] for r in first if r["method"] == m})
+        st = sorted({r["steps"] for r in first if r["method"] == m})
+        lines.append(
+            f"| {LABELS[m]} | {rss / 2**30:.2f} | {rss / lr_rss:.2f} | {secs:.0f} | "
+            f"{secs / lr_s:.2f} | {loss:.3f} | {'/'.join(map(str, gammas))} | "
+            f"{st[0] if len(st) == 1 else f'{st[0]}-{st[-1]}'} |"
+            if lr_rss and lr_s
+            else f"| {LABELS[m]} | {rss / 2**30:.2f} | - | {secs:.0f} | - | "
+            f"{loss:.3f} | {'/'.join(map(str, gammas))} | - |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plan(work: Path, steps: int, tasks: list[str], methods: list[str]) -> str:
+    """What is done at this budget and a rough time for the rest, from the runs done."""
+    done, todo, secs = 0, 0, []
+    for task in tasks:
+        for method in methods:
+            here = list((work / task / method).glob(f"*-seed0-steps{steps}-*/result.json"))
+            if here:
+                done += 1
+                secs.append(json.loads(here[0].read_text())["wall_s"])
+            else:
+                todo += 1
+    per = statistics.mean(secs) if secs else float("nan")
+    return (f"{steps} steps: {done} runs done, {todo} to go (seed 0), about "
+            f"{todo * per / 3600:.1f} h at {per:.0f} s a run (extra seeds and held-out "
+            "scoring not counted)")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -271,6 +425,15 @@ def main() -> None:
     register(list(TASKS))
     if args.command == "tune":
         tune(args.work, args.methods, args.results)
+    elif args.command == "run":
+        run(args.work, args.steps, args.tasks, args.methods, not args.no_extra_seeds, args.results)
+    elif args.command == "table":
+        path = args.results / f"suite-{args.steps}.json"
+        data = json.loads(path.read_text())
+        write_atomic_text(path.with_suffix(".md"), table(data["steps"], data["lrs"], data["rows"]))
+        print(path.with_suffix(".md").read_text())
+    else:
+        print(plan(args.work, args.steps, args.tasks, args.methods))
 
 
 if __name__ == "__main__":
