@@ -54,6 +54,23 @@ def test_the_most_blocks_that_fit_the_budget(budget):
         assert 1 < g < 30 and "LoRA's" in got._gamma_auto
 
 
+def test_auto_scales_the_lr_by_the_square_root_of_the_gamma_it_chose():
+    """optimizer.lr is the lr for 4 blocks: x sqrt(4 / gamma) for the gamma chosen, said
+    in the `why` that plan, validate and the start line print; `fixed` keeps it."""
+    args = ["sampler.gamma=auto", "sampler.memory_budget=3", "optimizer.lr=8e-4"]
+    got = resolve_gamma(load_recipe(BENCH, args), "cpu")
+    assert got.sampler.gamma == 30
+    assert got.optimizer.lr == pytest.approx(8e-4 * (4 / 30) ** 0.5)  # 2.92e-4
+    assert got._gamma_auto.endswith(
+        "; optimizer.lr 0.0008 x sqrt(4/30) = 0.000292 (sampler.auto_lr: sqrt)"
+    )
+    kept = resolve_gamma(load_recipe(BENCH, [*args, "sampler.auto_lr=fixed"]), "cpu")
+    assert kept.sampler.gamma == 30 and kept.optimizer.lr == 8e-4
+    assert "optimizer.lr" not in kept._gamma_auto
+    # a gamma written as a number keeps its lr whatever auto_lr says
+    assert resolve_gamma(load_recipe(BENCH, ["optimizer.lr=8e-4"]), "cpu").optimizer.lr == 8e-4
+
+
 def test_a_budget_too_small_for_one_block_is_one_message():
     r = load_recipe(BENCH, ["sampler.gamma=auto", "sampler.memory_budget=0.2"])
     with pytest.raises(GrassError) as e:

@@ -41,6 +41,12 @@ class SamplerConfig(Section):
     # section needs on this recipe: GRASS at LoRA's memory), or `device` (a CUDA
     # card's memory less 10%, or 90% of the host's RAM on the CPU).
     memory_budget: float | Literal["device", "lora"] = Field("device")
+    # How optimizer.lr follows the gamma that auto chose. `sqrt`: optimizer.lr is the
+    # lr for AUTO_LR_GAMMA (4) blocks, the default for which the recipes' and presets'
+    # lrs are tuned, and is scaled by sqrt(4 / gamma): more blocks moving at once need
+    # a smaller step (the GRASS study's best lr was 8e-4 at gamma 4, 4e-4 at 24, full
+    # fine-tuning's 2e-4 at 30: docs/recipes.md). `fixed`: optimizer.lr as written.
+    auto_lr: Literal["sqrt", "fixed"] = "sqrt"
     # T_s: optimizer steps between re-samplings of the active set.
     switch_interval: int = Field(10, ge=1)
     # T_p: probing steps (forward+backward, no update) before training; grass only.
