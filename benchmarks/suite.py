@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -172,6 +173,7 @@ def train(work: Path, task: str, method: str, lr: float, seed: int, steps: int) 
     m = mode(task, steps, seed)
     result = compare.train_one(work, task, recipe, lr, seed, m, log)
     start = check_rows(task, Path(result["run_dir"]), m.max_length)
+    moves = block_moves(Path(result["run_dir"]))  # before held_out frees the model
     held = compare.held_out(result, m, log)
     acc = held["accuracy"]
     if task == "propositional_logic":
@@ -179,8 +181,50 @@ def train(work: Path, task: str, method: str, lr: float, seed: int, steps: int) 
     keep = ("val_loss", "train_peak_rss", "train_s", "wall_s", "tokens_per_s", "run_dir")
     return {
         "task": task, "method": method, "lr": lr, "seed": seed, "steps": steps,
-        "gamma": start["gamma"], "accuracy": acc, **{k: result[k] for k in keep},
+        "gamma": start["gamma"], "accuracy": acc, "moves": moves,
+        **{k: result[k] for k in keep},
     }  # fmt: skip
+
+
+def block_moves(run_dir: Path, base_dir: Path | None = None) -> dict[str, float] | None:
+    """How far training moved each block: ||W - W0|| / ||W0|| over the block's weights
+    (every matrix and norm of `model.layers.N.`), and the same for the embeddings; the
+    saved model against the base. LoRA saves its adapters merged, so this is one
+    measure for every method (a LoRA block's move is its low-rank update's norm).
+    Kept in the run's moves.json; None once the model is gone and nothing was kept."""
+    import re
+
+    done = run_dir / "moves.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    final = run_dir / "final"
+    if not final.is_dir():
+        return None
+    from safetensors import safe_open
+
+    from grass_cli.models import resolve_model_path
+
+    if base_dir is None:
+        base_dir = Path(resolve_model_path(compare._recipe("grass")["model"]["path"]))
+    sq: dict[str, list[float]] = {}  # group -> [sum of squared change, of squared base]
+    bases = {}
+    for f in sorted(base_dir.glob("*.safetensors")):
+        h = safe_open(f, "pt")
+        bases.update({k: h for k in h.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    for f in sorted(final.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for key in h.keys():  # noqa: SIM118
+                m = re.search(r"\.layers\.(\d+)\.", key)
+                group = f"block.{m.group(1)}" if m else ("embed" if "embed" in key else None)
+                if group is None or key not in bases:
+                    continue
+                w, w0 = h.get_tensor(key).double(), bases[key].get_tensor(key).double()
+                acc = sq.setdefault(group, [0.0, 0.0])
+                acc[0] += float((w - w0).pow(2).sum())
+                acc[1] += float(w0.pow(2).sum())
+    moves = {g: (a / b) ** 0.5 for g, (a, b) in sq.items() if b > 0}
+    write_atomic_text(done, json.dumps(moves))
+    return moves
 
 
 def check_rows(task: str, run_dir: Path, length: int) -> dict[str, Any]:
@@ -242,6 +286,11 @@ def tune(work: Path, methods: list[str], results: Path) -> dict[str, float]:
         edge = best in (f"{grid[0]:g}", f"{grid[-1]:g}")
         log(f"{method}: lr {best} (geometric mean validation loss {score[best]:.4f})"
             + (" - at the grid's edge" if edge else ""))  # fmt: skip
+        for lr in grid:  # the models of the lrs not chosen are not needed
+            for task in TUNE_TASKS:
+                if f"{lr:g}" != best:
+                    run = compare.run_dir_for(work, task, method, lr, 0, mode(task, TUNE_STEPS, 0))
+                    shutil.rmtree(run / "final", ignore_errors=True)
         done["chosen"][method] = float(best)
         done["losses"][method] = losses
         write_atomic_text(path, json.dumps(done, indent=1))

@@ -162,3 +162,31 @@ def test_close_pairs_and_wall_steps(suite):
     ]
     assert suite.close_pairs(rows, "gcd") == {"grass-auto", "lora"}
     assert suite.wall_steps({"train_s": 700.0}, {"train_s": 500.0, "steps": 1000}) == 1400
+
+
+def test_block_moves_is_each_blocks_relative_distance_from_the_base(suite, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    base.mkdir()
+    w0 = {
+        "model.layers.0.mlp.up_proj.weight": torch.full((2, 2), 2.0),
+        "model.layers.0.input_layernorm.weight": torch.ones(4),
+        "model.layers.1.mlp.up_proj.weight": torch.ones(2, 2),
+        "model.embed_tokens.weight": torch.ones(3, 2),
+    }
+    save_file(w0, base / "model.safetensors")
+    w = dict(w0)
+    w["model.layers.0.mlp.up_proj.weight"] = torch.full((2, 2), 3.0)  # +1 on 4 values
+    save_file(w, run / "final" / "model.safetensors")
+    moves = suite.block_moves(run, base)
+    # block 0: sqrt(4 * 1) / sqrt(4 * 4 + 4 * 1); untouched ones 0
+    assert moves == pytest.approx({"block.0": (4 / 20) ** 0.5, "block.1": 0.0, "embed": 0.0})
+    # kept: read back once the model is gone
+    import shutil
+
+    shutil.rmtree(run / "final")
+    assert suite.block_moves(run, base) == moves
+    assert suite.block_moves(tmp_path / "other", base) is None
