@@ -5,6 +5,7 @@
     python benchmarks/suite.py run --steps 1000        # the long budget (+ equal wall-clock)
     python benchmarks/suite.py run --steps 300 --tasks gcd count_bits --methods grass lora
     python benchmarks/suite.py table                   # the tables from the runs done so far
+    python benchmarks/suite.py diagnose --steps 300    # why GRASS wins or loses, per task
     python benchmarks/suite.py plan                    # what is done, what is left, the time
 
 What a user does with a new task: take a method's recipe and its usual lr, train, and
@@ -442,6 +443,113 @@ def table(steps: int, lrs: dict[str, float], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -------------------------------------------------------------------- diagnostics
+
+
+def ranks(xs: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation: 1 when both order the blocks alike."""
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else 0.0
+
+
+def steps_trained(run_dir: Path) -> tuple[list[int], list[float]]:
+    """Per block, the optimizer steps it was trained in, and the importance (MGN) the
+    sampler held for it at the last step; from the run's metrics.jsonl."""
+    counts: list[int] = []
+    importance: list[float] = []
+    with (run_dir / "metrics.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            e = json.loads(line)
+            if e.get("event") != "step" or "active" not in e:
+                continue
+            if not counts:
+                counts = [0] * len(e["importance"])
+            for b in e["active"]:
+                counts[b] += 1
+            importance = e["importance"]
+    return counts, importance
+
+
+def diagnose(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task (seed 0): how evenly GRASS trained its blocks (the spread of the
+    per-block step counts, as a share of the steps), how far each method moved the
+    blocks (the mean relative distance, and GRASS's over LoRA's), and whether GRASS's
+    importance ranks the blocks as LoRA's own updates do (Spearman's rank
+    correlation of GRASS's last MGN with LoRA's per-block move)."""
+    out: dict[str, dict[str, Any]] = {}
+    for task in TASKS:
+        by = {r["method"]: r for r in rows if r["task"] == task and r["seed"] == 0}
+        if "grass" not in by:
+            continue
+        d: dict[str, Any] = {}
+        counts, importance = steps_trained(Path(by["grass"]["run_dir"]))
+        if counts:
+            steps = by["grass"]["steps"]
+            d["grass_share_min"] = min(counts) / steps
+            d["grass_share_max"] = max(counts) / steps
+            d["grass_share_cv"] = statistics.pstdev(counts) / statistics.mean(counts)
+        for m, r in by.items():
+            moves = r.get("moves") or {}
+            blocks = [v for k, v in moves.items() if k.startswith("block.")]
+            if blocks:
+                d[f"move_{m}"] = statistics.mean(blocks)
+        if d.get("move_lora"):
+            for m in ("grass", "grass-auto", "full", "lisa"):
+                if f"move_{m}" in d:
+                    d[f"move_{m}_over_lora"] = d[f"move_{m}"] / d["move_lora"]
+        lora_moves = (by.get("lora") or {}).get("moves") or {}
+        lora_blocks = [lora_moves.get(f"block.{i}") for i in range(len(importance))]
+        if importance and all(v is not None for v in lora_blocks):
+            d["mgn_vs_lora_spearman"] = spearman(importance, lora_blocks)
+        out[task] = d
+    return out
+
+
+def diagnose_table(steps: int, diag: dict[str, dict[str, Any]]) -> str:
+    cols = [
+        ("grass_share_min", "GRASS: fewest steps a block trained (share)", "{:.3f}"),
+        ("grass_share_max", "most", "{:.3f}"),
+        ("grass_share_cv", "spread (cv)", "{:.2f}"),
+        ("move_lora", "LoRA: mean block move", "{:.4f}"),
+        ("move_grass_over_lora", "GRASS / LoRA move", "{:.2f}"),
+        ("move_grass-auto_over_lora", "GRASS auto / LoRA", "{:.2f}"),
+        ("move_full_over_lora", "full / LoRA", "{:.2f}"),
+        ("mgn_vs_lora_spearman", "MGN rank vs LoRA's move (Spearman)", "{:+.2f}"),
+    ]
+    lines = [
+        f"# Suite diagnostics, {steps} steps x batch 8 (seed 0)",
+        "",
+        "Move: ||W - W0|| / ||W0|| of a block's weights after training, averaged over the "
+        "blocks (LoRA's adapters merged). A block's share: the steps it was trained in, "
+        "over all steps (gamma 4 of 30 gives 0.133 on average).",
+        "",
+        "| task | " + " | ".join(c[1] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for task, d in diag.items():
+        cells = " | ".join(f.format(d[k]) if k in d else "-" for k, _, f in cols)
+        lines.append(f"| {task} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def plan(work: Path, steps: int, tasks: list[str], methods: list[str]) -> str:
     """What is done at this budget and a rough time for the rest, from the runs done."""
     done, todo, secs = 0, 0, []
@@ -464,7 +572,7 @@ def plan(work: Path, steps: int, tasks: list[str], methods: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("tune", "run", "table", "plan"))
+    ap.add_argument("command", choices=("tune", "run", "table", "diagnose", "plan"))
     ap.add_argument("--steps", type=int, default=300, help="the budget, x batch 8")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -483,6 +591,13 @@ def main() -> None:
         data = json.loads(path.read_text())
         write_atomic_text(path.with_suffix(".md"), table(data["steps"], data["lrs"], data["rows"]))
         print(path.with_suffix(".md").read_text())
+    elif args.command == "diagnose":
+        data = json.loads((args.results / f"suite-{args.steps}.json").read_text())
+        diag = diagnose(data["rows"])
+        out = args.results / f"suite-diag-{args.steps}"
+        write_atomic_text(out.with_suffix(".json"), json.dumps(diag, indent=1))
+        write_atomic_text(out.with_suffix(".md"), diagnose_table(args.steps, diag))
+        print(out.with_suffix(".md").read_text())
     else:
         print(plan(args.work, args.steps, args.tasks, args.methods))
 

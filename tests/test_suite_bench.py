@@ -190,3 +190,32 @@ def test_block_moves_is_each_blocks_relative_distance_from_the_base(suite, tmp_p
     shutil.rmtree(run / "final")
     assert suite.block_moves(run, base) == moves
     assert suite.block_moves(tmp_path / "other", base) is None
+
+
+def test_diagnose_counts_steps_per_block_compares_moves_and_ranks(suite, tmp_path):
+    grass = tmp_path / "grass"
+    grass.mkdir()
+    steps = [
+        {"event": "step", "active": [0, 1], "importance": [0.1, 0.2, 0.3, 0.4]},
+        {"event": "step", "active": [0, 2], "importance": [0.1, 0.2, 0.3, 0.4]},
+        {"event": "switch", "active": [3]},
+        {"event": "step", "active": [0, 3], "importance": [0.4, 0.3, 0.2, 0.1]},
+    ]
+    (grass / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in steps))
+    assert suite.steps_trained(grass) == ([3, 1, 1, 1], [0.4, 0.3, 0.2, 0.1])
+    moves = {f"block.{i}": v for i, v in enumerate([0.04, 0.03, 0.02, 0.01])}
+    rows = [
+        {"task": "gcd", "method": "grass", "seed": 0, "steps": 3, "run_dir": str(grass),
+         "moves": {k: v / 2 for k, v in moves.items()}},
+        {"task": "gcd", "method": "lora", "seed": 0, "steps": 3, "run_dir": "-", "moves": moves},
+    ]  # fmt: skip
+    d = suite.diagnose(rows)["gcd"]
+    assert d["grass_share_min"] == pytest.approx(1 / 3) and d["grass_share_max"] == 1.0
+    assert d["move_lora"] == pytest.approx(0.025)
+    assert d["move_grass_over_lora"] == pytest.approx(0.5)
+    # GRASS's last importance orders the blocks as LoRA's moves do
+    assert d["mgn_vs_lora_spearman"] == pytest.approx(1.0)
+    assert suite.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert suite.ranks([5.0, 1.0, 5.0]) == [2.5, 1.0, 2.5]
+    md = suite.diagnose_table(300, {"gcd": d})
+    assert "| gcd | 0.333 | 1.000 |" in md and "| +1.00 |" in md
