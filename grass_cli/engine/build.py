@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from grass_cli import distributed, sharded_io, sharding
+from grass_cli.api import Grass
 from grass_cli.data import BatchIterator, TokenizedData, build_splits
 from grass_cli.data.packing import check_model_packs
 from grass_cli.data.stream import StreamBatches, build_stream
@@ -55,24 +56,46 @@ class Run:
     model: torch.nn.Module
     tokenizer: Any
     model_source: str
-    block_map: BlockMap
     train_data: TokenizedData | None  # None: data.streaming (rows tokenized as they come)
     eval_data: TokenizedData | None
     batches: BatchIterator | StreamBatches
-    tracker: ImportanceTracker
-    sampler: Sampler
-    optimizer: BlockAdamW
+    # the layer-wise core, the public API's object (grass_cli/api.py): block map,
+    # importance tracker, sampler, block optimizer and, several processes, the reducer
+    grass: Grass
     total_steps: int
-    always_train: list[str]
     telemetry: Telemetry
     metrics_sink: JsonlSink | None  # rank 0 only
     resume_from: Path | None = None
     dist: DistInfo = SINGLE
-    reducer: GradReducer | ShardedGrads | None = None  # several processes only
     # strategy lora: peft's wrapper around `model` (which trains with the adapters
     # injected), kept to save the merged model and the adapter.
     peft_model: Any = None
     sharded: Sharded | None = None  # distributed.sharding: fsdp under torchrun
+
+    # (read through `grass`, their one owner)
+    @property
+    def block_map(self) -> BlockMap:
+        return self.grass.block_map
+
+    @property
+    def tracker(self) -> ImportanceTracker:
+        return self.grass.tracker
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.grass.sampler
+
+    @property
+    def optimizer(self) -> BlockAdamW:
+        return self.grass.optimizer
+
+    @property
+    def always_train(self) -> list[str]:
+        return self.grass.always_train
+
+    @property
+    def reducer(self) -> GradReducer | ShardedGrads | None:
+        return self.grass.reducer
 
 
 def seed_everything(seed: int) -> None:
@@ -125,20 +148,15 @@ def setup(
         model=model,
         tokenizer=tokenizer,
         model_source=source,
-        block_map=block_map,
         train_data=train_data,
         eval_data=eval_data,
         batches=batches,
-        tracker=tracker,
-        sampler=sampler,
-        optimizer=optimizer,
+        grass=Grass.from_parts(model, block_map, tracker, sampler, optimizer, always, reducer),
         total_steps=total_steps,
-        always_train=always,
         telemetry=telemetry,
         metrics_sink=metrics_sink,
         resume_from=resume_from,
         dist=info,
-        reducer=reducer,
         peft_model=peft_model,
         sharded=sharded,
     )

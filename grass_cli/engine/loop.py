@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,8 @@ from grass_cli.engine.result import TrainResult
 from grass_cli.engine.saving import restore, save_model, write_checkpoint
 from grass_cli.engine.schedule import lr_at
 from grass_cli.errors import GrassError
-from grass_cli.model_memory import checkpointed
 from grass_cli.recipe import PROBING, Recipe
 from grass_cli.sampling.probing import forward_backward
-from grass_cli.sampling.probing import probe as probe_blocks
 from grass_cli.sharding import as_float
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.memory import memory_stats
@@ -64,9 +62,6 @@ class Progress:
     result: TrainResult
     t_start: float
     start_step: int = 0
-    active_names: set[str] = field(default_factory=set)
-    reducer_names: set[str] | None = None  # what the reducer's buckets are laid out for
-    lr_scales: dict[int, float] = field(default_factory=dict)  # as last logged
     skipped_in_a_row: int = 0
 
 
@@ -81,7 +76,7 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
     for step in range(pr.start_step, run.total_steps):
         t0 = time.perf_counter()
         # 1) which blocks train now: requires_grad and optimizer state follow
-        active = choose_blocks(run, pr, step)
+        active = choose_blocks(run, step)
         lr = lr_at(step, run.total_steps, run.recipe.optimizer.lr, tc)
         # 2) forward / backward over the step's micro-batches; the tracker reads each
         #    block's gradient norm in backward (data-parallel: summed across ranks)
@@ -95,9 +90,9 @@ def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
         grad_norm = as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
-            run.optimizer.step(lr, {f"block.{i}": v for i, v in run.sampler.lr_scales.items()})
+            run.grass.step(lr)
             pr.skipped_in_a_row = 0
-        run.optimizer.zero_grad()
+        run.grass.zero_grad()
         if not finite:
             nonfinite(run, pr, step, loss, grad_norm)
         # 4) telemetry: one `step` event with everything a sink shows
@@ -119,8 +114,7 @@ def begin(run: Run) -> Progress:
             probe(run)
         return pr
     state = restore(run, run.resume_from)
-    pr.start_step, pr.active_names = state.step, set(state.active_names)
-    pr.lr_scales = dict(run.sampler.lr_scales)  # (restored with the sampler)
+    pr.start_step = state.step
     r = pr.result
     r.losses, r.eval_losses = list(state.losses), dict(state.eval_losses)
     r.tokens, r.peak_rss, r.skipped = state.tokens, state.peak_rss, state.skipped
@@ -139,53 +133,32 @@ def probe(run: Run) -> None:
     steps = run.recipe.sampler.probe_steps
     accum = run.recipe.training.grad_accum_steps
     batches = ([next(run.batches) for _ in range(accum)] for _ in range(steps))
-    with checkpointed(run.model):
-        probing = probe_blocks(
-            run.model,
-            run.block_map,
-            run.tracker,
-            batches,
-            run.device,
-            run.recipe.training.autocast,
-            reducer=run.reducer,
+    for t, loss in enumerate(run.grass.probing(batches, run.recipe.training.autocast)):
+        run.telemetry.emit(
+            "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
         )
-        for t, loss in enumerate(probing):
-            run.telemetry.emit(
-                "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
-            )
     report.probe_done(run)
 
 
-def choose_blocks(run: Run, pr: Progress, step: int) -> list[int]:
-    """The sampler's blocks for this step; a new set switches the optimizer."""
-    active = run.sampler.active(step)
-    names = {f"block.{i}" for i in active} | set(run.always_train)
-    lr_scales = run.sampler.lr_scales  # (sampler.lr_correction; a redraw of the same
-    # blocks can change them, and that is logged as a switch too)
-    if names != pr.active_names or lr_scales != pr.lr_scales:
-        activated, frozen = run.optimizer.set_active(names)
-        pr.active_names, pr.lr_scales = names, dict(lr_scales)
-        scales = {"lr_scales": [lr_scales[i] for i in active]} if lr_scales else {}
+def choose_blocks(run: Run, step: int) -> list[int]:
+    """The sampler's blocks for this step; a new set switches the optimizer (and a
+    redraw that changes only the lr_correction multipliers is logged as one too)."""
+    switch = run.grass.begin_step(step)
+    if switch is not None:
+        s = switch.lr_scales
+        scales = {"lr_scales": [s[i] for i in switch.active]} if s else {}
         run.telemetry.emit(
             "switch",
             step=step,
-            active=active,
-            activated=activated,
-            frozen=frozen,
-            next_switch=run.sampler.next_switch(step),
+            active=switch.active,
+            activated=switch.activated,
+            frozen=switch.frozen,
+            next_switch=switch.next_switch,
             **scales,
         )
-    ahead = run.optimizer.stage_steps
-    upcoming = run.sampler.next_switch(step)
-    if ahead and upcoming is not None and upcoming - step == ahead:
-        # the two-tier store starts reading the next interval's blocks from disk
-        run.optimizer.stage({f"block.{i}" for i in run.sampler.upcoming(upcoming)})
-    if run.reducer is not None and names != pr.reducer_names:
-        # every rank must have drawn the same blocks, or they would diverge
-        check_same("the active blocks", active, run.device, step)
-        run.reducer.prepare(run.optimizer.trainable_params())
-        pr.reducer_names = names
-    return active
+        if run.reducer is not None:  # every rank must have drawn the same blocks
+            check_same("the active blocks", switch.active, run.device, step)
+    return run.grass.active
 
 
 def nonfinite(run: Run, pr: Progress, step: int, loss: float, grad_norm: float) -> None:
@@ -271,7 +244,7 @@ def after_step(run: Run, pr: Progress, done: int, stop: StopRequest | None) -> N
 
 
 def checkpoint(run: Run, pr: Progress, step: int) -> Path:
-    path = write_checkpoint(run, step, pr.result, pr.active_names)
+    path = write_checkpoint(run, step, pr.result)
     run.telemetry.emit("checkpoint", step=step, path=str(path))
     return path
 

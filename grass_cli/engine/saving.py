@@ -40,16 +40,17 @@ def write_model(run: Run, folder: Path, shard_size: int | str | None = None) -> 
         run.tokenizer.save_pretrained(folder)
 
 
-def write_checkpoint(run: Run, step: int, result: TrainResult, active_names: set[str]) -> Path:
+def write_checkpoint(run: Run, step: int, result: TrainResult) -> Path:
     """A checkpoint of the run after `step` optimizer steps."""
     if run.metrics_sink is not None:
         run.metrics_sink.flush()
+    grass = run.grass.state_dict()
     state = ckpt.TrainState(
         step=step,
-        active_names=sorted(active_names),
+        active_names=grass["active"],
         batches=run.batches.state_dict(),
-        sampler=run.sampler.state_dict(),
-        tracker=run.tracker.state_dict(),
+        sampler=grass["sampler"],
+        tracker=grass["tracker"],
         rng=ckpt.rng_state(run.device),
         losses=list(result.losses),
         eval_losses=dict(result.eval_losses),
@@ -88,8 +89,8 @@ def restore(run: Run, path: Path) -> ckpt.TrainState:
     groups = ckpt.optimizer_groups(path) if run.sharded is None else sharded_groups(run, path)
     run.optimizer.import_groups(groups, active=set(state.active_names))
     run.batches.load_state_dict(state.batches)
-    run.sampler.load_state_dict(state.sampler)
-    run.tracker.load_state_dict(state.tracker)
+    grass = {"sampler": state.sampler, "tracker": state.tracker, "active": state.active_names}
+    run.grass.load_state_dict(grass)
     if state.world_size != run.dist.world:  # (a sharded checkpoint: re-sharded above)
         tc = run.recipe.training
         rows = tc.micro_batch_size * tc.grad_accum_steps  # (per process)
