@@ -446,28 +446,11 @@ def table(steps: int, lrs: dict[str, float], rows: list[dict[str, Any]]) -> str:
 # -------------------------------------------------------------------- diagnostics
 
 
-def ranks(xs: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(xs)), key=xs.__getitem__)
-    out = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(a: list[float], b: list[float]) -> float:
     """Rank correlation: 1 when both order the blocks alike."""
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.mean(ra), statistics.mean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / var if var else 0.0
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
 def steps_trained(run_dir: Path) -> tuple[list[int], list[float]]:

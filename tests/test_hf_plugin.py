@@ -222,3 +222,19 @@ def test_trl_sft_trainer_trains_with_the_plugin(tiny_factory, tmp_path):
     changed = {k.split(".")[2] for k, v in model.state_dict().items()
                if k.startswith("model.layers.") and not torch.equal(v, before[k])}  # fmt: skip
     assert changed == {str(i) for s in sets for i in s}  # only drawn blocks moved
+
+
+def test_the_trainer_example_runs(tiny_factory, tmp_path):
+    """examples/trainer.py, as docs/python-api.md shows it: trains, and its checkpoint
+    holds GRASS's state beside the Trainer's files."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ex"
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples/trainer.py"), str(tiny_factory("llama", 6)),
+         "--steps", "10", "--out", str(out)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert (out / "checkpoint-10" / "grass" / "grass.json").exists()
+    assert (out / "checkpoint-10" / "model.safetensors").exists()
