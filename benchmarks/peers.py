@@ -9,7 +9,9 @@ The peers, written by us from their public behaviour (no code of theirs):
   every decoder block and unfreezes `--gamma` random ones (embeddings and LM head
   always train), which is how LMFlow and axolotl run LISA;
 - `peft-lora`: the Trainer on a peft LoRA model (r 16 on the attention and MLP
-  projections, as our recipes/bench/lora.yaml).
+  projections, as our recipes/bench/lora.yaml);
+- `hf-grass`: the same Trainer with our plug-in, `GrassCallback(...).attach(trainer)`
+  (grass_cli.integrations.hf), set as our `grass` run: what a Trainer user gets.
 Ours: `full`, `lisa` (keep, embeddings and head trained, as the peer), `lora`,
 `grass` (offload to disk, streamed per step; embeddings and head frozen).
 
@@ -24,7 +26,9 @@ losses: the first step's loss of every run, and every step's loss of full agains
 hf-full, are compared (`max |loss - peer|`). Reported per run: trained (non-pad)
 tokens per second over the steps after `--warmup`, the process's peak RSS, the
 last step's loss; and each of ours as a ratio to the peer of the same method
-(GRASS against hf-lisa, the layer-wise peer users pick today).
+(GRASS against hf-lisa, the layer-wise peer users pick today; hf-grass against
+hf-lisa too, and below the table our engine against hf-grass: what the plug-in
+costs or saves against `grass train` on the same Trainer batches).
 
 GRASS offloads the state of frozen blocks to disk and brings a block's state back
 once per switch (residency `interval`), its default; `--grass-residency step`
@@ -45,7 +49,7 @@ from typing import Any
 from runstats import run_children  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("hf-full", "hf-lisa", "peft-lora")
+PEERS = ("hf-full", "hf-lisa", "peft-lora", "hf-grass")
 OURS = {
     "full": [
         "sampler.strategy=full",
@@ -66,7 +70,13 @@ OURS = {
         "optimizer.offload.target=disk",
     ],
 }
-PEER_OF = {"full": "hf-full", "lisa": "hf-lisa", "lora": "peft-lora", "grass": "hf-lisa"}
+PEER_OF = {
+    "full": "hf-full",
+    "lisa": "hf-lisa",
+    "lora": "peft-lora",
+    "grass": "hf-lisa",
+    "hf-grass": "hf-lisa",
+}
 
 
 def reset_peak() -> None:
@@ -241,9 +251,19 @@ def peer_child(a: dict[str, Any]) -> dict[str, Any]:
             losses.append(float(loss.detach()))
             return out
 
-    InOrder(
+    trainer = InOrder(
         model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks
-    ).train()
+    )
+    if a["method"] == "hf-grass":  # our plug-in, set as our `grass` run
+        from grass_cli.integrations.hf import GrassCallback
+
+        sampler = {"strategy": "grass", "gamma": a["gamma"], "switch_interval": a["switch"]}
+        optimizer = {
+            "state_policy": "offload", "weight_decay": 0.0, "fused": True,
+            "offload": {"target": "disk", "residency": a["grass_residency"]},
+        }  # fmt: skip
+        GrassCallback(sampler, optimizer, state_dir=a["out"]).attach(trainer)
+    trainer.train()
     timed = times[a["warmup"] :]
     return {
         "tokens_per_s": sum(n for _, n in timed) / sum(t for t, _ in timed),
@@ -349,7 +369,7 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
         mem = f"{r['train_peak_rss'] / p['train_peak_rss']:.2f}" if p else "-"
         diff = "-"
-        if p and r["losses"] and p["losses"] and name != "grass":
+        if p and r["losses"] and p["losses"] and name not in ("grass", "hf-grass"):
             # every step of full fine-tuning; LISA's blocks are drawn by another RNG
             # and LoRA's adapters start from other random values, so only their first
             # step (same weights, same batch) compares. GRASS's probing steps read
@@ -362,6 +382,13 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
             f"{r['peak_rss'] / 2**30:.2f} | "
             f"{r['losses'][0]:.4f} | {r['last_loss']:.4f} | {peer or '-'} | {ratio} | {mem} "
             f"| {diff} |"
+        )
+    if "grass" in results and "hf-grass" in results:
+        ours, plug = results["grass"], results["hf-grass"]
+        lines.append(
+            f"\nOur engine against the Trainer with our plug-in (GRASS both): "
+            f"{ours['tokens_per_s'] / plug['tokens_per_s']:.2f}x its tokens/s at "
+            f"{ours['train_peak_rss'] / plug['train_peak_rss']:.2f}x its training memory."
         )
     from compare import machine as describe_machine
 
