@@ -40,7 +40,7 @@ import json
 import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from safetensors.torch import load_file
 from grass_cli.atomic import describe_write_error, write_atomic_text
 from grass_cli.distributed import SINGLE, DistInfo, first_error
 from grass_cli.errors import GrassError
+from grass_cli.run_state import RunState
 from grass_cli.treefile import load_tree, save_tree
 
 FORMAT = 2
@@ -67,22 +68,34 @@ MODEL_SHARD_SIZE: int | str | None = None
 
 @dataclass
 class TrainState:
-    """Everything a resume needs besides the weights and the optimizer state."""
+    """Everything a resume needs besides the weights and the optimizer state: the
+    run's progress (the loop's own RunState, saved as it is) and the components'."""
 
-    step: int
+    progress: RunState
     active_names: list[str]
     batches: dict[str, Any]  # the data stream's position
     sampler: dict[str, Any]
     tracker: dict[str, Any]  # importance (MGN) state
     rng: dict[str, Any]
-    losses: list[float] = field(default_factory=list)
-    eval_losses: dict[int, float] = field(default_factory=dict)
-    tokens: int = 0
-    peak_rss: int = 0
-    elapsed_s: float = 0.0
-    skipped: int = 0
     metrics_offset: int = 0  # bytes of metrics.jsonl written up to this step
     world_size: int = 1
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    def to_tree(self) -> dict[str, Any]:
+        """state.json's layout: the progress's fields beside the others (flat, as
+        format 2 has always written them)."""
+        tree = {k: v for k, v in asdict(self).items() if k != "progress"}
+        return {**asdict(self.progress), **tree}
+
+    @classmethod
+    def from_tree(cls, data: dict[str, Any]) -> TrainState:
+        """`to_tree`'s inverse; a field a checkpoint predates takes its default."""
+        names = {f.name for f in fields(RunState)}
+        progress = RunState(**{k: v for k, v in data.items() if k in names})
+        return cls(progress=progress, **{k: v for k, v in data.items() if k not in names})
 
 
 @dataclass
@@ -206,7 +219,7 @@ def _write_main(content: CheckpointContent, tmp: Path, final: Path, names: list[
         names = _write_groups(opt_dir, content.optimizer_groups)
     index = {"groups": names, "active": sorted(content.active), "shards": content.shards}
     (opt_dir / "index.json").write_text(json.dumps(index), encoding="utf-8")
-    save_tree(tmp / STATE, asdict(content.state))
+    save_tree(tmp / STATE, content.state.to_tree())
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {
         "format": FORMAT,
@@ -303,7 +316,7 @@ def read_state(path: Path) -> TrainState:
     """The train state of a verified checkpoint."""
     data = load_tree(path / STATE)
     try:
-        return TrainState(**data)
+        return TrainState.from_tree(data)
     except TypeError:
         raise _damaged(f"{STATE}.json does not hold a train state", path) from None
 

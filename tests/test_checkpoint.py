@@ -233,7 +233,7 @@ def test_resume_refuses_structural_changes_and_other_run_dirs(tiny_llama, tmp_pa
 
 
 def test_nonfinite_skip_and_stop(tiny_llama, tmp_path, monkeypatch):
-    import grass_cli.engine.loop as engine
+    import grass_cli.engine.step as engine
 
     real = engine.forward_backward
     calls = {"n": 0}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from grass_cli.cli import app
 from grass_cli.commands.inspect import bar, format_mgn, history_table, profile_table, ranks
-from grass_cli.engine import probe, setup
+from grass_cli.engine import probe_phase, setup
 from grass_cli.recipe import validate_dict
 from grass_cli.telemetry import Telemetry
 
@@ -138,7 +138,7 @@ def test_recipe_mode_measures_what_training_probes(kind, tiny_factory, tmp_path)
     }
     sink = ListSink()
     run = setup(validate_dict(data, "r.yaml"), Telemetry([sink]), overwrite=True)
-    probe(run)
+    probe_phase(run)
     trained = next(e for e in sink.events if e["event"] == "probe_done")["importance"]
 
     recipe = tmp_path / "r.yaml"

@@ -1,10 +1,11 @@
 """The training engine: build a run from a recipe (build.py), then one straight loop (loop.py).
 
-Layout: build.py (each component from its recipe section), loop.py (train: choose
-blocks -> forward/backward -> step -> telemetry -> eval/checkpoint), report.py
+Layout: build.py (each component from its recipe section), loop.py (train: a step
+-> telemetry -> eval/checkpoint), step.py (one step: choose blocks ->
+forward/backward -> clip -> update, and its outcome), report.py
 (what the loop tells its sinks), evals.py (evaluation during training), saving.py
 (checkpoints and the final model), run_dir.py (the run folder's rules), result.py
-(what a run returns).
+(what a run returns; its progress is grass_cli/run_state.py's RunState).
 """
 
 from grass_cli.engine.build import Run, seed_everything, setup
@@ -12,7 +13,7 @@ from grass_cli.engine.loop import (
     Interrupted,
     NonFiniteError,
     StopRequest,
-    probe,
+    probe_phase,
     run_training,
     train,
 )
@@ -24,7 +25,7 @@ __all__ = [
     "Run",
     "StopRequest",
     "TrainResult",
-    "probe",
+    "probe_phase",
     "run_training",
     "seed_everything",
     "setup",

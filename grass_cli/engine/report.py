@@ -17,6 +17,8 @@ from grass_cli.sharding import local
 if TYPE_CHECKING:
     from grass_cli.engine.build import Run
     from grass_cli.engine.result import TrainResult
+    from grass_cli.engine.step import StepOutcome
+    from grass_cli.run_state import RunState
 
 
 def run_facts(run: Run) -> dict[str, Any]:
@@ -91,40 +93,33 @@ def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str,
 
 def step_event(
     run: Run,
-    step: int,
-    result: TrainResult,
-    *,
-    loss: float,
-    lr: float,
-    grad_norm: float,
-    skipped: bool,
+    out: StepOutcome,
+    progress: RunState,
     tokens: int,
-    step_time: float,
-    active: list[int],
-    params: list[torch.nn.Parameter],
     allreduce_bytes: int,
     mem: dict[str, Any],
 ) -> dict[str, Any]:
-    """The fields of one `step` event (the schema docs/telemetry.md describes)."""
+    """The fields of one `step` event (the schema docs/telemetry.md describes): the
+    step's outcome, the run's totals so far, and the components' state."""
     return {
-        "step": step,
+        "step": out.step,
         "total_steps": run.total_steps,
-        "loss": loss,
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "skipped": skipped,
+        "loss": out.loss,
+        "lr": out.lr,
+        "grad_norm": out.grad_norm,
+        "skipped": not out.finite,
         "tokens": tokens,
-        "tokens_total": result.tokens,
-        "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
-        "step_time": step_time,
-        "elapsed_s": result.elapsed_s,
-        "active": active,
+        "tokens_total": progress.tokens,
+        "tokens_per_s": tokens / out.seconds if out.seconds > 0 else 0.0,
+        "step_time": out.seconds,
+        "elapsed_s": progress.elapsed_s,
+        "active": out.active,
         "importance": run.tracker.values(),
         "probabilities": run.sampler.probabilities(),
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in out.params),
         "allreduce_bytes": allreduce_bytes,
-        **memory_breakdown(run, params),
-        "next_switch": run.sampler.next_switch(step),
+        **memory_breakdown(run, out.params),
+        "next_switch": run.sampler.next_switch(out.step),
         **mem,
     }
 

@@ -7,6 +7,7 @@ size limit) ends in one message that says what was kept and where.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from grass_cli.models import quiet_stderr
 
 if TYPE_CHECKING:
     from grass_cli.engine.build import Run
-    from grass_cli.engine.result import TrainResult
+    from grass_cli.run_state import RunState
 
 
 def write_model(run: Run, folder: Path, shard_size: int | str | None = None) -> None:
@@ -40,24 +41,19 @@ def write_model(run: Run, folder: Path, shard_size: int | str | None = None) -> 
         run.tokenizer.save_pretrained(folder)
 
 
-def write_checkpoint(run: Run, step: int, result: TrainResult) -> Path:
-    """A checkpoint of the run after `step` optimizer steps."""
+def write_checkpoint(run: Run, step: int, progress: RunState) -> Path:
+    """A checkpoint of the run after `step` optimizer steps: the loop's progress as it
+    is (a non-finite stop saves the last good step, before the one that failed)."""
     if run.metrics_sink is not None:
         run.metrics_sink.flush()
     grass = run.grass.state_dict()
     state = ckpt.TrainState(
-        step=step,
+        progress=dataclasses.replace(progress, step=step),
         active_names=grass["active"],
         batches=run.batches.state_dict(),
         sampler=grass["sampler"],
         tracker=grass["tracker"],
         rng=ckpt.rng_state(run.device),
-        losses=list(result.losses),
-        eval_losses=dict(result.eval_losses),
-        tokens=result.tokens,
-        peak_rss=result.peak_rss,
-        elapsed_s=result.elapsed_s,
-        skipped=result.skipped,
         metrics_offset=run.metrics_sink.tell() if run.metrics_sink is not None else 0,
         world_size=run.dist.world,
     )
