@@ -60,8 +60,9 @@ class ProbeRequest:
 
 def ranks(values: list[float | None]) -> tuple[list[int], list[int]]:
     """(rank per block with 1 = largest, block indices by decreasing value); unknown last."""
-    key = [-v if v is not None and math.isfinite(v) else math.inf for v in values]
-    ranking = sorted(range(len(values)), key=lambda i: (key[i], i))
+    from grass_cli.sampling.importance import ranking as by_importance
+
+    ranking = by_importance(values)
     rank = [0] * len(values)
     for r, i in enumerate(ranking, 1):
         rank[i] = r
@@ -284,9 +285,12 @@ def _label(path: str) -> str:
 
 
 def is_run_dir(target: str) -> bool:
-    """A folder with a metrics.jsonl: a run, whose history is read instead of probing."""
+    """A run's folder (engine/run_dir.py's rule, the one `--overwrite` and resume
+    use), whose history is read instead of probing."""
+    from grass_cli.engine.run_dir import is_run_dir as made_by_grass
+
     p = Path(target).expanduser()
-    return p.is_dir() and (p / "metrics.jsonl").is_file()
+    return p.is_dir() and made_by_grass(p)
 
 
 def run_history(run_dir: Path, out: Path) -> dict[str, Any]:

@@ -386,3 +386,16 @@ def test_balanced_grass_tracks_inclusion_probabilities_and_resumes():
 def test_balanced_grass_with_an_overflowing_softmax_takes_the_greedy_set():
     mgn, tau = [1.0, 3.0, 2.0, 0.5], 1e-310
     assert draws("grass", mgn, 2, 4, tau=tau, eps=0.0, draw="balanced") == [[1, 2]] * 4
+
+
+def test_one_ranking_of_importance_everywhere():
+    """Most important first, never-observed (None, NaN) last, ties by block index: the
+    sampler's fallback, probing's `ranking` event and inspect-importance share it."""
+    import math
+
+    from grass_cli.importance_report import ranks
+    from grass_cli.sampling.importance import ranking
+
+    values = [0.2, math.nan, 0.5, None, 0.2, float("inf")]
+    assert ranking(values) == [2, 0, 4, 1, 3, 5]
+    assert ranks(values) == ([2, 4, 1, 5, 3, 6], [2, 0, 4, 1, 3, 5])

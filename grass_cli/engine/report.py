@@ -12,6 +12,7 @@ import torch
 
 from grass_cli.atomic import write_atomic_json
 from grass_cli.distributed import all_sum
+from grass_cli.sampling.importance import ranking
 from grass_cli.sharding import local
 
 if TYPE_CHECKING:
@@ -56,12 +57,11 @@ def run_facts(run: Run) -> dict[str, Any]:
 
 def probe_done(run: Run) -> None:
     """The probing MGN, its ranking and the sampling probabilities it gives."""
-    mgn = run.tracker.mgn
-    ranking = sorted(range(len(mgn)), key=lambda i: -float(mgn[i]))
+    values = run.tracker.values()
     run.telemetry.emit(
         "probe_done",
-        importance=run.tracker.values(),
-        ranking=ranking,
+        importance=values,
+        ranking=ranking(values),
         probabilities=run.sampler.probabilities(),
         # data-parallel: every block's gradient was reduced at every probing step
         allreduce_bytes=run.reducer.take_bytes() if run.reducer is not None else 0,

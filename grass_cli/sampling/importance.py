@@ -23,6 +23,14 @@ import torch
 from grass_cli.sampling.blocks import ParamGroup
 
 
+def ranking(values: Sequence[float | None]) -> list[int]:
+    """Block indices, most important first: the one ordering of MGN values that the
+    sampler's fallback, probing's `ranking` event and `grass inspect-importance`
+    share. Never-observed blocks (None, NaN) come last; ties keep block order."""
+    key = [-float(v) if v is not None and math.isfinite(v) else math.inf for v in values]
+    return sorted(range(len(key)), key=lambda i: (key[i], i))
+
+
 def probabilities(mgn: Sequence[float] | np.ndarray, tau: float, eps: float) -> np.ndarray:
     """Scale-free softmax of MGN with an exploration floor.
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from grass_cli.recipe import SamplerConfig
-from grass_cli.sampling.importance import ImportanceTracker, probabilities
+from grass_cli.sampling.importance import ImportanceTracker, probabilities, ranking
 
 
 def draw_distinct(
@@ -249,7 +249,7 @@ class GrassSampler(Sampler):
     def _sample(self, step: int) -> list[int]:
         p = np.asarray(self.probabilities())
         # Highest MGN first (never-observed NaN last): the tau -> 0 limit of sampling.
-        by_mgn = np.argsort(-self.tracker.mgn.numpy(), kind="stable")
+        by_mgn = np.array(ranking(self.tracker.mgn.tolist()))
         gamma = self.cfg.gamma
         if self.cfg.draw == "balanced":
             pi = draw_inclusion(p, gamma, by_mgn)
