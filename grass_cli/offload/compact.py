@@ -31,6 +31,15 @@ import torch
 # Bytes a parameter for AdamW's two moments, by state_dtype. bitsandbytes' 8-bit
 # states add one fp32 absmax per 256 values to each moment's byte.
 MOMENT_BYTES: dict[str, float] = {"fp32": 8.0, "bf16": 4.0, "8bit": 2.0 + 2 * 4 / 256}
+
+
+def state_bytes(state_dtype: str, weight_bytes: int, master: bool = True) -> float:
+    """AdamW's bytes per trained parameter: the moments, plus the fp32 master copy a
+    16-bit weight is stepped through (`master`: peft keeps LoRA's adapters in fp32, so
+    LoRA has none). The one rule the planner and the optimizer's store sizing share."""
+    return MOMENT_BYTES[state_dtype] + (4 if master and weight_bytes < 4 else 0)
+
+
 # Temporaries a step makes per parameter of the matrix being updated, beyond fp32
 # AdamW's: bf16 moments upcast to fp32 (8); bitsandbytes' CPU path dequantizes both
 # moments and upcasts the weight and gradient (20), its CUDA kernel works in place.

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from grass_cli.offload.adamw import adamw, step_together
-from grass_cli.offload.compact import MOMENT_BYTES
+from grass_cli.offload.compact import state_bytes
 from grass_cli.offload.group_state import EMPTY, GroupState, chunk_name
 from grass_cli.offload.store import Store, tensor_bytes
 from grass_cli.recipe import OptimizerConfig
@@ -343,7 +343,6 @@ class BlockAdamW:
         total = 0
         for name in names:
             for p in self.groups[name].tensors:
-                moments = MOMENT_BYTES[self.cfg.state_dtype]
-                per = moments if p.dtype == torch.float32 else moments + 4  # (+ fp32 master)
+                per = state_bytes(self.cfg.state_dtype, p.element_size())
                 total += int(local(p).numel() * per)  # (a rank's shard when sharded)
         return total

@@ -168,12 +168,9 @@ def state_bytes_per_param(weight_bytes: int, strategy: str, state_dtype: str = "
     """AdamW's bytes per trained parameter: two moments (8 bytes in fp32, 4 in bf16,
     about 2 in 8 bits: offload/compact.py), plus an fp32 master copy of 16-bit
     weights (peft keeps LoRA adapters in fp32: moments only)."""
-    from grass_cli.offload.compact import MOMENT_BYTES
+    from grass_cli.offload.compact import state_bytes
 
-    moments = MOMENT_BYTES[state_dtype]
-    if strategy == "lora":
-        return moments
-    return moments + (4 if weight_bytes == 2 else 0)
+    return state_bytes(state_dtype, weight_bytes, master=strategy != "lora")
 
 
 def _trained(recipe: Recipe, lay: Layout, sc: Scenario) -> _Trained:
