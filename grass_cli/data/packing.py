@@ -26,7 +26,7 @@ otherwise train on leaked context without a sign).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from grass_cli.data.tokens import IGNORE_INDEX
@@ -36,33 +36,47 @@ if TYPE_CHECKING:
     import torch
 
 
-def pack_next(
-    lengths: Sequence[int], order: Sequence[int], start: int, bins: int, capacity: int
-) -> tuple[list[list[int]], int]:
-    """First-fit the rows `order[start:]` into `bins` sequences of `capacity` tokens.
-
-    Rows are taken in order, each into the first sequence with room; the first
-    row that fits none ends the micro batch (it starts the next one). Never
-    skipping ahead keeps every row seen once per epoch, in the epoch's order, and
-    makes the whole packing a function of `(order, start)`: a resume needs only
-    the position. Returns the non-empty sequences (row indices) and the position
-    after the last row taken.
-    """
+def first_fit(
+    peek: Callable[[], int | None], take: Callable[[], None], bins: int, capacity: int
+) -> list[list[int]]:
+    """The packing rule, once: rows taken in order, each into the first of `bins`
+    sequences of `capacity` tokens with room; the first row that fits none ends the
+    micro batch (it starts the next one). Never skipping ahead keeps every row seen
+    once, in order, so a packing is a function of where it started. `peek()` is the
+    next row's length (None: no more rows), `take()` moves past it. Returns the
+    non-empty sequences as positions 0, 1, ... of the rows taken."""
     free = [capacity] * bins
     packed: list[list[int]] = [[] for _ in range(bins)]
-    pos = start
-    while pos < len(order):
-        row = int(order[pos])
-        n = lengths[row]
+    k = 0
+    while (n := peek()) is not None:
         if n > capacity:
-            raise ValueError(f"row {row} has {n} tokens, more than the capacity {capacity}")
+            raise ValueError(f"a row of {n} tokens, more than the capacity {capacity}")
         slot = next((b for b in range(bins) if free[b] >= n), None)
         if slot is None:
             break
         free[slot] -= n
-        packed[slot].append(row)
-        pos += 1
-    return [b for b in packed if b], pos
+        packed[slot].append(k)
+        k += 1
+        take()
+    return [b for b in packed if b]
+
+
+def pack_next(
+    lengths: Sequence[int], order: Sequence[int], start: int, bins: int, capacity: int
+) -> tuple[list[list[int]], int]:
+    """`first_fit` over the rows `order[start:]`: the non-empty sequences (row
+    indices) and the position after the last row taken. A resume needs only the
+    position."""
+    pos = [start]
+
+    def peek() -> int | None:
+        return lengths[int(order[pos[0]])] if pos[0] < len(order) else None
+
+    def take() -> None:
+        pos[0] += 1
+
+    seqs = first_fit(peek, take, bins, capacity)
+    return [[int(order[start + k]) for k in s] for s in seqs], pos[0]
 
 
 def count_micro_batches(

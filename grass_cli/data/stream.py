@@ -27,7 +27,7 @@ import numpy as np
 
 from grass_cli.data.batches import collate
 from grass_cli.data.mixture import _rng, concat, shares, subset
-from grass_cli.data.packing import collate_packed
+from grass_cli.data.packing import collate_packed, first_fit
 from grass_cli.data.reading import _quiet_datasets
 from grass_cli.data.sources import resolve
 from grass_cli.data.stream_sources import SourceStream
@@ -184,23 +184,20 @@ class StreamBatches:
         return out[self.rank :: self.world]
 
     def _pack(self) -> list[list[Row]]:
-        """First-fit into micro x world sequences, in stream order; the first row that
-        fits none starts the next micro batch (pack_next's rule, on a stream)."""
+        """packing.first_fit into micro x world sequences, in stream order; this
+        rank's share of them."""
         assert self.max_length is not None
-        bins = self.micro_batch_size * self.world
-        free = [self.max_length] * bins
-        packed: list[list[Row]] = [[] for _ in range(bins)]
-        while True:
-            row = self.rows.peek()
-            slot = next((b for b in range(bins) if free[b] >= len(row[0])), None)
-            if slot is None:
-                if free[0] == self.max_length:  # fits no empty sequence: never advances
-                    raise ValueError(f"a row of {len(row[0])} tokens > {self.max_length}")
-                break
-            free[slot] -= len(row[0])
-            packed[slot].append(row)
+        taken: list[Row] = []
+
+        def take() -> None:
+            taken.append(self.rows.peek())
             self.rows.advance()
-        return [b for b in packed if b][self.rank :: self.world]
+
+        seqs = first_fit(
+            lambda: len(self.rows.peek()[0]), take, self.micro_batch_size * self.world,
+            self.max_length,
+        )  # fmt: skip
+        return [[taken[k] for k in s] for s in seqs][self.rank :: self.world]
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if not self.packing:
