@@ -224,11 +224,11 @@ class Grass:
         no update, activation checkpointing on; yields each step's loss. When it is
         exhausted the tracker holds every block's MGN and the model is as before."""
         from grass_cli.model_memory import checkpointed
-        from grass_cli.sampling.probing import probe
+        from grass_cli.sampling.probing import probe_blocks
 
         steps = ([b] if isinstance(b, Mapping) else list(b) for b in batches)
         with checkpointed(self.model):
-            yield from probe(
+            yield from probe_blocks(
                 self.model,
                 self.block_map,
                 self.tracker,

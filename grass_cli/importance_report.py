@@ -141,7 +141,7 @@ def probe_profile(
     """
     from grass_cli.sampling.blocks import build_block_map
     from grass_cli.sampling.importance import ImportanceTracker
-    from grass_cli.sampling.probing import probe
+    from grass_cli.sampling.probing import probe_blocks
 
     it, n_rows, label = _batches(data_cfg, path, tokenizer, batch_size, seed)
     block_map = build_block_map(model, blocks_attr)
@@ -153,7 +153,7 @@ def probe_profile(
     model.train()  # as in training's probing phase
     try:
         steps = ([next(it)] for _ in range(batches))
-        losses = list(probe(model, block_map, tracker, steps, device, autocast))
+        losses = list(probe_blocks(model, block_map, tracker, steps, device, autocast))
     finally:
         tracker.remove_hooks()
         model.train(was_training)

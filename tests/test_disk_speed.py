@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from grass_cli.cli import app
-from grass_cli.planner.disk_speed import DiskSpeed, disk_speed, probe, traffic
+from grass_cli.planner.disk_speed import DiskSpeed, disk_speed, measure, traffic
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = str(ROOT / "recipes/gpu-grass.yaml")
@@ -25,7 +25,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def test_the_probe_measures_and_leaves_nothing_behind(tmp_path):
     folder = tmp_path / "not-yet" / "offload"  # probed where it would be made
-    speed = probe(folder, nbytes=8 * 2**20)
+    speed = measure(folder, nbytes=8 * 2**20)
     assert speed.read_bps > 1e6 and speed.write_bps > 1e6  # any disk does 1 MB/s
     assert speed.source == f"measured now under {tmp_path}"
     assert list(tmp_path.iterdir()) == []  # its file is gone, nothing was made

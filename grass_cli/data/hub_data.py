@@ -113,7 +113,7 @@ def from_cache(spec: DataSource, where: str, why: str) -> Any:
             raise _cache_miss(e, spec, where, why) from None
 
 
-def probe(spec: DataSource, where: str) -> str | None:
+def hub_status(spec: DataSource, where: str) -> str | None:
     """One request, no retries: None when the hub has the dataset (at the revision),
     the reason when the hub did not answer; a DataError when it said no."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
@@ -174,7 +174,7 @@ def load_hub(spec: DataSource, where: str) -> Any:
 
     if offline():
         return from_cache(spec, where, "offline mode is set (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)")
-    why = probe(spec, where)
+    why = hub_status(spec, where)
     if why is not None:
         return from_cache(spec, where, why)
     with _quiet_datasets():
@@ -193,7 +193,7 @@ def cached_or_probe(spec: DataSource, where: str) -> Any | None:
     one; else None once the hub has confirmed it exists (a DataError when not)."""
     why = "offline mode is set (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)" if offline() else None
     if why is None:
-        why = probe(spec, where)
+        why = hub_status(spec, where)
         if why is None:
             with contextlib.suppress(DataError):
                 return from_cache(spec, where, "not downloaded yet")

@@ -61,7 +61,7 @@ def _folder_factory(source: Source) -> Callable[[], Any]:
 
 
 def _hub_factory(source: Source) -> Callable[[], Any]:
-    from grass_cli.data.hub_data import _kwargs, offline, probe
+    from grass_cli.data.hub_data import _kwargs, hub_status, offline
 
     where = f"{source.key}: {source.name}"
     if offline():
@@ -71,7 +71,7 @@ def _hub_factory(source: Source) -> Callable[[], Any]:
             where=where,
             hint=STREAM_HINT,
         )
-    why = probe(source.spec, where)  # one quick request; a DataError when the hub says no
+    why = hub_status(source.spec, where)  # one quick request; a DataError when the hub says no
     if why is not None:
         raise DataError(f"cannot stream this hub dataset: {why}", where=where, hint=STREAM_HINT)
 

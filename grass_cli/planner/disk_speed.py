@@ -45,7 +45,7 @@ def _fs_key(folder: Path) -> str:
     return str(os.stat(nearest_existing(folder)).st_dev)
 
 
-def probe(folder: Path, nbytes: int = PROBE_BYTES) -> DiskSpeed:
+def measure(folder: Path, nbytes: int = PROBE_BYTES) -> DiskSpeed:
     """Write, sync, uncache and read back `nbytes` in `folder` (its nearest existing
     parent); the file is removed whatever happens."""
     from grass_cli.planner.machine import nearest_existing
@@ -97,7 +97,7 @@ def disk_speed(folder: Path, given_gbps: float | None = None, again: bool = Fals
     if not again and isinstance(got, dict) and {"read_bps", "write_bps"} <= got.keys():
         source = f"measured on {got.get('date', '?')} under {got.get('folder', '?')}"
         return DiskSpeed(float(got["read_bps"]), float(got["write_bps"]), source)
-    speed = probe(folder)
+    speed = measure(folder)
     known[key] = {
         "read_bps": speed.read_bps,
         "write_bps": speed.write_bps,

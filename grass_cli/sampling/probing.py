@@ -72,7 +72,7 @@ def forward_backward(
     return float(total)
 
 
-def probe(
+def probe_blocks(
     model: torch.nn.Module,
     block_map: BlockMap,
     tracker: ImportanceTracker,
