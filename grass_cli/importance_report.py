@@ -99,25 +99,18 @@ def _batches(
     recipe's own training data whatever its form: a mixture, rows held out by
     data.eval left out, or a stream (data.streaming: its first rows)."""
     from grass_cli.data import BatchIterator
-    from grass_cli.data.build import build_dataset, held_out, tokenized_source, train_specs
+    from grass_cli.data.build import tokenized_source, train_specs
+    from grass_cli.data.feed import training_batches
     from grass_cli.data.sources import as_spec
-    from grass_cli.data.stream import StreamBatches, build_stream
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if path is not None:
         dc = data_cfg.model_copy(update={"train": path})
         data = tokenized_source(path, "--data", dc, tokenizer, dc.limit)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return BatchIterator(data, batch_size, pad_id, seed=seed, shuffle=True), len(data), path
     label = " + ".join(as_spec(v).path for _, v in train_specs(data_cfg))
-    if data_cfg.streaming:
-        # rows held out of the stream's head are skipped as in training; an eval
-        # source is not needed here
-        keep_eval = held_out(data_cfg) is not None
-        cfg = data_cfg if keep_eval else data_cfg.model_copy(update={"eval": None})
-        stream, _ = build_stream(cfg, tokenizer, seed)
-        return StreamBatches(stream, batch_size, pad_id), None, label
-    data = build_dataset(data_cfg, tokenizer, "train", seed=seed)
-    return BatchIterator(data, batch_size, pad_id, seed=seed, shuffle=True), len(data), label
+    batches, data, _ = training_batches(data_cfg, tokenizer, batch_size, seed, with_eval=False)
+    return batches, (len(data) if data is not None else None), label
 
 
 def probe_profile(

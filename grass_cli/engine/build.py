@@ -20,9 +20,10 @@ import torch
 
 from grass_cli import distributed, sharded_io, sharding
 from grass_cli.api import Grass
-from grass_cli.data import BatchIterator, TokenizedData, build_splits
+from grass_cli.data import BatchIterator, TokenizedData
+from grass_cli.data.feed import training_batches
 from grass_cli.data.packing import check_model_packs
-from grass_cli.data.stream import StreamBatches, build_stream
+from grass_cli.data.stream import StreamBatches
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
 from grass_cli.evaluate.source import check_source, require_source
@@ -208,25 +209,12 @@ def build_data(
     tc = recipe.training
     if recipe.eval is not None:
         check_source(require_source(recipe.eval, recipe.data))
-    # how batches are cut, the same for a stream and for rows in memory
-    cut: dict[str, Any] = {
-        "rank": info.rank,
-        "world": info.world,
-        "packing": recipe.data.packing,
-        "max_length": recipe.data.max_length,
-    }
-    if recipe.data.streaming:  # no rows ahead: the stream tokenizes as training takes
-        rows, eval_data = build_stream(recipe.data, tokenizer, seed=tc.seed)
-        stream = StreamBatches(rows, tc.micro_batch_size, tokenizer.pad_token_id, **cut)
-        assert tc.max_steps is not None  # the recipe refuses epochs with streaming
-        return None, eval_data, stream, tc.max_steps
-    # (the seed draws a mixture's rows and the rows `data.eval: 0.05` holds out)
-    train_data, eval_data = build_splits(recipe.data, tokenizer, seed=tc.seed)
-    batches = BatchIterator(
-        train_data, tc.micro_batch_size, tokenizer.pad_token_id, seed=tc.seed, **cut
+    batches, train_data, eval_data = training_batches(
+        recipe.data, tokenizer, tc.micro_batch_size, tc.seed, rank=info.rank, world=info.world
     )
-    if tc.max_steps is not None:
+    if tc.max_steps is not None:  # (the recipe refuses epochs with streaming)
         return train_data, eval_data, batches, tc.max_steps
+    assert isinstance(batches, BatchIterator)
     total = batches.steps_for_epochs(float(tc.epochs or 1), tc.grad_accum_steps)
     return train_data, eval_data, batches, total
 
