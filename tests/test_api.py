@@ -12,38 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ListSink
+from helpers import ListSink, layerwise_recipe
 from transformers import AutoModelForCausalLM
 
 from grass_cli import Grass
 from grass_cli.engine import setup, train
 from grass_cli.engine.schedule import lr_at
-from grass_cli.recipe import validate_dict
 from grass_cli.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = str(ROOT / "data/quickstart/train.jsonl")
 
 
-def recipe(model_dir: Path, out: Path, **sampler):
-    return validate_dict(
-        {
-            "model": {"path": str(model_dir)},
-            "data": {"train": TRAIN, "max_length": 64, "limit": 64},
-            "sampler": {
-                "strategy": "grass",
-                "gamma": 2,
-                "switch_interval": 3,
-                "probe_steps": 2,
-                "update_interval": 2,
-                **sampler,
-            },  # fmt: skip
-            "optimizer": {"lr": 1e-3, "state_policy": "offload"},
-            "training": {"max_steps": 9, "micro_batch_size": 4, "seed": 3, "grad_clip": 1.0},
-            "output": {"dir": str(out), "save_model": False},
-        },
-        "test.yaml",
-    )
+def recipe(model_dir: Path, out: Path):
+    return layerwise_recipe(model_dir, out, 9)
 
 
 def batches_of(rec, n: int) -> list[dict[str, torch.Tensor]]:

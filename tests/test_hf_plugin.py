@@ -10,46 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ListSink
+from helpers import ListSink, layerwise_recipe
 from torch.utils.data import SequentialSampler
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from grass_cli.engine import setup, train
 from grass_cli.integrations.hf import GrassCallback
-from grass_cli.recipe import validate_dict
 from grass_cli.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = str(ROOT / "data/quickstart/train.jsonl")
 STEPS, PROBE = 8, 2
 
 
-def recipe(model_dir: Path, out: Path, **sampler):
-    return validate_dict(
-        {
-            "model": {"path": str(model_dir)},
-            "data": {"train": TRAIN, "max_length": 64, "limit": 64},
-            "sampler": {
-                "strategy": "grass",
-                "gamma": 2,
-                "switch_interval": 3,
-                "probe_steps": PROBE,
-                "update_interval": 2,
-                **sampler,
-            },  # fmt: skip
-            "optimizer": {"lr": 1e-3, "state_policy": "offload"},
-            "training": {
-                "max_steps": STEPS,
-                "micro_batch_size": 4,
-                "seed": 3,
-                "grad_clip": 1.0,
-                "lr_scheduler": "constant",
-                "warmup_steps": 0,
-            },  # fmt: skip
-            "output": {"dir": str(out), "save_model": False},
-        },
-        "test.yaml",
-    )
+def recipe(model_dir: Path, out: Path):
+    return layerwise_recipe(model_dir, out, STEPS, PROBE, lr_scheduler="constant", warmup_steps=0)
 
 
 class InOrder(Trainer):
