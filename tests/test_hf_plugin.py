@@ -59,7 +59,8 @@ def engine_run(tiny_factory, tmp_path):
     train(run)
     active = [e["active"] for e in sink.of("step")]
     weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-    return model_dir, rec, batches, active, weights
+    losses = [e["loss"] for e in sink.of("step")]
+    return model_dir, rec, batches, active, weights, losses
 
 
 class Recorder(TrainerCallback):
@@ -80,7 +81,7 @@ def active_from_logs(logs: list[dict], blocks: int) -> list[list[int]]:
 
 
 def test_trainer_with_the_plugin_trains_what_grass_train_trains(engine_run, tmp_path):
-    model_dir, rec, batches, engine_active, engine_weights = engine_run
+    model_dir, rec, batches, engine_active, engine_weights, engine_losses = engine_run
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     trainer = trainer_for(model, batches[PROBE:], tmp_path / "hf", seed=rec.training.seed + 1)
     cb = GrassCallback(rec.sampler, rec.optimizer, probe_data=batches[:PROBE]).attach(trainer)
@@ -91,6 +92,8 @@ def test_trainer_with_the_plugin_trains_what_grass_train_trains(engine_run, tmp_
     assert active_from_logs(seen.logs, 6) == engine_active
     assert active_from_logs(trainer.state.log_history, 6) == engine_active
     assert len({tuple(a) for a in engine_active}) > 1
+    losses = [h["loss"] for h in seen.logs]  # (the Trainer logs each step's loss, unrounded)
+    assert losses == pytest.approx(engine_losses, rel=1e-5)
     for name, w in model.state_dict().items():
         torch.testing.assert_close(w, engine_weights[name], rtol=1e-5, atol=1e-6, msg=name)
     mgn = [h for h in seen.logs if "grass/mgn/0" in h]
@@ -98,7 +101,7 @@ def test_trainer_with_the_plugin_trains_what_grass_train_trains(engine_run, tmp_
 
 
 def test_a_resumed_trainer_ends_where_a_straight_one_does(engine_run, tmp_path):
-    model_dir, rec, batches, _, _ = engine_run
+    model_dir, rec, batches, *_ = engine_run
     seed = rec.training.seed + 1
 
     def run(out: Path, resume: str | None = None):
@@ -123,7 +126,7 @@ def test_a_resumed_trainer_ends_where_a_straight_one_does(engine_run, tmp_path):
 
 
 def test_resuming_without_grass_state_is_one_clear_error(engine_run, tmp_path):
-    model_dir, rec, batches, _, _ = engine_run
+    model_dir, rec, batches, *_ = engine_run
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     t = trainer_for(model, batches[PROBE:], tmp_path / "b", 4, save_strategy="steps", save_steps=3)
     t.train()  # a plain Trainer run: its checkpoint has no grass/
@@ -135,7 +138,7 @@ def test_resuming_without_grass_state_is_one_clear_error(engine_run, tmp_path):
 
 
 def test_lisa_is_one_argument_and_offloads(engine_run, tmp_path):
-    model_dir, rec, batches, _, _ = engine_run
+    model_dir, rec, batches, *_ = engine_run
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     t = trainer_for(model, batches[PROBE:], tmp_path / "l", 5)
     cb = GrassCallback({"strategy": "lisa", "gamma": 2, "switch_interval": 3},
@@ -165,7 +168,7 @@ def test_lisa_is_one_argument_and_offloads(engine_run, tmp_path):
 
 
 def test_attach_refuses_a_trainer_that_has_an_optimizer(engine_run, tmp_path):
-    model_dir, _, batches, _, _ = engine_run
+    model_dir, _, batches, *_ = engine_run
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     t = trainer_for(model, batches, tmp_path / "o", 0)
     t.create_optimizer()
