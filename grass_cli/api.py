@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,7 @@ class Grass:
         if to_disk and state_dir is None and ocfg.offload.path is None:
             raise ValueError("optimizer.offload.target disk needs state_dir (a folder)")
         blocks = build_block_map(model, blocks_attr)
-        if scfg.gamma > blocks.num_blocks:
+        if scfg.strategy != "full" and scfg.gamma > blocks.num_blocks:
             raise ValueError(
                 f"gamma {scfg.gamma} is more than the model's {blocks.num_blocks} blocks"
             )
@@ -282,23 +283,32 @@ class Grass:
     def save(self, folder: str | Path) -> Path:
         """Everything to continue exactly: `grass.json/.safetensors` (state_dict) and
         `optimizer/NAME.*` per group (offloaded groups read back one at a time). JSON
-        and safetensors only: loading it runs no code. Written beside and renamed
-        into place; an existing folder is replaced only if it holds such a save."""
+        and safetensors only: loading it runs no code. Written into a new hidden
+        sibling and renamed into place, so a crash leaves the previous save whole; an
+        existing folder is replaced only if it holds such a save."""
         folder = Path(folder)
         if folder.exists() and not (folder / "grass.json").exists():
             raise FileExistsError(f"{folder} exists and is not a GRASS state folder")
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "optimizer").mkdir(parents=True)
-        names = []
-        for name, group in self.optimizer.export_groups():
-            save_tree(tmp / "optimizer" / name, group)
-            names.append(name)
-        (tmp / "optimizer" / "index.json").write_text(json.dumps({"groups": names}))
-        save_tree(tmp / "grass", self.state_dict())
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+        try:
+            (tmp / "optimizer").mkdir()
+            names = []
+            for name, group in self.optimizer.export_groups():
+                save_tree(tmp / "optimizer" / name, group)
+                names.append(name)
+            (tmp / "optimizer" / "index.json").write_text(json.dumps({"groups": names}))
+            save_tree(tmp / "grass", self.state_dict())
+            old = None
+            if folder.exists():  # (ours: moved aside, removed once the new one is in)
+                old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+                folder.rename(old / "state")
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
         return folder
 
     def load(self, folder: str | Path) -> None:

@@ -164,3 +164,18 @@ def test_importing_grass_cli_stays_cheap():
     code = "import sys, grass_cli; assert 'torch' not in sys.modules; print(grass_cli.__all__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Grass" in out.stdout
+
+
+def test_save_leaves_no_temporary_and_keeps_a_users_lookalike(tiny_factory, tmp_path):
+    """A folder named like our temporary (`state.tmp`) is the user's: never touched;
+    replacing a save leaves only the new one."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory("llama", 4))
+    grass = Grass(model, {"gamma": 1})
+    theirs = tmp_path / "state.tmp"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    grass.save(tmp_path / "state")
+    grass.save(tmp_path / "state")
+    grass.close()
+    assert (theirs / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "state.tmp"]
