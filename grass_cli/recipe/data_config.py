@@ -111,8 +111,3 @@ class DataConfig(Section):
         # Not data.train: resume compares it with the stored recipe verbatim, and
         # the reader expands `~` when it opens the file.
         return expand_home(v) if isinstance(v, str) else v
-
-    @property
-    def train_file(self) -> str | None:
-        """`data.train` when it names one file or folder (not a source or a mixture)."""
-        return self.train if isinstance(self.train, str) else None
