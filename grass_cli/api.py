@@ -66,7 +66,7 @@ class Switch:
     lr_scales: dict[int, float]
 
 
-def _section(kind: type, value: Any) -> Any:
+def as_section(kind: type, value: Any) -> Any:
     """A config section from a dict (validated like the recipe's) or as given."""
     if value is None:
         return kind()
@@ -96,8 +96,8 @@ class Grass:
         state_dir: str | Path | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        scfg: SamplerConfig = _section(SamplerConfig, sampler)
-        ocfg: OptimizerConfig = _section(OptimizerConfig, optimizer)
+        scfg: SamplerConfig = as_section(SamplerConfig, sampler)
+        ocfg: OptimizerConfig = as_section(OptimizerConfig, optimizer)
         if scfg.strategy == "lora":
             raise ValueError("strategy lora is peft's: wrap the model with peft instead")
         if scfg.gamma == "auto":
@@ -176,14 +176,13 @@ class Grass:
         active = self.sampler.active(step)
         names = {f"block.{i}" for i in active} | set(self.always_train)
         scales = self.sampler.lr_scales  # (a redraw of the same blocks can change them)
+        upcoming = self.sampler.next_switch(step)
         switch = None
         if names != self._names or scales != self._scales:
             activated, frozen = self.optimizer.set_active(names)
             self._names, self._scales = names, dict(scales)
-            nxt = self.sampler.next_switch(step)
-            switch = Switch(step, active, activated, frozen, nxt, dict(scales))
+            switch = Switch(step, active, activated, frozen, upcoming, dict(scales))
         ahead = self.optimizer.stage_steps
-        upcoming = self.sampler.next_switch(step)
         if ahead and upcoming is not None and upcoming - step == ahead:
             # the two-tier store starts reading the next interval's blocks from disk
             self.optimizer.stage({f"block.{i}" for i in self.sampler.upcoming(upcoming)})

@@ -148,12 +148,10 @@ def model_card(repo: str, run_dir: Path | None, model_dir: Path, heatmap: bool) 
 
 
 def _data_sources(d: Any) -> str:
-    train = d.train if isinstance(d.train, list) else [d.train]
-    names = []
-    for src in train:
-        path = src if isinstance(src, str) else getattr(src, "path", str(src))
-        names.append(f"`{path}`")
-    return ", ".join(names)
+    from grass_cli.data.build import train_specs
+    from grass_cli.data.sources import as_spec
+
+    return ", ".join(f"`{as_spec(src).path}`" for _, src in train_specs(d))
 
 
 def _results(run_dir: Path | None, model_dir: Path, summary: dict | None) -> list[str]:
@@ -179,9 +177,9 @@ def _results(run_dir: Path | None, model_dir: Path, summary: dict | None) -> lis
 def hub_token() -> str:
     """The token an upload would use; one message offline or without one (checked
     before anything is read or sent)."""
-    import os
+    from grass_cli.hub import hub_offline
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise GrassError(
             "HF_HUB_OFFLINE is set: nothing can be uploaded",
             where="--repo",
@@ -204,6 +202,8 @@ def push(plan: UploadPlan, token: str) -> str:
     the repo's URL. Network and permission failures are one message each."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    from grass_cli.hub import first_line
+
     api = HfApi(token=token)
     ops = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(p)) for p, dest in plan.files]
     ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=plan.card.encode()))
@@ -212,7 +212,7 @@ def push(plan: UploadPlan, token: str) -> str:
         api.create_commit(plan.repo, operations=ops, commit_message="Upload with grass push")
     except Exception as e:  # requests / hub errors: what the hub said, in one line
         raise GrassError(
-            f"the upload to {plan.repo} failed: {str(e).splitlines()[0]}",
+            f"the upload to {plan.repo} failed: {first_line(e)}",
             where="--repo",
             hint="check the token's write access and the network, then push again "
             "(an interrupted push sends its files again)",

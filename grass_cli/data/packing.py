@@ -67,16 +67,17 @@ def pack_next(
     """`first_fit` over the rows `order[start:]`: the non-empty sequences (row
     indices) and the position after the last row taken. A resume needs only the
     position."""
-    pos = [start]
+    pos = start
 
     def peek() -> int | None:
-        return lengths[int(order[pos[0]])] if pos[0] < len(order) else None
+        return lengths[int(order[pos])] if pos < len(order) else None
 
     def take() -> None:
-        pos[0] += 1
+        nonlocal pos
+        pos += 1
 
     seqs = first_fit(peek, take, bins, capacity)
-    return [[int(order[start + k]) for k in s] for s in seqs], pos[0]
+    return [[int(order[start + k]) for k in s] for s in seqs], pos
 
 
 def count_micro_batches(

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from grass_cli.api import Grass
+from grass_cli.api import Grass, as_section
 from grass_cli.recipe import PROBING, OptimizerConfig, SamplerConfig
 
 STATE_DIR = "grass"  # inside each checkpoint-N/
@@ -114,15 +114,9 @@ class GrassCallback(TrainerCallback):
         """The Trainer's `optimizers=` argument: GRASS's optimizer and no scheduler (the
         Trainer makes its own from TrainingArguments over this optimizer's lr).
         `lr`: the peak lr (default: the `optimizer` section's `lr`)."""
-        ocfg = self._optimizer_cfg()
+        ocfg = as_section(OptimizerConfig, self.optimizer_cfg)
         self.lr = ocfg.lr if lr is None else lr
         return GrassOptimizer(self, model.parameters()), None
-
-    def _optimizer_cfg(self) -> OptimizerConfig:
-        o = self.optimizer_cfg
-        return (
-            o if isinstance(o, OptimizerConfig) else OptimizerConfig.model_validate(dict(o or {}))
-        )
 
     # ------------------------------------------------------------------ events
 
@@ -147,7 +141,7 @@ class GrassCallback(TrainerCallback):
         self.grass = Grass(
             model,
             self.sampler_cfg,
-            self._optimizer_cfg(),
+            as_section(OptimizerConfig, self.optimizer_cfg),
             seed=args.seed,
             blocks_attr=self.blocks_attr,
             state_dir=state_dir,
