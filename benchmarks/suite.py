@@ -16,7 +16,8 @@ score the held-out questions. So:
   300 rows, each split from its own seed, no test question in train; made here when
   missing). `data.max_length` is each task's longest row plus the chat template, as
   `grass init` sizes it from the rows; no row is truncated (checked).
-- Methods (SmolLM2-135M-Instruct, recipes/bench/, batch 8, cosine schedule):
+- Methods (SmolLM2-135M-Instruct, recipes/bench/, batch 8, cosine schedule, bf16
+  autocast as on a GPU):
   `full` (full fine-tuning), `lora` (r 16, alpha 32, every linear layer), `lisa`,
   `grass` (the sampler defaults, gamma 4 of 30) and `grass-auto` (gamma: auto with
   memory_budget: lora: GRASS at LoRA's memory, one key). At 1000 steps
@@ -163,8 +164,9 @@ def mode(task: str, steps: int, seed: int) -> compare.Mode:
     return compare.Mode(
         steps=steps, micro_batch=8, seeds=(seed,), lr_grid=(1.0,), val_limit=200,
         test_limit=300, max_length=max_length(task), extra_by_method=EXTRA,
-        # a row longer than max_length is dropped, not cut: `train` checks none was
-        overrides=("data.truncation=drop",),
+        # a row longer than max_length is dropped, not cut: `train` checks none was.
+        # bf16 autocast, as users train on GPUs: 1.4x the tokens/s of fp32 here
+        overrides=("data.truncation=drop", "training.autocast=bf16"),
     )  # fmt: skip
 
 
@@ -192,12 +194,18 @@ def block_moves(run_dir: Path, base_dir: Path | None = None) -> dict[str, float]
     (every matrix and norm of `model.layers.N.`), and the same for the embeddings; the
     saved model against the base. LoRA saves its adapters merged, so this is one
     measure for every method (a LoRA block's move is its low-rank update's norm).
-    Kept in the run's moves.json; None once the model is gone and nothing was kept."""
+    Kept in the run's moves.json with the key of the training that made the model
+    (result.json's), so a run trained again over an older one is measured again; None
+    once the model is gone and nothing was kept."""
     import re
 
     done = run_dir / "moves.json"
+    result = run_dir / "result.json"
+    trained = json.loads(result.read_text()).get("key") if result.exists() else None
     if done.exists():
-        return json.loads(done.read_text())
+        kept = json.loads(done.read_text())
+        if kept.get("trained") == trained:
+            return kept["moves"]
     final = run_dir / "final"
     if not final.is_dir():
         return None
@@ -224,7 +232,7 @@ def block_moves(run_dir: Path, base_dir: Path | None = None) -> dict[str, float]
                 acc[0] += float((w - w0).pow(2).sum())
                 acc[1] += float(w0.pow(2).sum())
     moves = {g: (a / b) ** 0.5 for g, (a, b) in sq.items() if b > 0}
-    write_atomic_text(done, json.dumps(moves))
+    write_atomic_text(done, json.dumps({"trained": trained, "moves": moves}))
     return moves
 
 

@@ -190,6 +190,13 @@ def test_block_moves_is_each_blocks_relative_distance_from_the_base(suite, tmp_p
     shutil.rmtree(run / "final")
     assert suite.block_moves(run, base) == moves
     assert suite.block_moves(tmp_path / "other", base) is None
+    # a run trained again (another key in result.json) is measured again, not read back
+    (run / "result.json").write_text(json.dumps({"key": {"training_sha256": "b"}}))
+    assert suite.block_moves(run, base) is None
+    (run / "final").mkdir()
+    w["model.layers.1.mlp.up_proj.weight"] = torch.full((2, 2), 2.0)  # +1 on 4 values
+    save_file(w, run / "final" / "model.safetensors")
+    assert suite.block_moves(run, base)["block.1"] == pytest.approx(1.0)
 
 
 def test_diagnose_counts_steps_per_block_compares_moves_and_ranks(suite, tmp_path):
