@@ -45,13 +45,17 @@ def write_atomic_json(path: Path, data: Any) -> None:
 _OS_ERROR = re.compile(r"os error (\d+)")
 
 
-def describe_write_error(e: BaseException) -> str:
+def describe_write_error(e: BaseException, path: Path | None = None) -> str:
     """'disk full', 'file size limit reached' or 'cannot write (...)', for an OSError
-    or for the I/O errors safetensors raises as its own exception type."""
+    or for the I/O errors safetensors raises as its own exception type. A short write
+    reported without an errno (numpy's `tofile`: "N requested and M written") is
+    explained from `path`, the file being written, where given."""
     code = getattr(e, "errno", None)
     if code is None:
         m = _OS_ERROR.search(str(e))
         code = int(m.group(1)) if m else None
+    if code is None and path is not None:
+        code = _short_write_cause(path)
     if code == errno.ENOSPC:
         return "disk full"
     if code == errno.EDQUOT:
@@ -60,3 +64,21 @@ def describe_write_error(e: BaseException) -> str:
         return "file size limit reached"
     reason = getattr(e, "strerror", None) or (os.strerror(code) if code else str(e))
     return f"cannot write ({reason})"
+
+
+def _short_write_cause(path: Path) -> int | None:
+    """EFBIG when the file reached this process's file size limit, ENOSPC when its
+    filesystem is full, else None: why a write stopped short."""
+    import resource
+    import shutil
+
+    try:
+        size = path.stat().st_size
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY and size >= soft:
+            return errno.EFBIG
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            return errno.ENOSPC
+    except OSError:
+        return None
+    return None
