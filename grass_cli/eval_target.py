@@ -147,3 +147,42 @@ def evaluate_target(
         model_name=target.label,
         progress=progress,
     )
+
+
+def evaluate_harness(
+    target: Target,
+    tasks: list[str],
+    include: Path | None = None,
+    device: str = "auto",
+    out: Path | None = None,
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | None = None,
+    chat_template: bool = False,
+) -> dict[str, Any]:
+    """`grass eval TARGET --harness TASKS`: the target's model scored by
+    lm-evaluation-harness (grass_cli.evaluate.harness); the task names are checked
+    before the model loads."""
+    from grass_cli.evaluate.harness import check_tasks, run_harness
+
+    manager = check_tasks(tasks, include)
+
+    from grass_cli.evaluate import pick_device
+    from grass_cli.models import load_model_and_tokenizer
+
+    dev = pick_device(device)
+    model, tokenizer, _ = load_model_and_tokenizer(target.model)
+    model.to(dev).eval()
+    return run_harness(
+        model,
+        tokenizer,
+        tasks,
+        manager,
+        out if out is not None else target.out_dir,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size or 8,
+        chat_template=chat_template,
+        model_name=target.label,
+    )

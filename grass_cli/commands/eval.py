@@ -62,7 +62,9 @@ EPILOG = (
     "  grass eval runs/quickstart --data data/quickstart/test.jsonl --limit 200 --json\n\n"
     "  grass eval ./my-model --data gsm8k.jsonl --field prompt=question --scorer numeric "
     "--max-new-tokens 256\n\n"
-    "  grass eval ./my-model --data mc.jsonl --kind choice"
+    "  grass eval ./my-model --data mc.jsonl --kind choice\n\n"
+    "  grass eval runs/quickstart --harness hellaswag,arc_easy --limit 200\n\n"
+    "  grass eval runs/quickstart --harness my_task --harness-include my_tasks/"
 )
 
 # ---------------------------------------------------------------------- the options
@@ -127,6 +129,30 @@ ChoiceScoreOpt = Annotated[
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N rows.")]
 BatchSizeOpt = Annotated[int | None, batch_size_option("Rows per batch (default 8).")]
 JsonOpt = Annotated[bool, json_option("Print the result as JSON on stdout.")]
+HarnessOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--harness",
+        help="Score with EleutherAI's lm-evaluation-harness instead: task names, "
+        "comma-separated or repeated (hellaswag,arc_easy). Needs the \\[harness] extra.",
+    ),
+]
+HarnessIncludeOpt = Annotated[
+    Path | None,
+    typer.Option("--harness-include", help="A folder of your own harness task YAML files."),
+]
+FewshotOpt = Annotated[
+    int | None,
+    typer.Option("--num-fewshot", min=0, help="--harness: examples in each prompt (task default)."),
+]
+HarnessChatOpt = Annotated[
+    bool,
+    typer.Option(
+        "--harness-chat-template",
+        help="--harness: wrap each prompt in the model's chat template (default: plain text, "
+        "as leaderboards score).",
+    ),
+]
 OutOpt = Annotated[
     Path | None,
     out_option(
@@ -156,10 +182,30 @@ def eval_command(
     json_out: JsonOpt = False,
     out: OutOpt = None,
     device: DeviceOption = Device.auto,
+    harness: HarnessOpt = None,
+    harness_include: HarnessIncludeOpt = None,
+    num_fewshot: FewshotOpt = None,
+    harness_chat_template: HarnessChatOpt = False,
 ) -> None:
-    """Evaluate a model: loss and perplexity, generation accuracy, multiple choice."""
+    """Evaluate a model: loss and perplexity, generation accuracy, multiple choice, or
+    lm-evaluation-harness tasks."""
     from grass_cli.cli import _guard
     from grass_cli.eval_target import build_config, evaluate_target, resolve_target
+
+    if harness:
+        tasks = [t.strip() for arg in harness for t in arg.split(",") if t.strip()]
+        own = {"--data": data, "--kind": kind, "--field": field, "--scorer": scorer}
+        given = [name for name, value in own.items() if value]
+        if sys.stderr.isatty() and not json_out:  # (the harness's own bars are kept quiet)
+            sys.stderr.write(f"lm-evaluation-harness: {', '.join(tasks)} (this can take a while)\n")
+        result = _guard(lambda: _harness(target, tasks, given, harness_include, device.value,
+                                         out, limit, num_fewshot, batch_size,
+                                         harness_chat_template))  # fmt: skip
+        if json_out:
+            print_json(result)
+        else:
+            stdout_console().print(render_harness(result))
+        return
 
     def body() -> dict[str, Any]:
         tgt = resolve_target(target)
@@ -191,6 +237,57 @@ def eval_command(
         print_json(result)
         return
     stdout_console().print(render_result(result, result.get("model", target)))
+
+
+def _harness(
+    target: str,
+    tasks: list[str],
+    given: list[str],
+    include: Path | None,
+    device: str,
+    out: Path | None,
+    limit: int | None,
+    num_fewshot: int | None,
+    batch_size: int | None,
+    chat_template: bool,
+) -> dict[str, Any]:
+    from grass_cli.errors import GrassError
+    from grass_cli.eval_target import evaluate_harness, resolve_target
+
+    if given:
+        raise GrassError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} grass eval's own; "
+            "harness tasks read their own data and score themselves",
+            where="--harness",
+            hint="run the two separately",
+        )
+    if not tasks:
+        raise GrassError("no task names", where="--harness", hint="e.g. --harness hellaswag")
+    return evaluate_harness(
+        resolve_target(target), tasks, include, device, out, limit=limit,
+        num_fewshot=num_fewshot, batch_size=batch_size, chat_template=chat_template,
+    )  # fmt: skip
+
+
+def render_harness(result: dict[str, Any]) -> Any:
+    """One row per task and metric, its value and standard error."""
+    from rich.table import Table
+
+    table = Table(title=f"lm-evaluation-harness: {result['model']}")
+    for col in ("task", "metric", "value", "± stderr", "items"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, metrics in result["tasks"].items():
+        n = result["n_samples"].get(task)
+        for name, value in metrics.items():
+            if name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{name}_stderr")
+            table.add_row(
+                task, name, f"{value:.4f}",
+                f"{err:.4f}" if isinstance(err, (int, float)) else "-",
+                str(n) if n is not None else "-",
+            )  # fmt: skip
+    return table
 
 
 def register(app: typer.Typer) -> None:
