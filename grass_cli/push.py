@@ -171,6 +171,16 @@ def _results(run_dir: Path | None, model_dir: Path, summary: dict | None) -> lis
             for key in ("accuracy", "loss", "perplexity"):
                 if isinstance(res.get(key), (int, float)):
                     rows.append(f"| {key} ({where}) | {res[key]:.4f} |")
+        for res_file in sorted((run_dir / "eval").glob("**/harness.json")):
+            tasks = (_read_json(res_file) or {}).get("tasks") or {}
+            for task, metrics in sorted(tasks.items()):
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and not key.endswith("_stderr"):
+                        err = metrics.get(f"{key}_stderr")
+                        spread = f" ± {err:.4f}" if isinstance(err, (int, float)) else ""
+                        rows.append(
+                            f"| {task} {key} (lm-evaluation-harness) | {value:.4f}{spread} |"
+                        )
     return rows
 
 

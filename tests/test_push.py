@@ -34,6 +34,8 @@ def run_dir(tiny_factory, tmp_path) -> Path:
     (run / "eval" / "step-50").mkdir(parents=True)
     (run / "eval" / "result.json").write_text(json.dumps({"accuracy": 0.185}))
     (run / "eval" / "step-50" / "result.json").write_text(json.dumps({"loss": 1.25}))
+    harness = {"tasks": {"arc_easy": {"acc": 0.4, "acc_stderr": 0.02, "acc_norm": 0.38}}}
+    (run / "eval" / "harness.json").write_text(json.dumps(harness))
     (run / "checkpoints" / "step-0000050").mkdir(parents=True)
     shutil.copytree(run / "final", run / "checkpoints" / "step-0000050", dirs_exist_ok=True)
     return run
@@ -51,7 +53,9 @@ def test_the_plan_is_the_model_the_heatmap_and_a_card_from_the_run(run_dir):
     assert "- lisa" in card and "# smol-lisa" in card
     for row in ("| strategy | lisa |", "| blocks trained at once (gamma) | 2 |", "| steps | 50 |",
                 "| seed | 7 |", "| final eval loss | 0.8512 |", "| accuracy (eval) | 0.1850 |",
-                "| loss (eval/step-50) | 1.2500 |"):  # fmt: skip
+                "| loss (eval/step-50) | 1.2500 |",
+                "| arc_easy acc (lm-evaluation-harness) | 0.4000 ± 0.0200 |",
+                "| arc_easy acc_norm (lm-evaluation-harness) | 0.3800 |"):  # fmt: skip
         assert row in card, row
     assert "![importance over training](importance_heatmap.png)" in card
     assert "```yaml\nmodel:\n  path: qwen2.5-0.5b" in card

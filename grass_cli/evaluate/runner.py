@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from grass_cli.atomic import write_atomic_json, write_atomic_text
 from grass_cli.errors import DataError
 from grass_cli.eval_config import EvalConfig
 from grass_cli.evaluate.choice import choice_metrics
@@ -28,11 +29,12 @@ from grass_cli.recipe import DataConfig
 
 
 def _write_outputs(out_dir: Path, result: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    """predictions.jsonl, then result.json, each written atomically: a result.json
+    always sits beside the complete predictions it summarises."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+    write_atomic_text(out_dir / "predictions.jsonl", lines)
+    write_atomic_json(out_dir / "result.json", result)
 
 
 def _prompt_tokens(
