@@ -299,11 +299,14 @@ def preflight(
     `training`: checks for a run on this machine (train), not only of the recipe
     (validate): what this machine lacks is then an error, not a warning."""
     from grass_cli.engine.run_dir import check_fresh_start, check_writable
+    from grass_cli.engine.run_lock import check_not_live
     from grass_cli.planner.shape import build_layout, load_config
 
     found = Preflight()
     out = Path(recipe.output.dir)
     check_writable(out)
+    if run_dir:
+        check_not_live(out)
     if run_dir and resume is None:
         check_fresh_start(out, recipe, overwrite)
     opt = recipe.optimizer

@@ -20,12 +20,15 @@ import torch
 
 from grass_cli import distributed, sharded_io, sharding
 from grass_cli.api import Grass
+from grass_cli.atomic import describe_write_error
 from grass_cli.data import BatchIterator, TokenizedData
 from grass_cli.data.feed import training_batches
 from grass_cli.data.packing import check_model_packs
 from grass_cli.data.stream import StreamBatches
 from grass_cli.distributed import SINGLE, DistInfo, GradReducer
 from grass_cli.engine import run_dir as rundir
+from grass_cli.engine import run_lock
+from grass_cli.engine.run_lock import RunLock
 from grass_cli.evaluate.source import check_source, require_source
 from grass_cli.model_memory import sparse_tied_embedding_grads
 from grass_cli.models import (
@@ -72,6 +75,8 @@ class Run:
     # injected), kept to save the merged model and the adapter.
     peft_model: Any = None
     sharded: Sharded | None = None  # distributed.sharding: fsdp under torchrun
+    # rank 0's hold on the run folder (engine/run_lock.py), released when the run ends
+    lock: RunLock | None = None
 
     # (read through `grass`, their one owner)
     @property
@@ -118,6 +123,39 @@ def setup(
     builds the same run; rank 0 alone writes the run folder's files.
     """
     info = dist_info if dist_info is not None else distributed.from_env()
+    lock = lock_run_dir(recipe, info)  # before the folder's first check: no race
+    try:
+        run = _build(recipe, telemetry, overwrite, resume, info)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    if lock is not None and lock.stale:
+        telemetry.emit(
+            "warning",
+            message=f"the run folder's lock was left by {run_lock.describe(lock.stale)}, "
+            "which is no longer running; taken over",
+        )
+    return run
+
+
+def lock_run_dir(recipe: Recipe, info: DistInfo) -> RunLock | None:
+    """Rank 0 locks the run folder (one live run per folder), or one message naming
+    the live run that holds it."""
+    if not info.is_main:
+        return None
+    run_dir = Path(recipe.output.dir)
+    rundir.check_writable(run_dir)
+    try:
+        return run_lock.acquire(run_dir)
+    except OSError as e:
+        raise rundir.unwritable(run_dir, describe_write_error(e)) from None
+
+
+def _build(
+    recipe: Recipe, telemetry: Telemetry, overwrite: bool, resume: str | None, info: DistInfo
+) -> Run:
     device = distributed.device_for(info, resolve_device(recipe.training.device))
     # sampler.gamma: auto becomes a number first: the run folder records it, and a
     # resume compares it with the one the run started with

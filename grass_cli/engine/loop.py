@@ -52,6 +52,16 @@ class NonFiniteError(GrassError):
 
 
 def train(run: Run, stop: StopRequest | None = None) -> TrainResult:
+    """Train `run` to its end; the run folder's lock is released however it ends
+    (the run is over: another process may continue it)."""
+    try:
+        return loop(run, stop)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def loop(run: Run, stop: StopRequest | None = None) -> TrainResult:
     """The training loop, top to bottom.
 
     `stop` is set by the CLI's signal handlers: the loop finishes the current step,
@@ -214,5 +224,7 @@ def run_training(
     finally:
         if run is not None and run.optimizer.store is not None:
             run.optimizer.store.close()
+        if run is not None and run.lock is not None:  # (setup failed after building it)
+            run.lock.release()
         telemetry.close()
         distributed.shutdown()

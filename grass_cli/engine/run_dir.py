@@ -28,6 +28,7 @@ from grass_cli.atomic import (
     write_atomic_text,
 )
 from grass_cli.checkpoint import CKPT_DIR, find_latest, read_state, verify
+from grass_cli.engine.run_lock import LOCK
 from grass_cli.errors import GrassError
 from grass_cli.recipe import Recipe
 
@@ -114,7 +115,7 @@ def recipe_diff(old_yaml: str, new: Recipe) -> list[str]:
     return sorted(k for k in old.keys() | cur.keys() if old.get(k) != cur.get(k))
 
 
-def _unwritable(run_dir: Path, why: str) -> GrassError:
+def unwritable(run_dir: Path, why: str) -> GrassError:
     return GrassError(
         f"cannot write to the run dir ({why})",
         where=f"output.dir: {run_dir}",
@@ -127,7 +128,7 @@ def check_writable(run_dir: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise _unwritable(run_dir, f"{probe} is not a writable folder")
+        raise unwritable(run_dir, f"{probe} is not a writable folder")
 
 
 # ------------------------------------------------------------------- ownership
@@ -212,8 +213,8 @@ def _refuse_existing(run_dir: Path, recipe: Recipe) -> None:
 def check_fresh_start(run_dir: Path, recipe: Recipe, overwrite: bool) -> None:
     """A new run may start in a new or empty folder, or over a run with --overwrite;
     never in a folder of someone else's files, and never over a user's final/."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
+    if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
+        return  # (a folder holding only the lock file this run took is empty)
     if not is_run_dir(run_dir):
         raise GrassError(
             "the run dir holds files that grass did not write",
@@ -315,7 +316,7 @@ def materialize(recipe: Recipe, overwrite: bool, resume: Path | None) -> Path:
         if resume is not None:
             _continue_metrics(run_dir, resume)
     except OSError as e:
-        raise _unwritable(run_dir, describe_write_error(e)) from None
+        raise unwritable(run_dir, describe_write_error(e)) from None
     return run_dir
 
 
