@@ -165,6 +165,7 @@ def save_checkpoint(
     name = f"step-{content.state.step:07d}"
     final, tmp = root / name, root / f".tmp-{name}"
     error: str | None = None
+    cause: GrassError | None = None
     names: list[str] = []  # the optimizer groups this rank wrote (sharded runs)
     if info.is_main:
         try:
@@ -181,6 +182,8 @@ def save_checkpoint(
             if content.shards and content.shard is not None:
                 folder = tmp / OPT_DIR / shard_dir(content.shard)
                 names = _write_groups(folder, content.optimizer_groups)
+        except GrassError as e:  # the state to save is bad (not the disk): said as it is
+            cause, error = e, e.what
         except Exception as e:  # noqa: BLE001 (OSError or safetensors' I/O error)
             shared = "" if tmp.is_dir() else " (is output.dir on storage every node sees?)"
             error = f"rank {info.rank}: {describe_write_error(e)}{shared}"
@@ -191,12 +194,16 @@ def save_checkpoint(
         try:
             _write_main(content, tmp, final, names)
             write_atomic_text(root / "latest", name + "\n")
+        except GrassError as e:
+            cause, error = e, e.what
         except Exception as e:  # noqa: BLE001
             error = describe_write_error(e)
     error = first_error(error)
     if error is not None:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if cause is not None:  # e.g. damaged offloaded state: its own message and advice
+            raise cause
         previous = find_latest(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint"
         raise GrassError(

@@ -13,9 +13,14 @@ store only keeps lists of tensors by group name and moves them:
 `CpuStore` keeps one reusable host slab per stored name (one flat allocation of
 exactly the bytes it holds, pinned by registration when the device is CUDA), with
 copies on a side stream ordered by events, so they overlap compute.
-`DiskStore` writes one file per group under a folder and reads it back through a
-memory map, so host RAM holds only the groups in use; a single background thread
+`DiskStore` writes one file per group under a folder and reads it back when needed,
+so host RAM holds only the groups in use; a single background thread
 does the I/O in submission order, so a read never overtakes the write before it.
+Each tensor's CRC-32 is taken as it is written and checked as it is read back: a
+file that changed on disk in between (a failing disk, a truncation, another process)
+stops the run with one message naming it, and is never trained on. zlib's CRC runs
+at several GB/s on one core and releases the GIL, in the I/O thread: its cost is
+measured in benchmarks/offload_checksum.py.
 Every buffer that thread touches is allocated, and finally released, by the training
 thread (the I/O thread only copies bytes), so memory is owned, and measured, in one
 place. Correctness never depends on timing: every `get` waits for its copy.
@@ -24,12 +29,13 @@ place. Correctness never depends on timing: every `get` waits for its copy.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from grass_cli.errors import GrassError
@@ -40,15 +46,30 @@ from grass_cli.recipe import OptimizerConfig
 __all__ = ["CpuStore", "DiskStore", "Store", "build_store", "tensor_bytes"]
 
 
+class OffloadError(GrassError):
+    """Offloaded optimizer state that cannot be trusted: a file that changed on disk
+    after it was written, or one that could not be written (a full disk)."""
+
+    exit_code = 1  # (a failure of the run, not of its input)
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+
+
 class DiskStore:
-    """One memory-mapped file per group; host RAM holds only what is in use."""
+    """One file per group; host RAM holds only what is in use."""
 
     target = "disk"
 
-    def __init__(self, folder: Path, device: torch.device, overlap: bool = True):
+    def __init__(
+        self, folder: Path, device: torch.device, overlap: bool = True, verify: bool = True
+    ):
         self.folder = folder
         self.device = device
+        self.verify = verify  # (off only to measure what the checks cost)
         self._slots: dict[str, list[Slot]] = {}
+        self._sums: dict[str, list[int]] = {}  # name -> each tensor's CRC-32 as written
         self._io = ThreadPoolExecutor(max_workers=1) if overlap else None
         # name -> (its I/O job, None when done inline; the tensors it writes or fills)
         self._writes: dict[str, tuple[Future, list[torch.Tensor]]] = {}
@@ -93,24 +114,63 @@ class DiskStore:
     def _write(self, name: str, box: list[list[torch.Tensor]], slots: list[Slot]) -> None:
         # `box` hands the tensors over without this thread keeping a reference: the
         # training thread holds them until it sees the write done, and frees them.
+        # Plain writes, not a memory map: a full disk is then an error to report, not
+        # a SIGBUS when a mapped page finds no block to land in.
         host = box.pop()
         total = sum(s.nbytes for s in slots)
         path = self._file(name)
-        mode = "r+" if path.exists() and path.stat().st_size == total else "w+"
-        mm = np.memmap(path, dtype=np.uint8, mode=mode, shape=(total,))
-        for t, s in zip(host, slots, strict=True):
-            mm[s.offset : s.offset + s.nbytes] = t.reshape(-1).view(torch.uint8).numpy()
-        mm.flush()
-        del mm
+        same = path.exists() and path.stat().st_size == total
+        try:
+            with open(path, "r+b" if same else "wb") as f:
+                for t, s in zip(host, slots, strict=True):
+                    f.seek(s.offset)
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        except OSError as e:
+            from grass_cli.atomic import describe_write_error
+
+            self._sums.pop(name, None)  # (the file is not what was meant: never read)
+            raise OffloadError(
+                f"cannot write offloaded optimizer state ({describe_write_error(e, path)})",
+                where=str(path),
+                hint="free space where optimizer.offload.path points (or use "
+                "optimizer.offload.target: cpu), then continue from the last checkpoint "
+                "with --resume auto: checkpoints hold their own copy of the state",
+            ) from None
+        if self.verify:
+            self._sums[name] = [_crc(t) for t in host]
 
     def _read_into(self, name: str, box: list[list[torch.Tensor]]) -> None:
         out = box.pop()
         slots = self._slots[name]
         total = sum(s.nbytes for s in slots)
-        mm = np.memmap(self._file(name), dtype=np.uint8, mode="r", shape=(total,))
-        for t, s in zip(out, slots, strict=True):
-            np.copyto(t.reshape(-1).view(torch.uint8).numpy(), mm[s.offset : s.offset + s.nbytes])
-        del mm
+        path = self._file(name)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed below, after the size check)
+        except OSError:
+            raise self._damaged(path, "the file is missing") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size < total:
+                raise self._damaged(path, f"the file has {size} bytes of the {total} written")
+            for t, s in zip(out, slots, strict=True):
+                f.seek(s.offset)
+                if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != s.nbytes:
+                    raise self._damaged(path, "the file ended early")
+        if self.verify and name in self._sums:
+            for i, (t, want) in enumerate(zip(out, self._sums[name], strict=True)):
+                if _crc(t) != want:
+                    raise self._damaged(path, f"tensor {i} of {len(out)} fails its CRC-32")
+
+    @staticmethod
+    def _damaged(path: Path, why: str) -> OffloadError:
+        return OffloadError(
+            f"offloaded optimizer state changed on disk after it was written ({why}); "
+            "the run stopped without using it",
+            where=str(path),
+            hint="check the disk (a failing or full disk, or another process writing "
+            "there), then continue from the last checkpoint with --resume auto: "
+            "checkpoints hold their own copy of the state",
+        )
 
     def _buffers(self, name: str) -> list[torch.Tensor]:
         return [torch.empty(s.shape, dtype=s.dtype) for s in self._slots[name]]
@@ -171,6 +231,7 @@ class DiskStore:
         if name in self._writes:
             self._writes.pop(name)[0].result()
         self.cancel(name)
+        self._sums.pop(name, None)
         if self._slots.pop(name, None) is not None:
             self._file(name).unlink(missing_ok=True)
 
@@ -212,9 +273,14 @@ class DiskStore:
         return 0
 
     def close(self, keep: bool = False) -> None:
+        """Finish the I/O and (unless `keep`) remove the files. A write that failed is
+        not raised again here: the run has already stopped on it (every step settles
+        its writes), and closing must not hide that first error behind a second."""
         if self._io is not None:
             self._io.shutdown(wait=True)
-            self._settle_writes(keep_newest=False)
+            with contextlib.suppress(OffloadError):
+                self._settle_writes(keep_newest=False)
+            self._writes.clear()
             self._reads.clear()
         if not keep:
             for name in list(self._slots):
