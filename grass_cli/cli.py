@@ -62,6 +62,19 @@ def _guard(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         raise typer.Exit(130) from None
+    except (MemoryError, RuntimeError, ImportError, OSError) as e:  # memory, outside a phase
+        from grass_cli.oom import out_of_memory_kind
+
+        found = out_of_memory_kind(e)
+        if found is None or os.environ.get("GRASS_DEBUG"):
+            raise
+        what = "host memory" if found[0] == "host" else "GPU memory"
+        asked = f" (it asked for {found[1] / 1e9:.2f} GB more)" if found[1] else ""
+        raise _fail(
+            f"{what} ran out{asked}\n  hint: `grass plan RECIPE` shows what a run needs "
+            "and the keys that lower it",
+            1,
+        ) from None
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from grass_cli.models import (
 )
 from grass_cli.offload.optimizer import BlockAdamW
 from grass_cli.offload.store import DiskStore, build_store
+from grass_cli.oom import during
 from grass_cli.planner.auto import resolve_gamma
 from grass_cli.recipe import Recipe
 from grass_cli.sampling import Sampler, build_sampler
@@ -165,14 +166,17 @@ def _build(
     dc = recipe.distributed
     distributed.init(info, device, dc.timeout_s, alone_too=sharding.wanted(dc))
     seed_everything(recipe.training.seed)
-    model, tokenizer, source, block_map, peft_model, sharded = build_model(recipe, device, info)
-    train_data, eval_data, batches, total_steps = build_data(recipe, tokenizer, info)
+    with during("loading the model", "model", recipe, device.type):
+        model, tokenizer, source, block_map, peft_model, sharded = build_model(recipe, device, info)
+    with during("reading and tokenizing the data", "data", recipe, device.type):
+        train_data, eval_data, batches, total_steps = build_data(recipe, tokenizer, info)
     run_dir, metrics_sink = open_run_dir(recipe, overwrite, resume_from, info, telemetry)
     tracker, reducer = build_importance(recipe, block_map, device, info, sharded)
     sampler = build_sampler(
         recipe.sampler, block_map.num_blocks, tracker, seed=recipe.training.seed + 1
     )
-    optimizer, always = build_optimizer(recipe, block_map, device, run_dir, info, peft_model)
+    with during("building the optimizer", "optimizer", recipe, device.type):
+        optimizer, always = build_optimizer(recipe, block_map, device, run_dir, info, peft_model)
     s = recipe.sampler
     if block_map.tied and s.train_embeddings != s.train_head and peft_model is None:
         telemetry.emit(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from grass_cli.engine.result import TrainResult
 from grass_cli.engine.saving import restore, save_model, write_checkpoint
 from grass_cli.engine.step import StepOutcome, run_step
 from grass_cli.errors import GrassError
+from grass_cli.oom import during
 from grass_cli.recipe import PROBING, Recipe
 from grass_cli.telemetry import Telemetry
 from grass_cli.telemetry.memory import memory_stats
@@ -70,7 +72,8 @@ def loop(run: Run, stop: StopRequest | None = None) -> TrainResult:
     res = begin(run)
     for step in range(res.progress.step, run.total_steps):
         # 1-3) the blocks, forward / backward, clip and update (engine/step.py)
-        out = run_step(run, step)
+        with phase(run, f"training step {step + 1}", "step"):
+            out = run_step(run, step)
         if out.finite:
             res.progress.skipped_in_a_row = 0
         else:
@@ -110,10 +113,11 @@ def probe_phase(run: Run) -> None:
     steps = run.recipe.sampler.probe_steps
     accum = run.recipe.training.grad_accum_steps
     batches = ([next(run.batches) for _ in range(accum)] for _ in range(steps))
-    for t, loss in enumerate(run.grass.probing(batches, run.recipe.training.autocast)):
-        run.telemetry.emit(
-            "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
-        )
+    with phase(run, "probing block importance", "step"):
+        for t, loss in enumerate(run.grass.probing(batches, run.recipe.training.autocast)):
+            run.telemetry.emit(
+                "probe", probe_step=t, probe_steps=steps, loss=loss, **memory_stats(run.device)
+            )
     report.probe_done(run)
 
 
@@ -138,6 +142,11 @@ def nonfinite(run: Run, res: TrainResult, out: StepOutcome) -> None:
     )
 
 
+def phase(run: Run, what: str, kind: str) -> AbstractContextManager[None]:
+    """An allocation failure in the block is one message naming `what` (grass_cli/oom.py)."""
+    return during(what, kind, run.recipe, run.device.type)
+
+
 def record_step(run: Run, res: TrainResult, out: StepOutcome) -> None:
     """Account the step (tokens, time, memory) in the run's progress and emit its
     `step` event."""
@@ -159,11 +168,13 @@ def after_step(run: Run, res: TrainResult, done: int, stop: StopRequest | None) 
     if done >= run.total_steps:
         return
     if tc.eval_interval and done % tc.eval_interval == 0:
-        ev = evaluate_loss(run, done)
+        with phase(run, f"evaluating after step {done}", "eval"):
+            ev = evaluate_loss(run, done)
         if ev is not None:
             res.progress.eval_losses[done] = ev
     if rc.eval and rc.eval.interval and done % rc.eval.interval == 0:
-        task_eval(run, done)
+        with phase(run, f"evaluating the task after step {done}", "eval"):
+            task_eval(run, done)
     stopping = stop is not None and stop.requested is not None
     if run.dist.enabled:  # a signal may reach the ranks at different steps
         stopping = any_rank(stopping, run.device)
@@ -175,7 +186,8 @@ def after_step(run: Run, res: TrainResult, done: int, stop: StopRequest | None) 
 
 
 def checkpoint(run: Run, res: TrainResult, step: int) -> Path:
-    path = write_checkpoint(run, step, res.progress)
+    with phase(run, f"writing the checkpoint of step {step}", "save"):
+        path = write_checkpoint(run, step, res.progress)
     run.telemetry.emit("checkpoint", step=step, path=str(path))
     return path
 
@@ -183,15 +195,17 @@ def checkpoint(run: Run, res: TrainResult, step: int) -> Path:
 def finish(run: Run, res: TrainResult) -> TrainResult:
     """Final evaluations, checkpoint, model and summary."""
     r, rc = res, run.recipe
-    final_eval = evaluate_loss(run, run.total_steps)
-    if final_eval is not None:
-        r.progress.eval_losses[run.total_steps] = final_eval
-    if rc.eval is not None:
-        r.task_eval = task_eval(run, run.total_steps)
+    with phase(run, "evaluating at the end", "eval"):
+        final_eval = evaluate_loss(run, run.total_steps)
+        if final_eval is not None:
+            r.progress.eval_losses[run.total_steps] = final_eval
+        if rc.eval is not None:
+            r.task_eval = task_eval(run, run.total_steps)
     if rc.checkpoint.at_end:
         checkpoint(run, res, run.total_steps)
     if rc.output.save_model and (run.dist.is_main or run.sharded is not None):
-        r.model_dir = save_model(run)  # (sharded: every rank gathers, rank 0 writes)
+        with phase(run, "saving the final model", "save"):
+            r.model_dir = save_model(run)  # (sharded: every rank gathers, rank 0 writes)
         run.telemetry.emit("saved", path=str(r.model_dir))
     r.progress.elapsed_s = time.perf_counter() - res.t_start
     if not run.dist.is_main:
