@@ -23,6 +23,7 @@ before either, and without writing anything:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,43 @@ class Preflight:
     host_need: dict[str, int] = field(default_factory=dict)  # part -> bytes
     warnings: list[str] = field(default_factory=list)  # valid, but surely not meant
     recipe: Recipe | None = None  # as checked: sampler.gamma: auto resolved
+
+
+# Config and tokenizer files of a model that is not on this disk yet: Llama 3's
+# tokenizer.json (9 MB) is the largest common one; rounded up.
+MODEL_FILES_UNKNOWN = 16 << 20
+
+
+def model_files(recipe: Recipe) -> int:
+    """Bytes of a model copy besides its weights (config, tokenizer, chat template),
+    read from the model folder when it is on this disk."""
+    from grass_cli.models import EMBEDDED, _gguf_cache_folder, embedded_gguf
+
+    path = recipe.model.path
+    folder = Path(path).expanduser()
+    with contextlib.suppress(Exception):  # (an estimate: never an error of its own)
+        if path in EMBEDDED:
+            folder = _gguf_cache_folder(embedded_gguf(path))
+        elif folder.suffix == ".gguf":
+            folder = _gguf_cache_folder(folder)
+    if not folder.is_dir():
+        return MODEL_FILES_UNKNOWN
+    weights = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+    return sum(
+        f.stat().st_size for f in folder.iterdir() if f.is_file() and not f.name.endswith(weights)
+    )
+
+
+def planned_steps(recipe: Recipe, found: Preflight) -> int:
+    """The optimizer steps the run takes: max_steps, or its epochs of the rows found."""
+    tc = recipe.training
+    if tc.max_steps is not None:
+        return tc.max_steps
+    rows = found.rows.get("data.train")
+    if not isinstance(rows, int):
+        return 0
+    per_step = tc.micro_batch_size * tc.grad_accum_steps
+    return int(-(-rows // per_step) * (tc.epochs or 1))
 
 
 def _check_folder(path: Path, key: str) -> None:
@@ -201,7 +239,7 @@ def check_memory(recipe: Recipe, found: Preflight, layout: Layout, training: boo
     n = shards(recipe, from_env().world)  # (one rank's plan when sharded)
     recipe = found.recipe = resolve_budget(recipe, layout, device, host, data, runtime, local, n)
     p = plan(recipe, layout, recipe_scenario(recipe), device, shards=n)
-    need = disk_need(recipe, layout, p)
+    need = disk_need(recipe, layout, p, model_files(recipe), planned_steps(recipe, found))
     found.disk = need
     found.disk_needed = dict(need.folders)
     short = disk_short(need)

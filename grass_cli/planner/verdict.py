@@ -37,6 +37,10 @@ class DiskNeed:
     checkpoints_alive: int  # kept at once (keep_last + the one being written)
     offload_store: int
     folders: dict[str, int] = field(default_factory=dict)
+    # besides the weights, each model copy (final, every checkpoint) holds the config
+    # and tokenizer files; and the run writes its logs (metrics, TensorBoard) and plots
+    model_files: int = 0
+    logs: int = 0
 
     @property
     def total(self) -> int:
@@ -54,6 +58,11 @@ class DiskNeed:
             )
         if self.offload_store:
             parts.append(f"offloaded state {self.offload_store / gb:.2f}")
+        copies = (1 if self.final_model else 0) + self.checkpoints_alive
+        if self.model_files and copies:
+            parts.append(f"tokenizer and config {self.model_files / gb:.3f} per model copy")
+        if self.logs:
+            parts.append(f"logs and plots {self.logs / gb:.3f}")
         return ", ".join(parts) or "nothing"
 
     def hint(self) -> str:
@@ -76,10 +85,19 @@ class DiskNeed:
         return ", ".join(keys)
 
 
-def disk_need(recipe: Recipe, lay: Layout, p: Plan) -> DiskNeed:
+# Bytes a run's logs take per optimizer step: metrics.jsonl's step event (about 1 KB,
+# measured) and as much again for TensorBoard's events, with room; and its plots.
+LOG_BYTES_PER_STEP = 2048
+PLOT_BYTES = 1 << 20
+
+
+def disk_need(
+    recipe: Recipe, lay: Layout, p: Plan, model_files: int = 0, steps: int = 0
+) -> DiskNeed:
     """Bytes the run writes: the final model, the checkpoints alive at once (each the
-    weights plus the optimizer state it must carry for an exact resume), and a disk
-    offload store."""
+    weights plus the optimizer state it must carry for an exact resume), a disk
+    offload store; `model_files` (config and tokenizer) with every model copy, and the
+    logs of `steps` steps with the plots."""
     weights = lay.params * lay.weight_bytes
     sbytes = p.state_bytes_per_param
     if p.strategy in LAYERWISE and p.state_policy != "drop":
@@ -94,7 +112,15 @@ def disk_need(recipe: Recipe, lay: Layout, p: Plan) -> DiskNeed:
     alive = (ck.keep_last + 1) if ck.interval else (1 if ck.at_end else 0)
     store = p.disk_bytes
     out = str(Path(recipe.output.dir))
-    folders = {out: (weights if recipe.output.save_model else 0) + alive * (weights + state)}
+    copies = (1 if recipe.output.save_model else 0) + alive
+    per_step = LOG_BYTES_PER_STEP * (2 if recipe.output.tensorboard else 1)
+    logs = steps * per_step + PLOT_BYTES
+    folders = {
+        out: (weights if recipe.output.save_model else 0)
+        + alive * (weights + state)
+        + copies * model_files
+        + logs
+    }
     if store:
         opt = recipe.optimizer.offload
         folder = opt.path or str(Path(recipe.output.dir) / "offload")
@@ -106,6 +132,8 @@ def disk_need(recipe: Recipe, lay: Layout, p: Plan) -> DiskNeed:
         checkpoints_alive=alive,
         offload_store=store,
         folders=folders,
+        model_files=model_files,
+        logs=logs,
     )
 
 
