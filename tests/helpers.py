@@ -50,3 +50,18 @@ def layerwise_recipe(model_dir, out, steps: int, probe_steps: int = 2, **trainin
         },
         "test.yaml",
     )
+
+
+def grass(*args: str, timeout: int = 600):
+    """`grass ARGS...` in a child process from the checkout's root, output captured."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run(
+        [sys.executable, "-m", "grass_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=timeout,
+    )

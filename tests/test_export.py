@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import grass
 from transformers import AutoModelForCausalLM
 
 from grass_cli.gguf_export import export_gguf, interleave_rotary
@@ -25,16 +26,6 @@ TEXTS = [
     "<|im_start|>user\nWhat is 7 + 8?<|im_end|>\n<|im_start|>assistant\n",
     "  spaces\tand tabs\nnewlines, ünïcödé and 漢字",
 ]
-
-
-def grass(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "grass_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
 
 
 def read_back(gguf_file: Path):

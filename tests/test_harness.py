@@ -13,19 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import grass
 
 pytest.importorskip("lm_eval")
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "tests/harness"
 TASK = "grass_arith_mc"
-
-
-def grass(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "grass_cli", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
 
 
 @pytest.fixture

@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import grass
 from test_checkpoint import make_recipe, run_straight
 
 from grass_cli.checkpoint import find_latest
@@ -23,16 +22,6 @@ from grass_cli.errors import GrassError
 from grass_cli.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def grass(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "grass_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
 
 
 def test_overwrite_removes_only_what_grass_wrote(tiny_llama, tmp_path):

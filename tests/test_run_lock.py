@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import grass
 from test_checkpoint import EVAL, _spawn_train, _wait_for_step, make_recipe
 
 from grass_cli.checkpoint import find_latest
@@ -22,13 +21,6 @@ from grass_cli.engine.run_lock import LOCK, holder
 from grass_cli.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def grass(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "grass_cli", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
 
 
 @pytest.fixture
