@@ -90,10 +90,7 @@ def export_gguf(
 ) -> ExportResult:
     """Write the HF model folder `model_dir` as the GGUF file `out` (`quant` one of
     QUANTS). Checks everything it can before writing a byte; refuses an existing `out`."""
-    if quant not in QUANTS:
-        raise GrassError(
-            f"unknown GGUF type {quant!r}", where="--quant", hint="choices: " + ", ".join(QUANTS)
-        )
+    _check_quant(quant)
     config = _read_json(model_dir / "config.json", model_dir)
     arch_name = (config.get("architectures") or ["?"])[0]
     if arch_name not in ARCHITECTURES:
@@ -209,29 +206,35 @@ def export_gguf(
 def export_target(target: str, quant: str = "f16", out: Path | None = None) -> ExportResult:
     """`grass export TARGET`: a run dir (its final model), a model folder (a
     checkpoint), or any model `model.path` accepts (a .gguf, a hub id, embedded:...).
-    The default file: RUN_DIR/NAME-QUANT.gguf for a run, FOLDER-QUANT.gguf beside a
-    model folder, ./NAME-QUANT.gguf otherwise."""
+
+    The default file goes into the run dir, never among its checkpoints (which
+    --overwrite and checkpoint.keep_last clear): RUN_DIR/RUN-QUANT.gguf for the run's
+    final model, RUN_DIR/RUN-step-N-QUANT.gguf for a checkpoint; FOLDER-QUANT.gguf
+    beside a model folder outside any run; ./NAME-QUANT.gguf for anything else."""
     from grass_cli.eval_target import resolve_target
     from grass_cli.models import resolve_model_path
 
-    if quant not in QUANTS:  # before minutes of model conversion
-        raise GrassError(
-            f"unknown GGUF type {quant!r}", where="--quant", hint="choices: " + ", ".join(QUANTS)
-        )
-    p = Path(target).expanduser()
+    _check_quant(quant)  # before minutes of model conversion
+    p = Path(target).expanduser().resolve()
     tgt = resolve_target(target)
     model_dir = Path(resolve_model_path(tgt.model.path))
-    if p.is_dir() and (p / "recipe.yaml").is_file() and not (p / "config.json").exists():
-        name, default = p.resolve().name, p / f"{p.resolve().name}-{quant}.gguf"
+    run = next((d for d in (p, p.parent, p.parent.parent) if (d / "recipe.yaml").is_file()), None)
+    if p.is_dir() and run is not None:
+        name = run.name if p in (run, run / "final") else f"{run.name}-{p.name}"
+        default = run / f"{name}-{quant}.gguf"
     elif p.is_dir():
-        run = p.resolve().parent
-        named = run.name if (run / "recipe.yaml").is_file() else None
-        name = f"{named}-{p.name}" if named else p.resolve().name
-        default = p.resolve().parent / f"{p.resolve().name}-{quant}.gguf"
+        name, default = p.name, p.parent / f"{p.name}-{quant}.gguf"
     else:
         name = target.rstrip("/").split("/")[-1].split(":")[-1].removesuffix(".gguf") or "model"
         default = Path(f"{name}-{quant}.gguf")
     return export_gguf(model_dir, out if out is not None else default, quant, name)
+
+
+def _check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise GrassError(
+            f"unknown GGUF type {quant!r}", where="--quant", hint="choices: " + ", ".join(QUANTS)
+        )
 
 
 def interleave_rotary(w: Any, heads: int) -> Any:

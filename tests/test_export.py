@@ -208,3 +208,11 @@ def test_a_run_dir_exports_its_final_model_beside_it(tiny_factory, tmp_path):
     fields = gguf.GGUFReader(run / "myrun-q8_0.gguf").fields
     assert fields["general.name"].contents() == "myrun"
     assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    # a checkpoint's file goes into the run dir, not among the checkpoints (which
+    # --overwrite and keep_last clear)
+    ckpt = run / "checkpoints" / "step-0000004"
+    shutil.copytree(run / "final", ckpt)
+    res = grass("export", str(ckpt), "--quant", "q8_0")
+    assert res.returncode == 0, res.stderr
+    assert (run / "myrun-step-0000004-q8_0.gguf").is_file()
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-0000004"]
