@@ -10,7 +10,8 @@ A kernel lock rather than a pid file: the kernel drops it when the process dies,
 however it dies (SIGKILL, OOM killer, power), so a stale lock is never mistaken for a
 live one and never needs a pid check that a reused pid would fool. The file a dead
 run leaves behind still holds its details; the next run takes the lock over and
-says whose it was. A finished run removes the file. Readers (`grass eval`, `plot`,
+says whose it was. A finished run removes the file, and a start refused before
+writing anything removes the folders it made for the lock. Readers (`grass eval`, `plot`,
 `inspect-importance`) take no lock: they only read files grass writes atomically.
 
 Within one process the lock is re-entrant (a notebook that builds a run twice in
@@ -42,6 +43,7 @@ class RunLock:
     path: Path
     fd: int
     stale: dict[str, Any] | None = None
+    created: list[Path] = field(default_factory=list)  # folders made for it, deepest first
     _released: bool = field(default=False, repr=False)
 
     def release(self) -> None:
@@ -56,6 +58,11 @@ class RunLock:
         except OSError:
             pass
         os.close(self.fd)
+        for folder in self.created:  # a start refused before any file: nothing left
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # (not empty: the run wrote there)
 
 
 def acquire(run_dir: Path) -> RunLock | None:
@@ -71,6 +78,7 @@ def acquire(run_dir: Path) -> RunLock | None:
     foreign = run_dir.is_dir() and not is_run_dir(run_dir)
     if foreign and any(p.name != LOCK for p in run_dir.iterdir()):
         return None
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     path = (run_dir / LOCK).resolve()
     if str(path) in _held:
@@ -102,7 +110,7 @@ def acquire(run_dir: Path) -> RunLock | None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
     os.fsync(fd)
-    lock = RunLock(path, fd, stale)
+    lock = RunLock(path, fd, stale, [d.resolve() for d in created])
     _held[str(path)] = lock
     return lock
 
