@@ -70,6 +70,8 @@ def _guard(fn: Callable[[], T]) -> T:
             raise
         what = "host memory" if found[0] == "host" else "GPU memory"
         asked = f" (it asked for {found[1] / 1e9:.2f} GB more)" if found[1] else ""
+        if isinstance(e, MemoryError) and str(e):
+            asked += f" while {e}"
         raise _fail(
             f"{what} ran out{asked}\n  hint: `grass plan RECIPE` shows what a run needs "
             "and the keys that lower it",

@@ -16,7 +16,7 @@ import torch
 from helpers import grass
 from transformers import AutoModelForCausalLM
 
-from grass_cli.gguf_export import export_gguf, interleave_rotary
+from grass_cli.export import export_gguf, interleave_rotary
 from grass_cli.models import load_tokenizer, resolve_model_path
 
 ROOT = Path(__file__).resolve().parent.parent

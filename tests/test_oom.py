@@ -102,27 +102,33 @@ def test_a_host_allocation_failure_names_the_phase_the_plan_and_the_keys(
     verify(ckpt)  # nothing of it lost
 
 
-BARE = """
+OUTSIDE = """
 import resource, sys
-import grass_cli.cli
+import numpy, torch, transformers  # noqa: F401  (their libraries mapped first)
+import grass_cli.cli, grass_cli.eval_target, grass_cli.models  # noqa: F401
+from transformers import LlamaForCausalLM  # noqa: F401
 size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (size + 64 * 2**20, size + 64 * 2**20))
-sys.argv = ["grass", "train", sys.argv[1], "--no-live", "--quiet"]
+resource.setrlimit(resource.RLIMIT_AS, (size + 256 * 2**20, size + 256 * 2**20))
+sys.argv = ["grass", "eval", *sys.argv[1:]]
 grass_cli.cli.main()
 """
 
 
-def test_memory_that_runs_out_before_training_is_one_message_too(tiny_llama, tmp_path):
-    """64 MB more than the CLI's own imports: the limit hits while torch, transformers
-    and the model load, wherever that is, and it is still one message."""
-    rec = make_recipe(tiny_llama, tmp_path / "run")
-    recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text(rec.to_yaml())
+def test_memory_that_runs_out_outside_a_training_phase_is_one_message(smollm2_dir, tmp_path):
+    """`grass eval` of SmolLM2 (540 MB of float32 weights) with 256 MB to spare: the
+    allocation fails while the model loads, outside any training phase, and is still
+    one message with grass plan named."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1 + 1 =", "completion": " 2"}) + "\n")
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", BARE, str(recipe_file)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=600, env=env)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", OUTSIDE, str(smollm2_dir), "--data", str(data), "--out",
+         str(tmp_path / "ev")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
+    )  # fmt: skip
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-    assert "memory ran out" in res.stderr and res.stderr.count("Error:") == 1
+    assert "host memory ran out" in res.stderr and "grass plan" in res.stderr
+    assert res.stderr.count("Error:") == 1
 
 
 @pytest.mark.cuda

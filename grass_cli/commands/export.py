@@ -1,5 +1,5 @@
 """`grass export TARGET --format gguf`: a trained model as one file for llama.cpp,
-Ollama and LM Studio. The library side is grass_cli/gguf_export.py."""
+Ollama and LM Studio. The library side is grass_cli/export/."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def export(
 ) -> None:
     """Write a trained model as a GGUF file (llama.cpp, Ollama, LM Studio)."""
     from grass_cli.cli import _guard
-    from grass_cli.gguf_export import export_target
+    from grass_cli.export import export_target
 
     result = _guard(lambda: export_target(target, quant.value, out))
     if json_out:

@@ -101,6 +101,16 @@ def _checked_path(path: str) -> tuple[Path, str]:
     return p, kind
 
 
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether a MemoryError is `exc` or what caused it (datasets wraps it)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, MemoryError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _parse_error(exc: Exception, p: Path, path: str, kind: str) -> DataError:
     """The DataError for a file the parsers rejected: the line at fault when it is found."""
     if "corresponds to no data" in str(exc):  # e.g. a .json file holding []
@@ -145,7 +155,9 @@ def load_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:
             rows = ds.to_list()
         except StopIteration:  # the json reader's way of saying "nothing in here"
             raise DataError("the data file has no rows", where=path) from None
-        except Exception as e:  # anything the parsers raise is a malformed file
+        except Exception as e:  # anything the parsers raise is a malformed file...
+            if _out_of_memory(e):  # ...but memory that ran out while reading it
+                raise MemoryError(f"reading {path}") from None
             raise _parse_error(e, p, path, kind) from None
     if not rows:
         raise DataError("the data file has no rows", where=path)
