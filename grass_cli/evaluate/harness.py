@@ -148,14 +148,15 @@ def _silenced() -> Iterator[None]:
     """The harness's progress bars and warnings, and what the `git` it runs to record
     a commit writes to the terminal, kept off stderr (file descriptor 2 included):
     the library never prints. Errors still arrive as exceptions."""
-    import io
     import os
     import sys
+
+    from grass_cli.models import quiet_stderr
 
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stderr(io.StringIO()):
+        with open(os.devnull, "w") as null, quiet_stderr():
             os.dup2(null.fileno(), 2)
             yield
     finally:

@@ -27,7 +27,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +66,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "quant": self.quant,
-            "architecture": self.architecture,
-            "tensors": self.tensors,
-            "params": self.params,
-            "bytes": self.bytes,
-            "pre_tokenizer": self.pre_tokenizer,
-            "notes": self.notes,
-        }
+        return {**asdict(self), "path": str(self.path)}
 
 
 def export_gguf(
