@@ -9,7 +9,8 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNN/` holding:
   which is what a resume restores;
 - `optimizer/`: per group its AdamW state and fp32 masters (`NAME.json` +
   `NAME.safetensors`, see grass_cli/treefile.py), offloaded groups included, read
-  back from the store one group at a time; `index.json` lists the groups;
+  back from the store one group at a time; `index.json` lists the groups (none in
+  a light checkpoint, `checkpoint.on_signal: light`, which says `light: true`);
 - `state.json` + `state.safetensors`: the `TrainState` (step, data position,
   sampler and importance state, loss curve, metrics.jsonl offset, RNG states);
 - `manifest.json`: the format version, the recipe, and the SHA-256 of every file,
@@ -37,20 +38,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from grass_cli.atomic import describe_write_error, write_atomic_text
 from grass_cli.distributed import SINGLE, DistInfo, first_error
 from grass_cli.errors import GrassError
+from grass_cli.rng import rng_state
 from grass_cli.run_state import RunState
 from grass_cli.treefile import load_tree, save_tree
 
@@ -114,6 +114,9 @@ class CheckpointContent:
     shards: int = 0
     shard: int | None = None
     gather_model: Callable[[Path | None], str | None] | None = None
+    # checkpoint.on_signal: light: no optimizer state (`optimizer_groups` is empty);
+    # marked in optimizer/index.json and the manifest, and resumed with fresh AdamW
+    light: bool = False
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -126,25 +129,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------- save
@@ -224,7 +208,12 @@ def _write_main(content: CheckpointContent, tmp: Path, final: Path, names: list[
     if not content.shards:
         content.write_model(tmp)
         names = _write_groups(opt_dir, content.optimizer_groups)
-    index = {"groups": names, "active": sorted(content.active), "shards": content.shards}
+    index = {
+        "groups": names,
+        "active": sorted(content.active),
+        "shards": content.shards,
+        "light": content.light,
+    }
     (opt_dir / "index.json").write_text(json.dumps(index), encoding="utf-8")
     save_tree(tmp / STATE, content.state.to_tree())
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -232,6 +221,7 @@ def _write_main(content: CheckpointContent, tmp: Path, final: Path, names: list[
         "format": FORMAT,
         "step": content.state.step,
         "world_size": content.state.world_size,
+        "light": content.light,
         "recipe": content.recipe_yaml,
         "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
     }
@@ -340,6 +330,16 @@ def optimizer_index(path: Path) -> tuple[list[str], int]:
         index = json.loads((path / OPT_DIR / "index.json").read_text(encoding="utf-8"))
         return [str(n) for n in index["groups"]], int(index.get("shards", 0))
     except (OSError, ValueError, KeyError, TypeError):
+        raise _damaged(f"{OPT_DIR}/index.json is missing or unreadable", path) from None
+
+
+def is_light(path: Path) -> bool:
+    """Whether a checkpoint was written without its optimizer state
+    (checkpoint.on_signal: light)."""
+    try:
+        index = json.loads((path / OPT_DIR / "index.json").read_text(encoding="utf-8"))
+        return bool(index.get("light", False))
+    except (OSError, ValueError, AttributeError):
         raise _damaged(f"{OPT_DIR}/index.json is missing or unreadable", path) from None
 
 

@@ -22,3 +22,10 @@ class RunState:
     peak_rss: int = 0  # this process's highest RSS at a step's end
     skipped: int = 0  # non-finite steps skipped
     skipped_in_a_row: int = 0  # (training.max_skipped_steps counts these)
+    # A stop (SIGTERM / SIGINT) checkpointed before the evaluations due after `step`:
+    # the resume runs them first, so a preemption never waits for an eval.
+    evals_due: bool = False
+    # The slowest step and checkpoint write so far (seconds): together, the time a
+    # SIGTERM may need before the run's checkpoint is on disk.
+    slowest_step_s: float = 0.0
+    slowest_checkpoint_s: float = 0.0

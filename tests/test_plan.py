@@ -223,3 +223,22 @@ def test_sharded_plan_is_one_ranks_share_and_the_machine_holds_every_rank():
         for part, v in one[label]["host_need"].items():
             if part != "runtime":  # (this process's own size, measured: it grows)
                 assert r["host_need"][part] == 4 * v, (label, part)
+
+
+def test_plan_says_what_a_sigterm_writes():
+    """The preemption line: a full checkpoint is the weights plus every visited block's
+    optimizer state, a light one the weights (quickstart: 135M fp32 weights, GRASS
+    keep: Adam's two fp32 moments for the 30 blocks and the trained norms)."""
+    from grass_cli.commands.plan import _plan
+
+    path = ROOT / "recipes/quickstart.yaml"
+    _, _, own, m = _plan(path, [], None, "cuda", None, None)
+    assert m.disk.checkpoint_weights == 134_515_008 * 4
+    assert m.disk.checkpoint_state == pytest.approx(0.85e9, rel=0.01)
+    res = CliRunner().invoke(app, ["plan", str(path)])
+    text = " ".join(res.stdout.split())
+    full = (m.disk.checkpoint_weights + m.disk.checkpoint_state) / 1e9
+    assert (
+        f"a SIGTERM finishes its step, then writes a {full:.2f} GB checkpoint "
+        f"({m.disk.checkpoint_weights / 1e9:.2f} GB with checkpoint.on_signal: light)"
+    ) in text

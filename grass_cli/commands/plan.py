@@ -258,12 +258,24 @@ def render(
         style="dim",
     )
     table = plan_table(layout, plans, own, device_memory)
-    lines = [Text(device), Text(host), Text(disk)]
+    lines = [Text(device), Text(host), Text(disk), Text(_preemption_line(m.disk))]
     if m.traffic is not None and m.speed is not None:
         lines.append(Text(_traffic_line(m.traffic, m.speed, own)))
     if m.gamma_auto:
         lines.insert(0, Text(f"* sampler.gamma {m.gamma}: {m.gamma_auto}"))
     return Group(table, *lines, note)
+
+
+def _preemption_line(disk: DiskNeed) -> str:
+    """What a SIGTERM writes after its step: the grace period must cover writing it."""
+    from grass_cli.planner.memory import gb
+
+    full = disk.checkpoint_weights + disk.checkpoint_state
+    return (
+        f"* preemption: a SIGTERM finishes its step, then writes a {gb(full):.2f} GB "
+        f"checkpoint ({gb(disk.checkpoint_weights):.2f} GB with checkpoint.on_signal: light); "
+        "a short run's log gives the seconds and the grace period to ask for (docs/runs.md)"
+    )
 
 
 def _traffic_line(t: Traffic, speed: DiskSpeed, own: Plan) -> str:

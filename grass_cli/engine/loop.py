@@ -102,6 +102,9 @@ def begin(run: Run) -> TrainResult:
     run.telemetry.emit(
         "resume", step=state.step, path=str(run.resume_from), **report.run_facts(run)
     )
+    if res.progress.evals_due:  # the stop that wrote the checkpoint skipped them
+        run_evals(run, res, state.step)
+        res.progress.evals_due = False
     return res
 
 
@@ -154,6 +157,7 @@ def record_step(run: Run, res: TrainResult, out: StepOutcome) -> None:
     pr = res.progress
     pr.tokens += tokens
     pr.losses.append(out.loss)
+    pr.slowest_step_s = max(pr.slowest_step_s, out.seconds)
     mem = memory_stats(run.device)
     pr.peak_rss = max(pr.peak_rss, mem["rss"])
     pr.elapsed_s = time.perf_counter() - res.t_start
@@ -162,33 +166,60 @@ def record_step(run: Run, res: TrainResult, out: StepOutcome) -> None:
 
 
 def after_step(run: Run, res: TrainResult, done: int, stop: StopRequest | None) -> None:
-    """Evaluations and checkpoints due after `done` steps, and a requested stop."""
-    rc, tc = run.recipe, run.recipe.training
+    """A requested stop, then the evaluations and checkpoint due after `done` steps.
+
+    The stop comes first: a preemption's grace period waits for no evaluation. The
+    evaluations it skips are marked in the checkpoint and run by the resume."""
+    ck = run.recipe.checkpoint
     res.progress.step = done
     if done >= run.total_steps:
         return
-    if tc.eval_interval and done % tc.eval_interval == 0:
-        with phase(run, f"evaluating after step {done}", "eval"):
-            ev = evaluate_loss(run, done)
-        if ev is not None:
-            res.progress.eval_losses[done] = ev
-    if rc.eval and rc.eval.interval and done % rc.eval.interval == 0:
-        with phase(run, f"evaluating the task after step {done}", "eval"):
-            task_eval(run, done)
     stopping = stop is not None and stop.requested is not None
     if run.dist.enabled:  # a signal may reach the ranks at different steps
         stopping = any_rank(stopping, run.device)
     if stopping:
-        path = checkpoint(run, res, done)
+        res.progress.evals_due = any(evals_due(run, done))
+        path = checkpoint(run, res, done, light=ck.on_signal == "light")
         raise Interrupted((stop and stop.requested) or "SIGTERM", done, path)
-    if rc.checkpoint.interval and done % rc.checkpoint.interval == 0:
+    run_evals(run, res, done)
+    if ck.interval and done % ck.interval == 0:
         checkpoint(run, res, done)
 
 
-def checkpoint(run: Run, res: TrainResult, step: int) -> Path:
+def evals_due(run: Run, done: int) -> tuple[bool, bool]:
+    """Whether the held-out loss and the task evaluation are due after `done` steps."""
+    rc, tc = run.recipe, run.recipe.training
+    loss = bool(tc.eval_interval) and done % tc.eval_interval == 0
+    task = rc.eval is not None and bool(rc.eval.interval) and done % rc.eval.interval == 0
+    return loss, task
+
+
+def run_evals(run: Run, res: TrainResult, done: int) -> None:
+    """The periodic evaluations due after `done` steps."""
+    loss, task = evals_due(run, done)
+    if loss:
+        with phase(run, f"evaluating after step {done}", "eval"):
+            ev = evaluate_loss(run, done)
+        if ev is not None:
+            res.progress.eval_losses[done] = ev
+    if task:
+        with phase(run, f"evaluating the task after step {done}", "eval"):
+            task_eval(run, done)
+
+
+def checkpoint(run: Run, res: TrainResult, step: int, light: bool = False) -> Path:
+    """Write a checkpoint and say how long it took and how large it is (a preemption's
+    grace period must cover the slowest step plus this)."""
+    t0 = time.perf_counter()
     with phase(run, f"writing the checkpoint of step {step}", "save"):
-        path = write_checkpoint(run, step, res.progress)
-    run.telemetry.emit("checkpoint", step=step, path=str(path))
+        path = write_checkpoint(run, step, res.progress, light=light)
+    seconds = time.perf_counter() - t0
+    if not light:
+        res.progress.slowest_checkpoint_s = max(res.progress.slowest_checkpoint_s, seconds)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    run.telemetry.emit(
+        "checkpoint", step=step, path=str(path), seconds=seconds, bytes=size, light=light
+    )
     return path
 
 

@@ -137,6 +137,15 @@ def write_summary(run: Run, result: TrainResult, final_eval: float | None) -> di
         "final_eval_loss": final_eval,
         "best_eval_loss": min(evals) if evals else None,
         "peak_rss": result.peak_rss,
+        # what a preemption's SIGTERM may wait for before its checkpoint is on disk
+        # (the slowest step, then a checkpoint; None when no checkpoint was written)
+        "slowest_step_s": result.progress.slowest_step_s,
+        "slowest_checkpoint_s": result.progress.slowest_checkpoint_s or None,
+        "sigterm_needs_s": (
+            result.progress.slowest_step_s + result.progress.slowest_checkpoint_s
+            if result.progress.slowest_checkpoint_s
+            else None
+        ),
         "model_dir": str(result.model_dir) if result.model_dir else None,
         "run_dir": str(run.run_dir),
     }

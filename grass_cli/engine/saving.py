@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ from grass_cli.atomic import describe_write_error
 from grass_cli.engine import run_dir as rundir
 from grass_cli.errors import GrassError
 from grass_cli.models import quiet_stderr
+from grass_cli.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from grass_cli.engine.build import Run
@@ -41,9 +42,10 @@ def write_model(run: Run, folder: Path, shard_size: int | str | None = None) -> 
         run.tokenizer.save_pretrained(folder)
 
 
-def write_checkpoint(run: Run, step: int, progress: RunState) -> Path:
+def write_checkpoint(run: Run, step: int, progress: RunState, light: bool = False) -> Path:
     """A checkpoint of the run after `step` optimizer steps: the loop's progress as it
-    is (a non-finite stop saves the last good step, before the one that failed)."""
+    is (a non-finite stop saves the last good step, before the one that failed).
+    `light` (checkpoint.on_signal: light) leaves the optimizer state out."""
     if run.metrics_sink is not None:
         run.metrics_sink.flush()
     grass = run.grass.state_dict()
@@ -53,16 +55,17 @@ def write_checkpoint(run: Run, step: int, progress: RunState) -> Path:
         batches=run.batches.state_dict(),
         sampler=grass["sampler"],
         tracker=grass["tracker"],
-        rng=ckpt.rng_state(run.device),
+        rng=rng_state(run.device),
         metrics_offset=run.metrics_sink.tell() if run.metrics_sink is not None else 0,
         world_size=run.dist.world,
     )
     content = ckpt.CheckpointContent(
         state=state,
         write_model=lambda folder: write_model(run, folder, ckpt.MODEL_SHARD_SIZE),
-        optimizer_groups=run.optimizer.export_groups(),
+        optimizer_groups=() if light else run.optimizer.export_groups(),
         active=sorted(run.optimizer.active),
         recipe_yaml=run.recipe.to_yaml(),
+        light=light,
     )
     if run.sharded is not None:  # every rank: its optimizer shard, and the gathers
         content.shards, content.shard = run.sharded.shards, run.sharded.saved_shard
@@ -82,7 +85,18 @@ def restore(run: Run, path: Path) -> ckpt.TrainState:
         restore_shards(run, path)
     else:
         ckpt.restore_weights(run.model, path)
-    groups = ckpt.optimizer_groups(path) if run.sharded is None else sharded_groups(run, path)
+    if ckpt.is_light(path):  # weights and progress only: AdamW starts afresh
+        groups: Iterable[tuple[str, dict]] = ()
+        run.telemetry.emit(
+            "warning",
+            message=f"{path.name} is a light checkpoint (checkpoint.on_signal: light): "
+            "the optimizer state restarts here (fresh AdamW moments, fp32 masters from the "
+            "saved weights), so this run is not bit-identical to one never stopped",
+        )
+    elif run.sharded is None:
+        groups = ckpt.optimizer_groups(path)
+    else:
+        groups = sharded_groups(run, path)
     run.optimizer.import_groups(groups, active=set(state.active_names))
     run.batches.load_state_dict(state.batches)
     grass = {"sampler": state.sampler, "tracker": state.tracker, "active": state.active_names}
@@ -97,9 +111,9 @@ def restore(run: Run, path: Path) -> ckpt.TrainState:
             f"{rows * run.dist.world} rows (was {rows * state.world_size})",
         )
     if run.dist.enabled and run.dist.world == state.world_size:  # each rank its own streams
-        ckpt.set_rng_state(ckpt.read_rank_rng(path, run.dist.rank))
+        set_rng_state(ckpt.read_rank_rng(path, run.dist.rank))
     else:
-        ckpt.set_rng_state(state.rng)
+        set_rng_state(state.rng)
     return state
 
 

@@ -312,6 +312,8 @@ class BlockAdamW:
                 self._release(name)
             elif self.policy == "offload" and self.residency == "step":
                 self._offload(st)  # streaming: states wait in the store between steps
+        for name in sorted(self.active - set(self.states)):  # (a light checkpoint's)
+            self._acquire(name)  # fresh state, as at a first activation
 
     # ------------------------------------------------------------- accounting
 

@@ -32,8 +32,10 @@ class DiskNeed:
     """What a run writes, by part, and the bytes per folder."""
 
     final_model: int
+    # one checkpoint's weights and optimizer state (written however many are alive:
+    # an interrupted run writes one; a light one, checkpoint.on_signal, only weights)
     checkpoint_weights: int
-    checkpoint_state: int  # optimizer state in each checkpoint
+    checkpoint_state: int
     checkpoints_alive: int  # kept at once (keep_last + the one being written)
     offload_store: int
     folders: dict[str, int] = field(default_factory=dict)
@@ -127,8 +129,8 @@ def disk_need(
         folders[folder] = folders.get(folder, 0) + store
     return DiskNeed(
         final_model=weights if recipe.output.save_model else 0,
-        checkpoint_weights=weights if alive else 0,
-        checkpoint_state=state if alive else 0,
+        checkpoint_weights=weights,
+        checkpoint_state=state,
         checkpoints_alive=alive,
         offload_store=store,
         folders=folders,

@@ -249,6 +249,12 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
     # Also write one at the end of training (the final model is saved regardless).
     at_end: bool = True
+    # The checkpoint a SIGTERM / SIGINT writes before the run exits. full: the same
+    # as every other (exact resume). light: the weights and the run's progress
+    # (data position, sampler, importance, RNG) without the optimizer state, for a
+    # preemption grace period too short for a full one; the resume restarts AdamW's
+    # moments (and fp32 masters from the saved weights), so it is not bit-identical.
+    on_signal: Literal["full", "light"] = "full"
 
 
 class OutputConfig(Section):

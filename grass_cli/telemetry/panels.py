@@ -19,7 +19,12 @@ from rich.text import Text
 
 from grass_cli.telemetry.dashboard_state import EVENT_LOG_LINES, DashboardState
 from grass_cli.telemetry.importance_panel import render_importance
-from grass_cli.telemetry.sinks import CUDA_FIELDS, format_bytes, format_duration
+from grass_cli.telemetry.sinks import (
+    CUDA_FIELDS,
+    format_bytes,
+    format_duration,
+    preemption_advice,
+)
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -237,6 +242,8 @@ def render_summary(state: DashboardState) -> Panel:
         )
     if state.peaks.peaks:
         grid.add_row("peak memory", _memory_grid(_memory_cells(state.peaks.peaks), 3))
+    if s.get("sigterm_needs_s"):
+        grid.add_row("preemption", preemption_advice(s))
     run_dir = Path(s.get("run_dir") or state.run_dir or ".")
     grid.add_row("model", str(state.model_dir or s.get("model_dir") or "not saved"))
     grid.add_row(

@@ -237,7 +237,11 @@ class PlainPrinter:
             ]
             return " ".join([f"task   step={e.get('step')}", *scores, f"dir={e.get('dir')}"])
         if kind == "checkpoint":
-            return f"ckpt   step={e['step']} {e['path']}"
+            took = ""
+            if "seconds" in e:
+                size = format_bytes(int(e.get("bytes") or 0)).replace(" ", "")
+                took = f" ({size} in {e['seconds']:.1f}s{', light' if e.get('light') else ''})"
+            return f"ckpt   step={e['step']} {e['path']}{took}"
         if kind == "warning":
             return f"warning {e['message']}"
         if kind == "saved":
@@ -285,7 +289,27 @@ class PlainPrinter:
             f"files  run_dir={run_dir} metrics={run_dir / 'metrics.jsonl'} "
             f"summary={run_dir / 'summary.json'} recipe={run_dir / 'recipe.yaml'}"
         )
-        return [done, peak, files] if peaks else [done, files]
+        lines = [done, peak, files] if peaks else [done, files]
+        if e.get("sigterm_needs_s"):
+            lines.append(f"preempt {preemption_advice(e)}")
+        return lines
 
     def close(self) -> None:
         self.stream.flush()
+
+
+def preemption_advice(e: Event) -> str:
+    """How long a SIGTERM needs here (the slowest step, then a checkpoint), and the
+    grace period to ask a scheduler for."""
+    need = float(e["sigterm_needs_s"])
+    grace = grace_period_s(need)
+    return (
+        f"a SIGTERM needs up to {need:.1f}s here (step {e['slowest_step_s']:.1f}s + checkpoint "
+        f"{e['slowest_checkpoint_s']:.1f}s): allow {grace}s (SLURM --signal=TERM@{grace}, "
+        f"Kubernetes terminationGracePeriodSeconds: {grace})"
+    )
+
+
+def grace_period_s(need_s: float) -> int:
+    """A grace period with room for a slower step or disk: 1.5x, in 10 s steps."""
+    return max(10, math.ceil(need_s * 1.5 / 10) * 10)
