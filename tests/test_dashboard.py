@@ -409,6 +409,20 @@ def test_summary_has_time_tokens_losses_peaks_and_files():
     assert "optim. on device 290.0 MiB" in flat
     assert "host RSS 3.00 GiB" in flat and "CUDA peak 2.50 GiB" in flat
     assert "model runs/synthetic/final" in flat and "files runs/synthetic/" in flat
+    assert "preemption" not in flat  # no checkpoint timed: no advice
+
+
+def test_summary_gives_the_grace_period_a_sigterm_needs():
+    events = synthetic_run(num_blocks=32, steps=20, cuda=True)
+    end = events[-1]
+    assert end["event"] == "end"
+    end.update(slowest_step_s=4.0, slowest_checkpoint_s=30.0, sigterm_needs_s=34.0)
+    flat = " ".join(screen(render_summary(state_from_events(events)), width=200).split())
+    # 1.5 x 34 s = 51 s, rounded up to 10 s
+    assert (
+        "preemption a SIGTERM needs up to 34.0s here (step 4.0s + checkpoint 30.0s): allow "
+        "60s (SLURM --signal=TERM@60, Kubernetes terminationGracePeriodSeconds: 60)"
+    ) in flat
 
 
 # ---------------------------------------------------------------------------- sink
