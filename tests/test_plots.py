@@ -169,11 +169,12 @@ def test_grass_train_quiet_writes_the_plots(tiny_factory, tmp_path):
     res = runner.invoke(app, ["train", str(rec), "--quiet"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert [x.split()[0] for x in lines] == ["done", "peak", "files", "plots"], lines
+    # (the final checkpoint was timed: the summary says what a SIGTERM needs)
+    assert [x.split()[0] for x in lines] == ["done", "peak", "files", "preempt", "plots"], lines
     assert lines[0].startswith("done   steps=4 ") and "model=-" in lines[0]
     summary = json.loads((out / "summary.json").read_text())
     assert f"peak_rss={_compact_bytes(summary['peak_rss'])}" in lines[0]
-    assert lines[3] == f"plots  {out / 'plots'} ({', '.join(PLOT_FILES)})"
+    assert lines[4] == f"plots  {out / 'plots'} ({', '.join(PLOT_FILES)})"
     for name in PLOT_FILES:
         assert_real_png(out / "plots" / name)
     counts = active_counts(load_metrics(out))
