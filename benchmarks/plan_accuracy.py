@@ -288,7 +288,11 @@ def child(overrides: list[str], recipe: Path = QUICKSTART) -> None:
     print(json.dumps({"measured": measured, "visited": len(visited), "lowest": lowest, **extra}))
 
 
-def predict(overrides: list[str], visited: int, device: str, recipe: Path = QUICKSTART) -> dict:
+def predict(
+    overrides: list[str], visited: int, device: str, recipe: Path = QUICKSTART, lowest: int = 0
+) -> dict:
+    """The plan for what the run met: the blocks `keep` visited and the lowest block
+    a draw trained (the activations reach down to it; a user's plan assumes block 0)."""
     from grass_cli.planner.memory import plan, recipe_scenario
     from grass_cli.planner.shape import build_layout, load_config
     from grass_cli.recipe import load_recipe
@@ -296,7 +300,7 @@ def predict(overrides: list[str], visited: int, device: str, recipe: Path = QUIC
     recipe = load_recipe(recipe, overrides)
     config, name = load_config(recipe)
     lay = build_layout(recipe, config, name)
-    p = plan(recipe, lay, recipe_scenario(recipe), device=device, visited=visited)
+    p = plan(recipe, lay, recipe_scenario(recipe), device=device, visited=visited, lowest=lowest)
     return p.to_json()
 
 
@@ -329,7 +333,7 @@ def main() -> None:
                     print(f"  failed ({err})", file=sys.stderr, flush=True)
                     rows.append({"model": model, "method": method, "failed": err.split(":")[0]})
                     continue
-                p = predict(overrides, m["visited"], args.device)
+                p = predict(overrides, m["visited"], args.device, lowest=m["lowest"] or 0)
                 err = p["device_peak_bytes"] / m["measured"] - 1
                 rows.append({"model": model, "method": method, **m, "plan": p, "error": err})
                 print(

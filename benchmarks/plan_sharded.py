@@ -85,11 +85,18 @@ def rank_child(out: Path, overrides: list[str]) -> None:
     peak = pa.profiler_peak(prof, "grass-step-end", actual)
     visited = {b for e in steps for b in e["active"]}
     rank = int(os.environ.get("RANK", "0"))
-    result = {"measured": base + peak, "live_before_train": base, "visited": len(visited)}
+    result = {
+        "measured": base + peak,
+        "live_before_train": base,
+        "visited": len(visited),
+        "lowest": min(visited, default=0),
+    }
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
 
 
-def predict(overrides: list[str], visited: int, shards: int) -> dict:
+def predict(overrides: list[str], visited: int, shards: int, lowest: int = 0) -> dict:
+    """One rank's plan for what the run met: the blocks `keep` visited and the lowest
+    block a draw trained (a user's plan assumes block 0, the worst draw)."""
     from grass_cli.planner.memory import plan, recipe_scenario
     from grass_cli.planner.shape import build_layout, load_config
     from grass_cli.recipe import load_recipe
@@ -97,7 +104,9 @@ def predict(overrides: list[str], visited: int, shards: int) -> dict:
     recipe = load_recipe(pa.QUICKSTART, overrides)
     lay = build_layout(recipe, *load_config(recipe))
     sc = recipe_scenario(recipe)
-    return plan(recipe, lay, sc, device="cpu", visited=visited, shards=shards).to_json()
+    return plan(
+        recipe, lay, sc, device="cpu", visited=visited, shards=shards, lowest=lowest
+    ).to_json()
 
 
 def measure(model: str, method: str, nproc: int, data: Path, work: Path) -> dict:
@@ -114,7 +123,8 @@ def measure(model: str, method: str, nproc: int, data: Path, work: Path) -> dict
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(nproc)]
     worst = max(r["measured"] for r in ranks)
     visited = max(r["visited"] for r in ranks)
-    p = predict(overrides, visited, nproc)
+    lowest = min(r["lowest"] for r in ranks)
+    p = predict(overrides, visited, nproc, lowest)
     predicted = p["device_peak_bytes"]
     return {
         "model": model,
@@ -126,6 +136,7 @@ def measure(model: str, method: str, nproc: int, data: Path, work: Path) -> dict
         "ratio": predicted / worst,
         "phase": p["peak_phase"],
         "visited": visited,
+        "lowest": lowest,
     }
 
 
@@ -133,22 +144,36 @@ def to_md(res: dict) -> str:
     lines = [
         "# grass plan --nproc N (sharded, FSDP2) against measured per-rank peaks",
         "",
-        f"Command: `{res['command']}`"
+        "Commands: "
+        + ", ".join(
+            f"`{c}`" for c in dict.fromkeys(r.get("command") or res["command"] for r in res["rows"])
+        )
         + (f" (predictions: `{res['repredicted']}`)" if res.get("repredicted") else "")
         + "  ",
         f"Machine: {res['machine']}",
         "",
-        "| model | method | ranks | measured (largest rank) | predicted (one rank) "
-        "| predicted / measured | peak phase |",
-        "|---|---|---|---|---|---|---|",
+        "| model | method | ranks | lowest block drawn | measured (largest rank) "
+        "| predicted (one rank) | predicted / measured | peak phase |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
+        lowest = "all" if r["method"] == "full" else r.get("lowest", "-")
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['nproc']} | {r['measured'] / 1e9:.3f} GB "
+            f"| {r['model']} | {r['method']} | {r['nproc']} | {lowest} | "
+            f"{r['measured'] / 1e9:.3f} GB "
             f"| {r['predicted'] / 1e9:.3f} GB | {r['ratio']:.2f} | {r['phase']} |"
         )
     ratios = [r["ratio"] for r in res["rows"]]
     lines += ["", f"Ratios from {min(ratios):.2f} to {max(ratios):.2f} (goal: 0.90 to 1.10).", ""]
+    for r in res.get("earlier_runs", []):
+        per_rank = ", ".join(f"{b / 1e9:.3f}" for b in r["measured_per_rank"])
+        lines.append(
+            f"Measured again: {r['model']} {r['method']} x{r['nproc']}; an earlier run "
+            f"(`{r['command']}`) measured {r['measured'] / 1e9:.3f} GB on its largest rank "
+            f"(ranks: {per_rank} GB), {r['ratio']:.2f} of it predicted."
+        )
+    if res.get("earlier_runs"):
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -173,7 +198,12 @@ def main() -> None:
         data = Path(tempfile.gettempdir()) / "unused.jsonl"  # (only its name is planned)
         for row in res["rows"]:
             overrides = pa.run_overrides(row["model"], row["method"], data, "cpu", "unused")
-            p = predict([*overrides, "distributed.sharding=fsdp"], row["visited"], row["nproc"])
+            p = predict(
+                [*overrides, "distributed.sharding=fsdp"],
+                row["visited"],
+                row["nproc"],
+                row.get("lowest", 0),
+            )
             row["predicted"] = p["device_peak_bytes"]
             row["ratio"] = row["predicted"] / row["measured"]
             row["phase"] = p["peak_phase"]
@@ -182,11 +212,18 @@ def main() -> None:
         (RESULTS / "plan_sharded.md").write_text(to_md(res))
         print(to_md(res))
         return
-    res = {
-        "command": "python benchmarks/plan_sharded.py " + " ".join(sys.argv[1:]),
-        "machine": pa.machine_line("cpu"),
-        "rows": [],
-    }
+    command = "python benchmarks/plan_sharded.py " + " ".join(sys.argv[1:])
+    res = {"command": command, "machine": pa.machine_line("cpu"), "rows": []}
+    # rows not measured now stay, with the command that measured them; a row measured
+    # again keeps its earlier measurement under earlier_runs (the table's footnote)
+    path = RESULTS / "plan_sharded.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    now = {(m, meth, n) for m in args.models for meth in args.methods for n in args.nprocs}
+    kept, res["earlier_runs"] = [], earlier.get("earlier_runs", [])
+    for r in earlier["rows"]:
+        r = {"command": earlier.get("command"), **r}
+        again = (r["model"], r["method"], r["nproc"]) in now
+        (res["earlier_runs"] if again else kept).append(r)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "long.jsonl"
         pa.long_rows(data, 64)
@@ -195,7 +232,8 @@ def main() -> None:
                 for method in args.methods:
                     row = measure(model, method, nproc, data, Path(tmp))
                     print(json.dumps(row), flush=True)
-                    res["rows"].append(row)
+                    res["rows"].append({"command": command, **row})
+    res["rows"] = [*kept, *res["rows"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "plan_sharded.json").write_text(json.dumps(res, indent=1) + "\n")
     (RESULTS / "plan_sharded.md").write_text(to_md(res))

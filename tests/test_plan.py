@@ -242,3 +242,35 @@ def test_plan_says_what_a_sigterm_writes():
         f"a SIGTERM finishes its step, then writes a {full:.2f} GB checkpoint "
         f"({m.disk.checkpoint_weights / 1e9:.2f} GB with checkpoint.on_signal: light)"
     ) in text
+
+
+def test_a_higher_draw_saves_less_and_the_loss_is_not_counted_beside_the_gathered_root():
+    """`lowest` (the validation benchmarks' draw): layers below the lowest trained block
+    save nothing. Sharded: the loss runs after every unit resharded, so its buffers
+    and FSDP2's gathered weights are never counted together (measured:
+    benchmarks/results/plan_sharded.md)."""
+    from grass_cli.planner.activations import activations, layer_act
+    from grass_cli.planner.memory import _trained, plan, recipe_scenario
+    from grass_cli.planner.shape import build_layout, load_config
+    from grass_cli.planner.sharded import sharding_extra
+    from grass_cli.recipe import load_recipe
+
+    over = ["sampler.strategy=lisa", "optimizer.state_policy=keep", "distributed.sharding=fsdp"]
+    r = load_recipe(ROOT / "recipes/quickstart.yaml", over)
+    lay = build_layout(r, *load_config(r))
+    sc = recipe_scenario(r)
+    t = _trained(r, lay, sc)
+    tokens = r.training.micro_batch_size * r.data.max_length
+    worst, high = (activations(r, lay, t.active_blocks, False, k) for k in (0, 10))
+    # 4 trained + 26 frozen layers against 4 trained + 16 frozen
+    assert sum(worst.saved) - sum(high.saved) == 10 * layer_act(lay, 4, False) * tokens
+    assert sum(high.saved[:10]) == 0
+    p0 = plan(r, lay, sc, device="cpu", shards=2)
+    assert plan(r, lay, sc, device="cpu", shards=2, lowest=0).phases == p0.phases
+    assert plan(r, lay, sc, device="cpu", shards=2, lowest=10).device_peak_bytes < (
+        p0.device_peak_bytes
+    )
+    gathered, _ = sharding_extra(lay, t.groups, t.gbytes, "cpu")
+    base = p0.kinds["weights"] + p0.kinds["optimizer_state"]
+    loss_point = base + sum(worst.saved) + worst.logits
+    assert loss_point <= p0.phases["backward"] < loss_point + gathered

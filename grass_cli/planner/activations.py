@@ -77,17 +77,32 @@ class Acts:
     work: int  # gradients in flight inside a layer
     # the chunked loss makes a trained head's gradient in fp32 during the forward
     fp32_head_grad: bool = False
+    logits_grad: int = 0  # the plain loss's gradient of the logits, in the compute dtype
 
 
-def activations(recipe: Recipe, lay: Layout, active_blocks: int, ckpt: bool) -> Acts:
+def activations(
+    recipe: Recipe,
+    lay: Layout,
+    active_blocks: int,
+    ckpt: bool,
+    lowest: int = 0,
+    embed_trained: bool = False,
+) -> Acts:
+    """The activation terms when blocks `lowest` to `lowest + active_blocks - 1` train:
+    the layers below them save nothing unless the embeddings train too (no gradient
+    flows there), the ones above save what the input gradient needs."""
     tc, L = recipe.training, len(lay.blocks)
     a = 2 if (lay.weight_bytes == 2 or tc.autocast == "bf16") else 4
     tokens = tc.micro_batch_size * recipe.data.max_length
     layer_t = layer_act(lay, a, True) * tokens
     layer_f = layer_act(lay, a, False) * tokens
     layer_in = a * lay.hidden * tokens
-    per_layer = [layer_t if k < active_blocks else layer_f for k in range(L)]
-    saved = [layer_in if ckpt else per_layer[k] for k in range(L)]
+    below = layer_f if embed_trained else 0
+    per_layer = [
+        below if k < lowest else layer_t if k < lowest + active_blocks else layer_f
+        for k in range(L)
+    ]
+    saved = [(layer_in if per_layer[k] else 0) if ckpt else per_layer[k] for k in range(L)]
     work = a * tokens * (2 * lay.hidden + 2 * lay.intermediate)
     return Acts(
         logits_bytes(lay, a, tokens),
@@ -97,4 +112,5 @@ def activations(recipe: Recipe, lay: Layout, active_blocks: int, ckpt: bool) -> 
         saved,
         work,
         loss_chunk_rows(lay, tokens) > 0,
+        a * lay.vocab * tokens,
     )

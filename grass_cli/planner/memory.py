@@ -45,6 +45,7 @@ from typing import Any
 from grass_cli.planner.activations import Acts, activations
 from grass_cli.planner.shape import GroupShape, Layout
 from grass_cli.planner.sharded import sharding_extra
+from grass_cli.planner.step import streamed, transient
 from grass_cli.recipe import LAYERWISE, PROBING, Recipe
 
 # ------------------------------------------------------------------------- scenario
@@ -134,25 +135,6 @@ def recipe_scenario(recipe: Recipe) -> Scenario:
 # ------------------------------------------------------------------------ activations
 
 
-def _streamed_step(
-    trained: list[GroupShape], gbytes: int, sbytes: float, masters: bool, temps: int,
-    compact: int = 0,
-) -> int:  # fmt: skip
-    """The worst point of a streamed step, parameter by parameter in the engine's
-    order: the gradients not yet consumed, this parameter's fp32 gradient and AdamW
-    temporaries (`compact` bytes a parameter more for compact moments), and three
-    parameters' state (the previous one's write-back, this one's, the next one's
-    prefetch)."""
-    units = [n for g in sorted(trained, key=lambda g: g.name) for n in g.params]
-    worst = 0
-    for k, n in enumerate(units):
-        waiting = sum(units[k + 1 :]) * gbytes
-        own = n * 4 if masters else n * gbytes  # the fp32 copy, or the gradient itself
-        state = sum(units[max(k - 1, 0) : k + 2]) * sbytes
-        worst = max(worst, waiting + own + n * (4 * temps + compact) + state)
-    return int(worst)
-
-
 @dataclass
 class _Trained:
     """What trains in a scenario: the groups (worst draw: the lowest blocks), bytes
@@ -162,6 +144,7 @@ class _Trained:
     gbytes: int
     sbytes: float
     active_blocks: int
+    lowest: int = 0  # the draw's lowest block (the worst draw: 0)
 
 
 def state_bytes_per_param(weight_bytes: int, strategy: str, state_dtype: str = "fp32") -> float:
@@ -173,7 +156,7 @@ def state_bytes_per_param(weight_bytes: int, strategy: str, state_dtype: str = "
     return state_bytes(state_dtype, weight_bytes, master=strategy != "lora")
 
 
-def _trained(recipe: Recipe, lay: Layout, sc: Scenario) -> _Trained:
+def _trained(recipe: Recipe, lay: Layout, sc: Scenario, lowest: int = 0) -> _Trained:
     s, L, w = recipe.sampler, len(lay.blocks), lay.weight_bytes
     sbytes = state_bytes_per_param(w, sc.strategy, recipe.optimizer.state_dtype)
     if sc.strategy == "lora":  # peft keeps the adapters in fp32
@@ -187,7 +170,9 @@ def _trained(recipe: Recipe, lay: Layout, sc: Scenario) -> _Trained:
         else:
             always = _always(lay, s.train_embeddings, s.train_norm, s.train_head)
         active = min(s.gamma, L)
-    return _Trained(always + [lay.groups[b] for b in lay.blocks[:active]], w, sbytes, active)
+    first = min(lowest, L - active)
+    drawn = [lay.groups[b] for b in lay.blocks[first : first + active]]
+    return _Trained(always + drawn, w, sbytes, active, first)
 
 
 def _state(lay: Layout, sc: Scenario, t: _Trained, visited: int | None) -> tuple[int, int]:
@@ -215,28 +200,19 @@ def _state(lay: Layout, sc: Scenario, t: _Trained, visited: int | None) -> tuple
     return device_state, store
 
 
-def _step_transient(sc: Scenario, t: _Trained, masters: bool, device: str, compact: int = 0) -> int:
-    """fp32 gradients for the masters + one AdamW temporary (non-streamed step), and
-    the compact moments' temporaries of the largest matrix (stepped one at a time)."""
-    largest_param = max(n for g in t.groups for n in g.params)
-    largest_group = max(g.numel for g in t.groups)
-    streaming = sc.state_policy == "offload" and sc.residency == "step"
-    unit = largest_param if (streaming or device == "cpu") else largest_group
-    fp32_grads = (largest_param if streaming else largest_group) * 4 if masters else 0
-    if sc.strategy == "lora":
-        fp32_grads = 0
-    return fp32_grads + unit * 4 + largest_param * compact
-
-
 def _backward_peak(
     lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, accum: bool, shards: int = 1,
-    reduce: int = 0,
+    reduce: int = 0, gathered: int = 0,
 ) -> int:  # fmt: skip
     """Backward swept from the head down to block 0 (the worst draw has the lowest
     block active, so every block is in the gradient range): activations shrink as
     gradients grow; the peak is the worst point of the sweep. Sharded: the
     gradients made so far are shards, plus one block's whole gradient (`reduce`);
-    accumulating micro-batches hold whole gradients until the step's last one."""
+    accumulating micro-batches hold whole gradients until the step's last one.
+    FSDP2's `gathered` weights are there from the head's backward on, not at the
+    loss: every unit, the root too, reshards after its forward, and the loss runs
+    outside the model's forward; by the time the root gathers again for the head's
+    backward, the loss's buffers are down to the logits' gradient."""
     grads_of = {g.name: g.numel * t.gbytes // shards for g in t.groups}
     grads = sum(grads_of.values())
     groups, L = lay.groups, len(lay.blocks)
@@ -251,10 +227,12 @@ def _backward_peak(
     peak = base + sum(acts.saved) + acts.logits + max(g_before, loss_grads)
     if head_numel and t.gbytes < 4:
         peak = max(peak, base + sum(acts.saved) + max(g_before, loss_grads + head_numel * t.gbytes))
+    if gathered:  # the head's backward: the root gathered again beside the logits' gradient
+        peak = max(peak, base + gathered + sum(acts.saved) + acts.logits_grad + loss_grads)
     for k in range(L - 1, -1, -1):
         live = sum(acts.saved[:k]) + (acts.per_layer[k] if ckpt else acts.saved[k]) + acts.work
         produced = head_grads + sum(block_grads[k:]) + (reduce if block_grads[k] else 0)
-        peak = max(peak, base + live + max(g_before, produced))
+        peak = max(peak, base + gathered + live + max(g_before, produced))
     return peak
 
 
@@ -266,14 +244,17 @@ def plan(
     visited: int | None = None,
     checkpointing: bool | None = None,
     shards: int = 0,
+    lowest: int = 0,
 ) -> Plan:
     """Predict one scenario's peaks. `visited`: blocks whose state `keep` holds
     (default: all of them, which a long enough run reaches). `shards`: one rank of
     a sharded run (distributed.sharding: fsdp) whose weights, gradients and state
-    are cut in that many shards (0: not sharded)."""
+    are cut in that many shards (0: not sharded). `lowest`: the lowest block a
+    layer-wise draw trains (default 0, the worst draw, which a long run meets);
+    the validation benchmarks pass the one their run drew."""
     ckpt = recipe.model.gradient_checkpointing if checkpointing is None else checkpointing
     w, L, masters = lay.weight_bytes, len(lay.blocks), lay.weight_bytes == 2
-    t = _trained(recipe, lay, sc)
+    t = _trained(recipe, lay, sc, lowest)
     ns = max(shards, 1)
     weights = lay.params * w // ns
     grads = sum(g.numel * t.gbytes for g in t.groups) // ns
@@ -281,27 +262,34 @@ def plan(
     from grass_cli.offload.compact import STEP_TEMP_BYTES
 
     compact = STEP_TEMP_BYTES[recipe.optimizer.state_dtype]["cpu" if device == "cpu" else "cuda"]
-    step_transient = _step_transient(sc, t, masters, device, compact) // ns
-    acts = activations(recipe, lay, t.active_blocks, ckpt)
     streaming = sc.state_policy == "offload" and sc.residency == "step"
+    lora = sc.strategy == "lora"  # (peft's fp32 adapters: no master gradients)
+    step_transient = transient(t.groups, streaming, lora, masters, device, compact) // ns
+    embed = any(g.kind == "embed" for g in t.groups)  # (every layer in the gradient range)
+    acts = activations(recipe, lay, t.active_blocks, ckpt, t.lowest, embed)
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
     gathered, reduce = sharding_extra(lay, t.groups, t.gbytes, device) if shards else (0, 0)
     accum = recipe.training.grad_accum_steps > 1
-    phases = {"backward": _backward_peak(lay, t, acts, base + gathered, ckpt, accum, ns, reduce)}
+    phases = {"backward": _backward_peak(lay, t, acts, base, ckpt, accum, ns, reduce, gathered)}
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
     if streaming:
         phases["step"] = (
-            weights + _streamed_step(t.groups, t.gbytes, t.sbytes, masters, temps, compact) // ns
+            weights + streamed(t.groups, t.gbytes, t.sbytes, masters, temps, compact) // ns
         )
     else:
         phases["step"] = weights + grads + device_state + step_transient
     if sc.strategy in PROBING:
         # all blocks in the gradient range, checkpointed; one gradient at a time
-        # (sharded: plus one block's whole gradient before its reduce-scatter)
-        probe_live = L * acts.layer_in + max(acts.logits, acts.layer_trained + acts.work)
+        # (sharded: plus one block's whole gradient before its reduce-scatter, and
+        # the gathered weights from the head's backward on, as in _backward_peak)
+        probe_live = L * acts.layer_in + max(
+            acts.logits,
+            gathered + acts.logits_grad,
+            gathered + reduce + acts.layer_trained + acts.work,
+        )
         largest_block_param = max(n for b in lay.blocks for n in lay.groups[b].params)
-        phases["probe"] = weights + gathered + reduce + probe_live + largest_block_param * (w + 8)
+        phases["probe"] = weights + probe_live + largest_block_param * (w + 8)
     phase = max(phases, key=lambda k: phases[k])
     kinds = {
         "weights": weights,
