@@ -138,7 +138,7 @@ def worst_checkpoint_bytes(model: str, data: Path | None, out: Path) -> int:
     return machine.disk.checkpoint_weights + machine.disk.checkpoint_state
 
 
-def table(rows: list[dict[str, Any]], worst: dict[str, int]) -> list[str]:
+def table(rows: list[dict[str, Any]]) -> list[str]:
     """Per model and on_signal: the medians over repeats, the rate, the prediction."""
     lines = [
         "| model | on_signal | runs | step (median / max) | SIGTERM → checkpoint on disk "
@@ -224,7 +224,7 @@ def main() -> None:
     machine = pa.machine_line("cpu")
     text = "\n".join(
         [
-            *table(rows, worst),
+            *table(rows),
             "",
             "Predicted for a long run (every block with optimizer state):",
             "",

@@ -30,8 +30,7 @@ state. The manifest records the world size; a resume with another is refused.
 Sharded runs: the model is gathered into the same HF folder, and each shard of the
 optimizer state goes to `optimizer/shard-NNNNN/` (written by the rank that holds
 it); such a checkpoint resumes on any number of ranks (grass_cli/sharded_io.py).
-This module knows nothing of the training engine: the engine hands it a
-`CheckpointContent` and gets a `TrainState` back.
+It knows nothing of the engine: it gets a `CheckpointContent`, returns a `TrainState`.
 """
 
 from __future__ import annotations
@@ -323,24 +322,25 @@ def read_rank_rng(path: Path, rank: int) -> dict[str, Any]:
     return load_tree(path / f"rank-{rank:05d}")["rng"]
 
 
-def optimizer_index(path: Path) -> tuple[list[str], int]:
-    """The optimizer's group names, and the number of shards it was saved in (0:
-    whole, as replicated runs save it)."""
+def _index(path: Path) -> dict[str, Any]:
+    """optimizer/index.json, checked: its groups, shards and light mark."""
     try:
         index = json.loads((path / OPT_DIR / "index.json").read_text(encoding="utf-8"))
-        return [str(n) for n in index["groups"]], int(index.get("shards", 0))
-    except (OSError, ValueError, KeyError, TypeError):
+        groups, shards = [str(n) for n in index["groups"]], int(index.get("shards", 0))
+        return {"groups": groups, "shards": shards, "light": bool(index.get("light", False))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise _damaged(f"{OPT_DIR}/index.json is missing or unreadable", path) from None
+
+
+def optimizer_index(path: Path) -> tuple[list[str], int]:
+    """The optimizer's group names and its number of shards (0: saved whole)."""
+    index = _index(path)
+    return index["groups"], index["shards"]
 
 
 def is_light(path: Path) -> bool:
-    """Whether a checkpoint was written without its optimizer state
-    (checkpoint.on_signal: light)."""
-    try:
-        index = json.loads((path / OPT_DIR / "index.json").read_text(encoding="utf-8"))
-        return bool(index.get("light", False))
-    except (OSError, ValueError, AttributeError):
-        raise _damaged(f"{OPT_DIR}/index.json is missing or unreadable", path) from None
+    """Whether the checkpoint has no optimizer state (checkpoint.on_signal: light)."""
+    return _index(path)["light"]
 
 
 def optimizer_groups(path: Path, shard: int | None = None) -> Iterator[tuple[str, dict]]:
