@@ -150,6 +150,16 @@ def mixed_precision(device: torch.device, weights: torch.dtype) -> Any:
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=torch.float32)
 
 
+def offload_policy(cfg: DistributedConfig, device: torch.device) -> Any:
+    """FSDP2's CPUOffloadPolicy with `distributed.cpu_offload` (pinned on CUDA, so
+    the copies to and from the card are asynchronous), else none."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    if not cfg.cpu_offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda")
+
+
 def shard_model(
     model: torch.nn.Module,
     layers: torch.nn.ModuleList,
@@ -157,30 +167,53 @@ def shard_model(
     info: DistInfo,
     device: torch.device,
 ) -> Sharded:
-    """`fully_shard` every block, then the root (embeddings, head, final norm).
-    Gradients are summed, not averaged, across ranks. The weights move to the
-    device as shards: no rank puts the whole model on its device."""
+    """`fully_shard` every block, the input embeddings and the head (each a unit of
+    its own unless they are tied), then the root (the final norm, and tied
+    embeddings). Gradients are summed, not averaged, across ranks. The weights move
+    to the device as shards (or stay on the host, `cpu_offload`): no rank puts the
+    whole model on its device.
+
+    Why the embeddings and the head are units apart: the root's weights are
+    gathered for the model's whole forward, so a root holding a vocabulary-sized
+    matrix or two (1 GB each in bf16 for Llama-3-8B) would keep them gathered
+    beside every block; as units of their own each is gathered only while it
+    computes (the head again for its backward)."""
     from torch.distributed.fsdp import fully_shard
 
     mesh = build_mesh(cfg, info, device)
     weights = next(model.parameters()).dtype
-    mp = mixed_precision(device, weights)
-    units = []
-    for layer in layers:
-        units.append(
-            fully_shard(
-                layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp
-            )
-        )
-    # the root: embeddings, final norm and head (its weights are used only inside
-    # the model's forward: the chunked loss is off when sharded, evaluate/loss.py)
-    units.append(
-        fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp)
-    )
+    opts = {
+        "mesh": mesh,
+        "reshard_after_forward": cfg.reshard_after_forward,
+        "mp_policy": mixed_precision(device, weights),
+        "offload_policy": offload_policy(cfg, device),
+    }
+    units = [fully_shard(layer, **opts) for layer in layers]
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and any(p is q for p in embed.parameters() for q in head.parameters())
+    if not tied:  # (tied: one weight, which must stay in one unit, the root)
+        units += [fully_shard(m, **opts) for m in (embed, head) if m is not None]
+    # the root: what is left (the final norm, tied embeddings; its weights are used
+    # only inside the model's forward: the chunked loss is off when sharded,
+    # evaluate/loss.py)
+    units.append(fully_shard(model, **opts))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)
     return Sharded(mesh, units)
+
+
+def settle(model: torch.nn.Module) -> None:
+    """Run FSDP2's lazy initialization now, before any optimizer exists.
+
+    It may replace a shard's local tensor (padding rows that do not divide by the
+    number of ranks, pinning offloaded shards), and the block optimizer steps
+    views of the local tensors: made before the replacement they would update
+    tensors the model no longer reads. FSDP2 otherwise runs it at the first
+    forward, which a strategy that does not probe reaches only after its first
+    switch. (`_lazy_init` is FSDP2's own entry point for this; no public one
+    exists in torch 2.13.)"""
+    model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
 
 
 class ShardedGrads:

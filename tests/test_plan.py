@@ -274,3 +274,61 @@ def test_a_higher_draw_saves_less_and_the_loss_is_not_counted_beside_the_gathere
     base = p0.kinds["weights"] + p0.kinds["optimizer_state"]
     loss_point = base + sum(worst.saved) + worst.logits
     assert loss_point <= p0.phases["backward"] < loss_point + gathered
+
+
+def test_sharded_units_gather_the_head_apart_from_the_embeddings():
+    """sharding.shard_model makes untied embeddings and the head units of their own,
+    so the most a rank gathers is the head and a block (Llama-3-8B: the head, 525M
+    parameters, outweighs two 218M blocks), not both vocabulary matrices; tied ones
+    stay in the root, gathered with two blocks (SmolLM2). A trained head is its own
+    unit, so its whole gradient is the largest one before a reduce-scatter."""
+    from grass_cli.planner.sharded import sharding_extra, units
+    from grass_cli.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes/gpu-grass.yaml", [])
+    lay = build_layout(r, *load_config(r, "llama-3-8b"))
+    g = lay.groups
+    block = g[lay.blocks[0]].numel
+    n = {k: v.numel for k, v in g.items()}
+    assert units(lay) == {"root": n["norm"], "embed": n["embed"], "head": n["head"]}
+    gathered, reduce = sharding_extra(lay, [g[lay.blocks[3]]], 2, "cuda")
+    assert gathered == 2 * (g["norm"].numel + g["head"].numel + block)
+    assert reduce == block * (2 + 4)  # bf16 gradient + its fp32 reduce-scatter input
+    _, reduce = sharding_extra(lay, [g[lay.blocks[3]], g["head"], g["norm"]], 2, "cuda")
+    assert reduce == g["head"].numel * 6
+    q = load_recipe(ROOT / "recipes/quickstart.yaml", [])
+    tied = build_layout(q, *load_config(q))
+    t = tied.groups
+    assert units(tied) == {"root": t["norm"].numel + t["embed"].numel}
+    gathered, _ = sharding_extra(tied, [t[tied.blocks[0]]], 4, "cuda")
+    assert gathered == 2 * (t["norm"].numel + t["embed"].numel + 2 * t[tied.blocks[0]].numel)
+
+
+def test_cpu_offload_keeps_the_shards_on_the_host():
+    """distributed.cpu_offload: one rank's device holds no weights, gradients or
+    optimizer state, only gathered units, a gradient before its reduce-scatter and
+    the activations, so Llama-3.1-70B's GRASS fits 24 GB cards on 8 GPUs; the machine's
+    host RAM holds every rank's shards (the bf16 weights at least) pinned."""
+    path = str(ROOT / "recipes/gpu-grass.yaml")
+    common = [path, "--model-config", "llama-3.1-70b", "--host-memory", "4096",
+              "--device-memory", "24", "--nproc", "8", "--json",
+              "distributed.sharding=fsdp", "training.micro_batch_size=1"]  # fmt: skip
+
+    def rows(*extra: str) -> dict[str, dict]:
+        res = CliRunner().invoke(app, ["plan", *common, *extra])
+        assert res.exit_code in (0, 1), res.output
+        return {r["label"]: r for r in json.loads(res.stdout)}
+
+    on, off = rows("distributed.cpu_offload=true"), rows()
+    for label, r in on.items():
+        assert r["kinds"]["weights"] == r["kinds"]["gradients"] == 0, label
+        assert r["kinds"]["optimizer_state"] == 0 and "step" not in r["phases"], label
+        o = off[label]
+        assert r["device_peak_bytes"] <= o["device_peak_bytes"] - o["kinds"]["weights"], label
+        assert r["host_need"]["pinned shards"] >= 70.5e9 * 2  # every rank's bf16 weights
+    grass = on["grass offload/step"]
+    assert grass["fits"] and grass["device_peak_bytes"] < 24e9
+    assert not off["grass offload/step"]["fits"]
+    refused = CliRunner().invoke(app, ["plan", path, "distributed.cpu_offload=true"])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "needs distributed.sharding: fsdp" in message

@@ -195,6 +195,28 @@ def test_four_processes_full_and_hybrid_sharding_match_one(tiny_factory, tmp_pat
     assert_same_training(tmp_path / "four", one, model)
 
 
+@pytest.mark.parametrize("strategy", ["lisa", "grass"])
+def test_cpu_offload_and_untied_embedding_and_head_units_match_one(
+    tiny_factory, tmp_path, strategy
+):
+    """distributed.cpu_offload (FSDP2's CPUOffloadPolicy) on an untied model whose
+    input embeddings and head are FSDP2 units of their own, both trained: the same
+    training as one process. LISA switches before its first forward, which is why
+    the shards' local tensors must be settled before the optimizer takes views of
+    them (sharding.settle), and a resume goes on exactly."""
+    model = tiny_factory("qwen2", 4)
+    case = (strategy, "offload", {"target": "disk", "residency": "step"})
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "off", *case)
+    extra = ["distributed.cpu_offload=true", "sampler.train_embeddings=true",
+             "sampler.train_head=true"]  # fmt: skip
+    proc = train_sharded(recipe, *extra)
+    one = single_run(recipe, tmp_path / "one", 2, extra=extra[1:])
+    assert_same_training(tmp_path / "off", one, model)
+    start = events(tmp_path / "off", "start")[0]
+    assert start["sharding"] == "fsdp" and start["cpu_offload"] is True
+    assert "(2 x 2 processes, sharded, shards on the host)" in proc.stdout
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "grass_cli", *args]

@@ -164,7 +164,10 @@ def _build(
     resume_from = rundir.resolve_resume(recipe, resume, overwrite, info.world)
     sharding.check_launch(recipe.distributed, info.world, recipe.source)
     dc = recipe.distributed
-    distributed.init(info, device, dc.timeout_s, alone_too=sharding.wanted(dc))
+    distributed.init(
+        info, device, dc.timeout_s, alone_too=sharding.wanted(dc),
+        host_tensors=_params_on_host(recipe),
+    )  # fmt: skip
     seed_everything(recipe.training.seed)
     with during("loading the model", "model", recipe, device.type):
         model, tokenizer, source, block_map, peft_model, sharded = build_model(recipe, device, info)
@@ -228,8 +231,10 @@ def build_model(
     elif shard:
         layers, _ = find_blocks(model, recipe.model.blocks_attr)
         sharded = sharding.shard_model(model, layers, recipe.distributed, info, device)
-        if empty:
-            sharded_io.materialize(model, device, Path(source))
+        if empty:  # (cpu_offload: the shards live on the host)
+            home = torch.device("cpu") if recipe.distributed.cpu_offload else device
+            sharded_io.materialize(model, home, Path(source))
+        sharding.settle(model)
         block_map = build_block_map(model, recipe.model.blocks_attr)  # the sharded weights
     else:
         block_map = build_block_map(model, recipe.model.blocks_attr)
@@ -329,12 +334,18 @@ def build_optimizer(
     trainable = [b.name for b in block_map.blocks] + always
     budget = _host_budget(recipe, device)
     subdir = f"rank-{info.rank}" if info.enabled else None
-    store = build_store(recipe.optimizer, device, run_dir, subdir, budget)
-    optimizer = BlockAdamW(block_map.groups(), recipe.optimizer, device, store)
+    # distributed.cpu_offload: the shards, their gradients and so AdamW are on the host
+    home = torch.device("cpu") if _params_on_host(recipe) else device
+    store = build_store(recipe.optimizer, home, run_dir, subdir, budget)
+    optimizer = BlockAdamW(block_map.groups(), recipe.optimizer, home, store)
     if store is not None and store.target in ("disk", "tiered"):
         spill = optimizer.offload_bytes_needed(trainable) - (budget or 0)
         DiskStore.check_space(store.folder, max(spill, 0))
     return optimizer, always
+
+
+def _params_on_host(recipe: Recipe) -> bool:
+    return sharding.wanted(recipe.distributed) and recipe.distributed.cpu_offload
 
 
 def _host_budget(recipe: Recipe, device: torch.device) -> int | None:

@@ -43,6 +43,8 @@ def run_facts(run: Run) -> dict[str, Any]:
         "grad_accum": tc.grad_accum_steps,
         "world_size": run.dist.world,
         "sharding": rc.distributed.sharding if run.dist.enabled or run.sharded else None,
+        # distributed.cpu_offload: the shards (and AdamW) on the host
+        "cpu_offload": bool(run.sharded and rc.distributed.cpu_offload),
         # None: data.streaming (the stream's length is unknown)
         "train_rows": run.train_data.rows if run.train_data else None,
         "train_tokens": run.train_data.trainable_tokens if run.train_data else None,

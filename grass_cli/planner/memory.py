@@ -202,7 +202,7 @@ def _state(lay: Layout, sc: Scenario, t: _Trained, visited: int | None) -> tuple
 
 def _backward_peak(
     lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, accum: bool, shards: int = 1,
-    reduce: int = 0, gathered: int = 0,
+    reduce: int = 0, gathered: int = 0, host_grads: bool = False,
 ) -> int:  # fmt: skip
     """Backward swept from the head down to block 0 (the worst draw has the lowest
     block active, so every block is in the gradient range): activations shrink as
@@ -212,12 +212,14 @@ def _backward_peak(
     FSDP2's `gathered` weights are there from the head's backward on, not at the
     loss: every unit, the root too, reshards after its forward, and the loss runs
     outside the model's forward; by the time the root gathers again for the head's
-    backward, the loss's buffers are down to the logits' gradient."""
-    grads_of = {g.name: g.numel * t.gbytes // shards for g in t.groups}
+    backward, the loss's buffers are down to the logits' gradient. `host_grads`
+    (distributed.cpu_offload): a reduced gradient shard goes to the host."""
+    grads_of = {g.name: 0 if host_grads else g.numel * t.gbytes // shards for g in t.groups}
     grads = sum(grads_of.values())
     groups, L = lay.groups, len(lay.blocks)
     head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
     block_grads = [grads_of.get(b, 0) for b in lay.blocks]
+    trained = {g.name for g in t.groups}
     g_before = grads * shards if accum else 0
     # the chunked loss makes a trained head's gradient in fp32 during the forward: at
     # the loss it is that buffer; as backward starts, also its copy in the weight's dtype
@@ -231,7 +233,7 @@ def _backward_peak(
         peak = max(peak, base + gathered + sum(acts.saved) + acts.logits_grad + loss_grads)
     for k in range(L - 1, -1, -1):
         live = sum(acts.saved[:k]) + (acts.per_layer[k] if ckpt else acts.saved[k]) + acts.work
-        produced = head_grads + sum(block_grads[k:]) + (reduce if block_grads[k] else 0)
+        produced = head_grads + sum(block_grads[k:]) + (reduce if lay.blocks[k] in trained else 0)
         peak = max(peak, base + gathered + live + max(g_before, produced))
     return peak
 
@@ -256,6 +258,7 @@ def plan(
     w, L, masters = lay.weight_bytes, len(lay.blocks), lay.weight_bytes == 2
     t = _trained(recipe, lay, sc, lowest)
     ns = max(shards, 1)
+    on_host = bool(shards) and recipe.distributed.cpu_offload  # FSDP2's CPU offload
     weights = lay.params * w // ns
     grads = sum(g.numel * t.gbytes for g in t.groups) // ns
     device_state, store = (x // ns for x in _state(lay, sc, t, visited))
@@ -267,13 +270,23 @@ def plan(
     step_transient = transient(t.groups, streaming, lora, masters, device, compact) // ns
     embed = any(g.kind == "embed" for g in t.groups)  # (every layer in the gradient range)
     acts = activations(recipe, lay, t.active_blocks, ckpt, t.lowest, embed)
+    # the shards, their gradients and AdamW on the host: the device keeps none of them
+    host_side = weights + grads + device_state + step_transient if on_host else 0
+    if on_host:
+        weights = grads = device_state = step_transient = 0
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
     gathered, reduce = sharding_extra(lay, t.groups, t.gbytes, device) if shards else (0, 0)
     accum = recipe.training.grad_accum_steps > 1
-    phases = {"backward": _backward_peak(lay, t, acts, base, ckpt, accum, ns, reduce, gathered)}
+    phases = {
+        "backward": _backward_peak(
+            lay, t, acts, base, ckpt, accum, ns, reduce, gathered, host_grads=on_host
+        )
+    }
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
-    if streaming:
+    if on_host:
+        pass  # the step runs on the host
+    elif streaming:
         phases["step"] = (
             weights + streamed(t.groups, t.gbytes, t.sbytes, masters, temps, compact) // ns
         )
@@ -288,8 +301,8 @@ def plan(
             gathered + acts.logits_grad,
             gathered + reduce + acts.layer_trained + acts.work,
         )
-        largest_block_param = max(n for b in lay.blocks for n in lay.groups[b].params)
-        phases["probe"] = weights + probe_live + largest_block_param * (w + 8)
+        largest = max(n for b in lay.blocks for n in lay.groups[b].params) * (w + 8)
+        phases["probe"] = weights + probe_live + (0 if on_host else largest)  # (its norm)
     phase = max(phases, key=lambda k: phases[k])
     kinds = {
         "weights": weights,
@@ -302,8 +315,12 @@ def plan(
         else phases["probe"] - weights,
         "step_transient": step_transient if phase == "step" else 0,
     }
-    p = _result(sc, t, device, phases, phase, kinds, weights, store)
+    p = _result(sc, t, device, phases, phase, kinds, lay.params * w // ns, store)
     p.shards = shards
+    if on_host and device != "cpu":
+        p.host_kinds["shards_pinned"] = host_side
+        p.host_bytes = max(p.host_kinds.values())
+        p.host_bytes = max(p.host_bytes, host_side + p.host_kinds.get("store_pinned", 0))
     return p
 
 

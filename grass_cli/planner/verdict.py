@@ -193,6 +193,8 @@ def host_need(p: Plan, lay: Layout, dataset: int, runtime: int) -> dict[str, int
         resident = {"pinned store": p.host_kinds.get("store_pinned", 0)}
         if p.offload_target == "disk":
             resident = {"page cache": int(p.trainable_params * p.state_bytes_per_param)}
+        if p.host_kinds.get("shards_pinned"):  # distributed.cpu_offload
+            resident["pinned shards"] = p.host_kinds["shards_pinned"]
         loading = p.host_kinds.get("weights_at_load", 0)
         need = resident if sum(resident.values()) >= loading else {"weights while loading": loading}
     need["dataset"] = dataset

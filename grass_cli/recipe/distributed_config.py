@@ -32,6 +32,12 @@ class DistributedConfig(Section):
     # fsdp only: free a block's gathered weights after its forward and gather them
     # again in backward (less memory, one more all-gather per trained block).
     reshard_after_forward: bool = True
+    # fsdp only: keep each rank's shards of the weights, their gradients and the
+    # optimizer on the host (FSDP2's CPUOffloadPolicy; pinned on CUDA): the device
+    # holds only the units being computed, their gradients until reduced, and the
+    # activations, and AdamW steps on the CPU. For models whose shards alone crowd
+    # the card (70B on 24 GB cards); it costs host RAM and a slower step.
+    cpu_offload: bool = False
     # Seconds a rank waits in a collective for the others (either mode): a rank
     # that died or hangs makes the others stop with a message after this long
     # instead of waiting forever. Longer than the longest one-rank phase (rank 0's
@@ -39,9 +45,18 @@ class DistributedConfig(Section):
     timeout_s: float = Field(3600.0, gt=0)
 
 
-def sharding_conflict(sharding: str, strategy: str, task_eval: bool) -> str | None:
+def sharding_conflict(
+    sharding: str, strategy: str, task_eval: bool, cpu_offload: bool = False
+) -> str | None:
     """What a sharded run cannot do yet, as one message (None: nothing)."""
     if sharding != "fsdp":
+        if cpu_offload:
+            return (
+                "distributed.cpu_offload is true but distributed.sharding is "
+                f"{sharding}: it keeps each rank's shards on the host, so it needs "
+                "distributed.sharding: fsdp (replicated runs offload optimizer state "
+                "with optimizer.state_policy: offload instead)"
+            )
         return None
     if strategy == "lora":
         return (

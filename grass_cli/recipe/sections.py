@@ -369,8 +369,9 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _sharding(self) -> Recipe:
+        d = self.distributed
         problem = sharding_conflict(
-            self.distributed.sharding, self.sampler.strategy, self.eval is not None
+            d.sharding, self.sampler.strategy, self.eval is not None, d.cpu_offload
         )
         if problem:
             raise ValueError(problem)

@@ -164,7 +164,9 @@ def _batch_parts(e: Event) -> str:
     if accum > 1:
         parts.append(f"{accum} accum")
     if world > 1:
-        parts.append(f"{world} processes" + (", sharded" if e.get("sharding") == "fsdp" else ""))
+        sharded = ", sharded" if e.get("sharding") == "fsdp" else ""
+        host = ", shards on the host" if e.get("cpu_offload") else ""
+        parts.append(f"{world} processes{sharded}{host}")
     return f" ({' x '.join(parts)})"
 
 
