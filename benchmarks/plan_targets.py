@@ -8,7 +8,9 @@ Each row is one `grass plan` call (the command is in the results): one rank's de
 peak for GRASS offload/step (the recipe), GRASS drop, LISA offload/step and full
 fine-tuning (keep), and one machine's host RAM for GRASS offload/step with the whole
 optimizer state pinned in it (`--host-memory` large enough that nothing spills to
-disk: what a node needs so the state never touches a disk). Results:
+disk: what a node needs so the state never touches a disk). Then the same GRASS with
+`distributed.cpu_offload: true`, the shards on the host: its device peak, and the
+host RAM with the state pinned or on disk. Results:
 benchmarks/results/plan_targets.{json,md}. Predictions, not measurements: the planner
 is validated against measured peaks on this CPU (docs/distributed.md).
 """
@@ -42,12 +44,20 @@ ROWS = {
 HOST_GB = 4096  # a node's RAM large enough that no state spills to disk
 
 
-def plan(model: str, gpus: int, gb: int) -> tuple[list[dict], str]:
+# distributed.cpu_offload (FSDP2's CPUOffloadPolicy): GRASS offload/step with every
+# rank's shards on the host, its optimizer state pinned there too or on disk
+HOST_ROWS = {
+    "state pinned": ["optimizer.offload.target=cpu", "optimizer.offload.host_budget=null"],
+    "state on disk": ["optimizer.offload.target=disk"],
+}
+
+
+def plan(model: str, gpus: int, gb: int, *extra: str) -> tuple[list[dict], str]:
     args = [
         "recipes/gpu-grass.yaml", "--model-config", model, "--device-memory", str(gb),
         "--host-memory", str(HOST_GB), "--nproc", str(gpus),
         "distributed.sharding=fsdp", "training.micro_batch_size=1",
-        "optimizer.offload.target=cpu", "optimizer.offload.host_budget=null",
+        *(extra or HOST_ROWS["state pinned"]),
     ]  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-m", "grass_cli", "plan", *args, "--json"],
@@ -81,6 +91,15 @@ def main() -> None:
                 "host_gb": sum(r["host_need"].values()) / 1e9, "host_need": r["host_need"],
                 "kinds": r["kinds"],
             }  # fmt: skip
+        entry["cpu_offload"] = {}
+        for label, state in HOST_ROWS.items():
+            rows, cmd = plan(model, gpus, gb, "distributed.cpu_offload=true", *state)
+            r = pick(rows, ROWS["GRASS offload/step"])
+            entry["cpu_offload"][label] = {
+                "peak_gb": r["device_peak_bytes"] / 1e9, "phase": r["peak_phase"],
+                "fits": r["device_peak_bytes"] <= gb * 1e9, "command": cmd,
+                "host_gb": sum(r["host_need"].values()) / 1e9, "host_need": r["host_need"],
+            }  # fmt: skip
         results.append(entry)
     lines = [
         "# Sharded predictions (FSDP2), recipes/gpu-grass.yaml, micro-batch 1, 512 tokens",
@@ -97,7 +116,26 @@ def main() -> None:
         )
         host = e["rows"]["GRASS offload/step"]["host_gb"]
         lines.append(f"| {e['model']} | {e['gpus']} x {e['gb']} GB | {cells} | {host:.0f} GB |")
+    lines += [
+        "",
+        "With `distributed.cpu_offload: true` (every rank's shards of the weights, their "
+        "gradients and AdamW on the host): GRASS offload/step's device peak, and one "
+        "machine's host RAM with the optimizer state pinned there or on disk "
+        "(`optimizer.offload.target: disk`; the page cache holds the active blocks' state).",
+        "",
+        "| model | GPUs | device peak | host RAM per machine, state pinned | "
+        "host RAM per machine, state on disk |",
+        "|---|---|---|---|---|",
+    ]
+    for e in results:
+        pinned, disk = e["cpu_offload"]["state pinned"], e["cpu_offload"]["state on disk"]
+        lines.append(
+            f"| {e['model']} | {e['gpus']} x {e['gb']} GB | {pinned['peak_gb']:.1f}"
+            f"{'' if pinned['fits'] else ' *'} | {pinned['host_gb']:.0f} GB | "
+            f"{disk['host_gb']:.0f} GB |"
+        )
     lines += ["", "Commands:", ""] + [f"- `{e['command']}`" for e in results]
+    lines += [f"- `{v['command']}`" for e in results for v in e["cpu_offload"].values()]
     out = ROOT / "benchmarks/results/plan_targets"
     write_atomic_text(out.with_suffix(".json"), json.dumps(results, indent=1))
     write_atomic_text(out.with_suffix(".md"), "\n".join(lines) + "\n")

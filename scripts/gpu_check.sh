@@ -17,7 +17,8 @@
 #   7. benchmarks/tiered.py --device cuda (1.2B)       -> benchmarks/results/tiered-cuda.{json,md}
 #   8. benchmarks/compact_states.py library --device cuda -> benchmarks/results/compact-library-cuda.{json,md}
 #   9. sharded training on one GPU (FSDP2 over NCCL, a mesh of one process, under
-#      torchrun), GRASS on SmolLM2-135M               -> benchmarks/results/fsdp-cuda.txt
+#      torchrun), GRASS on SmolLM2-135M, then with distributed.cpu_offload and its
+#      grass plan                                      -> benchmarks/results/fsdp-cuda.txt
 #
 # A failing or timed-out step does not stop the later ones: each step's exit status
 # (124: timed out) is written to gpu-check.txt, with a summary at the end, and the
@@ -176,6 +177,16 @@ else
         --nproc-per-node 1 -m grass_cli train recipes/quickstart.yaml --no-live --overwrite \
         distributed.sharding=fsdp training.device=cuda training.max_steps=20 \
         output.dir="${TMPDIR:-/tmp}/grass-gpu-check-fsdp"
+    # distributed.cpu_offload: pinned shards, AdamW on the host, gloo beside NCCL;
+    # the run's CUDA peak (its step lines) against grass plan's for the same recipe
+    step "fsdp cpu_offload" 120 "$RESULTS/fsdp-cuda.txt" "$PY" -m torch.distributed.run \
+        --standalone --nproc-per-node 1 -m grass_cli train recipes/quickstart.yaml --no-live \
+        --overwrite distributed.sharding=fsdp distributed.cpu_offload=true \
+        training.device=cuda training.max_steps=20 \
+        output.dir="${TMPDIR:-/tmp}/grass-gpu-check-fsdp-offload"
+    step "fsdp cpu_offload plan" 60 "$RESULTS/fsdp-cuda.txt" "$PY" -m grass_cli plan \
+        recipes/quickstart.yaml --nproc 1 distributed.sharding=fsdp \
+        distributed.cpu_offload=true --json
 fi
 
 log ""

@@ -477,22 +477,25 @@ def test_packed_rows_on_cuda_equal_unpacked(dtype, tiny_factory, tokenizer, tmp_
 def test_sharded_on_one_cuda_device_matches_replicated(tiny_factory, tmp_path):
     """FSDP2 over NCCL with a mesh of one process (torchrun --nproc-per-node 1): bf16
     weights (so the mixed-precision policy only adds fp32 gradient reduction) train
-    as the replicated path does, to bf16 rounding."""
+    as the replicated path does, to bf16 rounding; with distributed.cpu_offload too
+    (pinned shards, AdamW on the host, clipping over gloo beside NCCL), on an untied
+    model whose embeddings and head are units of their own, with a lower CUDA peak."""
     import os
     import subprocess
     import sys
 
     import yaml
 
-    model = tiny_factory("llama", 4)
-    losses = {}
-    for mode in ("replicate", "fsdp"):
+    model = tiny_factory("qwen2", 4)
+    losses, peaks = {}, {}
+    for mode in ("replicate", "fsdp", "fsdp-offload"):
         out = tmp_path / mode
         recipe = tmp_path / f"{mode}.yaml"
         data = cuda_recipe(
             model, out, {"state_policy": "offload"}, training={"max_steps": 6}, dtype="bfloat16"
         ).model_dump(mode="json")
-        data["distributed"]["sharding"] = mode
+        data["distributed"]["sharding"] = mode.split("-")[0]
+        data["distributed"]["cpu_offload"] = mode.endswith("offload")
         recipe.write_text(yaml.safe_dump(data))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node=1", "-m", "grass_cli", "train", str(recipe),
@@ -501,6 +504,10 @@ def test_sharded_on_one_cuda_device_matches_replicated(tiny_factory, tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = (out / "metrics.jsonl").read_text().splitlines()
-        losses[mode] = [e["loss"] for e in map(json.loads, lines) if e["event"] == "step"]
-    assert len(losses["fsdp"]) == 6
+        steps = [e for e in map(json.loads, lines) if e["event"] == "step"]
+        losses[mode] = [e["loss"] for e in steps]
+        peaks[mode] = max(e.get("cuda_peak", 0) for e in steps)
+    assert len(losses["fsdp"]) == len(losses["fsdp-offload"]) == 6
     assert losses["fsdp"] == pytest.approx(losses["replicate"], rel=2e-2)
+    assert losses["fsdp-offload"] == pytest.approx(losses["fsdp"], rel=2e-2)
+    assert 0 < peaks["fsdp-offload"] < peaks["fsdp"]

@@ -192,7 +192,9 @@ def host_need(p: Plan, lay: Layout, dataset: int, runtime: int) -> dict[str, int
         # cache fill afterwards, so the larger of the two counts
         resident = {"pinned store": p.host_kinds.get("store_pinned", 0)}
         if p.offload_target == "disk":
-            resident = {"page cache": int(p.trainable_params * p.state_bytes_per_param)}
+            # (sharded: each rank reads and writes its 1/N of the active state)
+            active = p.trainable_params * p.state_bytes_per_param / max(p.shards, 1)
+            resident = {"page cache": int(active)}
         if p.host_kinds.get("shards_pinned"):  # distributed.cpu_offload
             resident["pinned shards"] = p.host_kinds["shards_pinned"]
         loading = p.host_kinds.get("weights_at_load", 0)
