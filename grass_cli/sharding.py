@@ -203,19 +203,6 @@ def shard_model(
     return Sharded(mesh, units)
 
 
-def settle(model: torch.nn.Module) -> None:
-    """Run FSDP2's lazy initialization now, before any optimizer exists.
-
-    It may replace a shard's local tensor (padding rows that do not divide by the
-    number of ranks, pinning offloaded shards), and the block optimizer steps
-    views of the local tensors: made before the replacement they would update
-    tensors the model no longer reads. FSDP2 otherwise runs it at the first
-    forward, which a strategy that does not probe reaches only after its first
-    switch. (`_lazy_init` is FSDP2's own entry point for this; no public one
-    exists in torch 2.13.)"""
-    model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
-
-
 class ShardedGrads:
     """One step's gradients in sharded mode, with `GradReducer`'s interface.
 

@@ -201,9 +201,8 @@ def test_cpu_offload_and_untied_embedding_and_head_units_match_one(
 ):
     """distributed.cpu_offload (FSDP2's CPUOffloadPolicy) on an untied model whose
     input embeddings and head are FSDP2 units of their own, both trained: the same
-    training as one process. LISA switches before its first forward, which is why
-    the shards' local tensors must be settled before the optimizer takes views of
-    them (sharding.settle), and a resume goes on exactly."""
+    training as one process, for a strategy that probes (GRASS) and one that
+    switches before its first forward (LISA)."""
     model = tiny_factory("qwen2", 4)
     case = (strategy, "offload", {"target": "disk", "residency": "step"})
     recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "off", *case)
@@ -215,6 +214,19 @@ def test_cpu_offload_and_untied_embedding_and_head_units_match_one(
     start = events(tmp_path / "off", "start")[0]
     assert start["sharding"] == "fsdp" and start["cpu_offload"] is True
     assert "(2 x 2 processes, sharded, shards on the host)" in proc.stdout
+
+
+def test_three_ranks_pad_uneven_shards_and_lisa_still_trains_them(tiny_factory, tmp_path):
+    """3 ranks cut the tiny model's 32-row weights 11 / 11 / 10, which FSDP2 pads by
+    replacing each shard's local tensor (when the weights are read into the meta
+    model, `to_empty`). The block optimizer steps views of the local tensors, made at
+    LISA's first switch, before any forward: the run still equals one process."""
+    model = tiny_factory("llama", 4)
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "three", "lisa", "keep", {})
+    # no eval data: nothing runs a forward before the first switch
+    train_sharded(recipe, "data.eval=null", "training.eval_interval=null", nproc=3)
+    one = single_run(recipe, tmp_path / "one", 3, extra=["data.eval=null"])
+    assert_same_training(tmp_path / "three", one, model)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

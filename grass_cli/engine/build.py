@@ -234,7 +234,6 @@ def build_model(
         if empty:  # (cpu_offload: the shards live on the host)
             home = torch.device("cpu") if recipe.distributed.cpu_offload else device
             sharded_io.materialize(model, home, Path(source))
-        sharding.settle(model)
         block_map = build_block_map(model, recipe.model.blocks_attr)  # the sharded weights
     else:
         block_map = build_block_map(model, recipe.model.blocks_attr)
