@@ -270,7 +270,7 @@ def test_a_higher_draw_saves_less_and_the_loss_is_not_counted_beside_the_gathere
     assert plan(r, lay, sc, device="cpu", shards=2, lowest=10).device_peak_bytes < (
         p0.device_peak_bytes
     )
-    gathered, _ = sharding_extra(lay, t.groups, t.gbytes, "cpu")
+    gathered = sharding_extra(lay, t.groups, t.gbytes, "cpu").head
     base = p0.kinds["weights"] + p0.kinds["optimizer_state"]
     loss_point = base + sum(worst.saved) + worst.logits
     assert loss_point <= p0.phases["backward"] < loss_point + gathered
@@ -278,30 +278,36 @@ def test_a_higher_draw_saves_less_and_the_loss_is_not_counted_beside_the_gathere
 
 def test_sharded_units_gather_the_head_apart_from_the_embeddings():
     """sharding.shard_model makes untied embeddings and the head units of their own,
-    so the most a rank gathers is the head and a block (Llama-3-8B: the head, 525M
-    parameters, outweighs two 218M blocks), not both vocabulary matrices; tied ones
-    stay in the root, gathered with two blocks (SmolLM2). A trained head is its own
-    unit, so its whole gradient is the largest one before a reduce-scatter."""
+    so at the head's backward a rank gathers the head and the prefetched last block,
+    and at a block's that block and the next (Llama-3-8B: the head is 525M
+    parameters, a block 218M), never both vocabulary matrices; tied ones stay in the
+    root, gathered throughout (SmolLM2). A trained head is its own unit, so its whole
+    gradient is the largest one before a reduce-scatter."""
     from grass_cli.planner.sharded import sharding_extra, units
     from grass_cli.recipe import load_recipe
 
     r = load_recipe(ROOT / "recipes/gpu-grass.yaml", [])
     lay = build_layout(r, *load_config(r, "llama-3-8b"))
     g = lay.groups
-    block = g[lay.blocks[0]].numel
     n = {k: v.numel for k, v in g.items()}
+    block = g[lay.blocks[0]].numel
     assert units(lay) == {"root": n["norm"], "embed": n["embed"], "head": n["head"]}
-    gathered, reduce = sharding_extra(lay, [g[lay.blocks[3]]], 2, "cuda")
-    assert gathered == 2 * (g["norm"].numel + g["head"].numel + block)
-    assert reduce == block * (2 + 4)  # bf16 gradient + its fp32 reduce-scatter input
-    _, reduce = sharding_extra(lay, [g[lay.blocks[3]], g["head"], g["norm"]], 2, "cuda")
-    assert reduce == g["head"].numel * 6
+    gx = sharding_extra(lay, [g[lay.blocks[3]]], 2, "cuda")
+    assert gx.head == 2 * (n["norm"] + n["head"] + block)
+    assert gx.blocks == 2 * (n["norm"] + 2 * block)
+    assert gx.reduce == block * (2 + 4)  # bf16 gradient + its fp32 reduce-scatter input
+    gx = sharding_extra(lay, [g[lay.blocks[3]], g["head"], g["norm"]], 2, "cuda")
+    assert gx.reduce == n["head"] * 6
     q = load_recipe(ROOT / "recipes/quickstart.yaml", [])
     tied = build_layout(q, *load_config(q))
     t = tied.groups
-    assert units(tied) == {"root": t["norm"].numel + t["embed"].numel}
-    gathered, _ = sharding_extra(tied, [t[tied.blocks[0]]], 4, "cuda")
-    assert gathered == 2 * (t["norm"].numel + t["embed"].numel + 2 * t[tied.blocks[0]].numel)
+    root = t["norm"].numel + t["embed"].numel
+    assert units(tied) == {"root": root}
+    gx = sharding_extra(tied, [t[tied.blocks[0]]], 4, "cuda")
+    assert (gx.head, gx.blocks) == (
+        2 * (root + t["block.0"].numel),
+        2 * (root + 2 * t["block.0"].numel),
+    )
 
 
 def test_cpu_offload_keeps_the_shards_on_the_host():

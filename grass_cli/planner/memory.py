@@ -44,7 +44,7 @@ from typing import Any
 
 from grass_cli.planner.activations import Acts, activations
 from grass_cli.planner.shape import GroupShape, Layout
-from grass_cli.planner.sharded import sharding_extra
+from grass_cli.planner.sharded import Gathered, sharding_extra
 from grass_cli.planner.step import streamed, transient
 from grass_cli.recipe import LAYERWISE, PROBING, Recipe
 
@@ -202,24 +202,23 @@ def _state(lay: Layout, sc: Scenario, t: _Trained, visited: int | None) -> tuple
 
 def _backward_peak(
     lay: Layout, t: _Trained, acts: Acts, base: int, ckpt: bool, accum: bool, shards: int = 1,
-    reduce: int = 0, gathered: int = 0, host_grads: bool = False,
+    gx: Gathered | None = None, host_grads: bool = False,
 ) -> int:  # fmt: skip
     """Backward swept from the head down to block 0 (the worst draw has the lowest
     block active, so every block is in the gradient range): activations shrink as
     gradients grow; the peak is the worst point of the sweep. Sharded: the
-    gradients made so far are shards, plus one block's whole gradient (`reduce`);
+    gradients made so far are shards, plus one block's whole gradient (`gx.reduce`);
     accumulating micro-batches hold whole gradients until the step's last one.
-    FSDP2's `gathered` weights are there from the head's backward on, not at the
-    loss: every unit, the root too, reshards after its forward, and the loss runs
-    outside the model's forward; by the time the root gathers again for the head's
-    backward, the loss's buffers are down to the logits' gradient. `host_grads`
-    (distributed.cpu_offload): a reduced gradient shard goes to the host."""
+    FSDP2's gathered weights (`gx`) are there from the head's backward on, not at the
+    loss: every unit reshards after its forward and the loss runs outside the model's
+    forward, so when the head gathers again for its backward the loss's buffers are
+    down to the logits' gradient. `host_grads` (cpu_offload): shards go to the host."""
     grads_of = {g.name: 0 if host_grads else g.numel * t.gbytes // shards for g in t.groups}
     grads = sum(grads_of.values())
     groups, L = lay.groups, len(lay.blocks)
     head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
     block_grads = [grads_of.get(b, 0) for b in lay.blocks]
-    trained = {g.name for g in t.groups}
+    reduce = [(gx or Gathered()).reduce * any(g.name == b for g in t.groups) for b in lay.blocks]
     g_before = grads * shards if accum else 0
     # the chunked loss makes a trained head's gradient in fp32 during the forward: at
     # the loss it is that buffer; as backward starts, also its copy in the weight's dtype
@@ -229,12 +228,13 @@ def _backward_peak(
     peak = base + sum(acts.saved) + acts.logits + max(g_before, loss_grads)
     if head_numel and t.gbytes < 4:
         peak = max(peak, base + sum(acts.saved) + max(g_before, loss_grads + head_numel * t.gbytes))
-    if gathered:  # the head's backward: the root gathered again beside the logits' gradient
-        peak = max(peak, base + gathered + sum(acts.saved) + acts.logits_grad + loss_grads)
+    gx = gx or Gathered()
+    if gx.head:  # the head's backward: the head gathered again beside the logits' gradient
+        peak = max(peak, base + gx.head + sum(acts.saved) + acts.logits_grad + loss_grads)
     for k in range(L - 1, -1, -1):
         live = sum(acts.saved[:k]) + (acts.per_layer[k] if ckpt else acts.saved[k]) + acts.work
-        produced = head_grads + sum(block_grads[k:]) + (reduce if lay.blocks[k] in trained else 0)
-        peak = max(peak, base + gathered + live + max(g_before, produced))
+        produced = head_grads + sum(block_grads[k:]) + reduce[k]
+        peak = max(peak, base + gx.blocks + live + max(g_before, produced))
     return peak
 
 
@@ -276,12 +276,10 @@ def plan(
         weights = grads = device_state = step_transient = 0
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
-    gathered, reduce = sharding_extra(lay, t.groups, t.gbytes, device) if shards else (0, 0)
+    gx = sharding_extra(lay, t.groups, t.gbytes, device) if shards else Gathered()
     accum = recipe.training.grad_accum_steps > 1
     phases = {
-        "backward": _backward_peak(
-            lay, t, acts, base, ckpt, accum, ns, reduce, gathered, host_grads=on_host
-        )
+        "backward": _backward_peak(lay, t, acts, base, ckpt, accum, ns, gx, host_grads=on_host)
     }
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
     if on_host:
@@ -298,8 +296,8 @@ def plan(
         # the gathered weights from the head's backward on, as in _backward_peak)
         probe_live = L * acts.layer_in + max(
             acts.logits,
-            gathered + acts.logits_grad,
-            gathered + reduce + acts.layer_trained + acts.work,
+            gx.head + acts.logits_grad,
+            gx.blocks + gx.reduce + acts.layer_trained + acts.work,
         )
         largest = max(n for b in lay.blocks for n in lay.groups[b].params) * (w + 8)
         phases["probe"] = weights + probe_live + (0 if on_host else largest)  # (its norm)

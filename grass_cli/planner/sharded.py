@@ -8,6 +8,7 @@ gradient before its reduce-scatter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,28 +42,40 @@ def units(lay: Layout) -> dict[str, int]:
     return out
 
 
-def sharding_extra(
-    lay: Layout, trained: list[GroupShape], gbytes: int, device: str
-) -> tuple[int, int]:
-    """A sharded rank's working set beyond its shards: the gathered weights, in the
-    compute dtype (bf16 on CUDA), at their worst: the root unit (gathered for the
-    model's whole forward) with two blocks (the one computing and the next,
-    prefetched), or with the head and a block (the head's backward, the last
-    block prefetched); and the largest trained unit's whole gradient (`gbytes` a
-    parameter) with the reduce-scatter's input copy of it (in fp32 on CUDA), which
-    exist together before it is reduced. Tied embeddings are in the root, and
+@dataclass
+class Gathered:
+    """What FSDP2 holds whole on a rank beyond its shards, in bytes: the weights
+    gathered at the head's backward (`head`) and at a block's (`blocks`), and the
+    largest trained unit's gradient before its reduce-scatter (`reduce`)."""
+
+    head: int = 0
+    blocks: int = 0
+    reduce: int = 0
+
+
+def sharding_extra(lay: Layout, trained: list[GroupShape], gbytes: int, device: str) -> Gathered:
+    """A sharded rank's working set beyond its shards. The gathered weights, in the
+    compute dtype (bf16 on CUDA), always include the root unit (gathered for the
+    model's whole forward and for its backward); with it, at the head's backward
+    the head (a unit of its own unless tied to the embeddings, which are in the
+    root) and the last block (prefetched), and at a block's backward that block and
+    the next one down (prefetched). The largest trained unit's whole gradient
+    (`gbytes` a parameter) and the reduce-scatter's input copy of it (in fp32 on
+    CUDA) exist together before it is reduced; tied embeddings are in the root, and
     training them makes the root's whole gradient, vocabulary-sized, the largest."""
     cw = 2 if device == "cuda" else lay.weight_bytes
     outer = units(lay)
     block = max(lay.groups[b].numel for b in lay.blocks)
-    vocab = max(outer.get("embed", 0), outer.get("head", 0))  # (untied: units apart)
-    gathered = outer["root"] + max(2 * block, vocab + block)
     unit_of = {n: n for n in outer} | {"norm": "root"}
-    if "root" in outer and "embed" not in outer:
+    if "embed" not in outer:
         unit_of |= {"embed": "root", "head": "root"}
     trained_units: dict[str, int] = {}
     for g in trained:
         key = g.name if g.kind == "block" else unit_of.get(g.kind, "root")
         trained_units[key] = trained_units.get(key, 0) + g.numel
     copy = 4 if device == "cuda" else gbytes
-    return gathered * cw, max(trained_units.values(), default=0) * (gbytes + copy)
+    return Gathered(
+        head=(outer["root"] + outer.get("head", 0) + block) * cw,
+        blocks=(outer["root"] + 2 * block) * cw,
+        reduce=max(trained_units.values(), default=0) * (gbytes + copy),
+    )
