@@ -97,6 +97,7 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "grass-auto": (4e-4, 8e-4, 1.6e-3),
 }
 TUNE_TASKS = ("reversal", "family")
+EXTEND = 2  # grid steps tune() may add past an edge that holds the best lr
 TUNE_STEPS = 300
 EXTRA = {"lora": ("lora.r=16", "lora.alpha=32")}
 # (a, b): a is held against b in a goal; close pairs get two more seeds
@@ -276,25 +277,39 @@ def verified_accuracy(task: str, held_dir: Path) -> float:
 def tune(work: Path, methods: list[str], results: Path) -> dict[str, float]:
     """Each method's lr: the grid value with the lowest geometric mean of validation
     losses over TUNE_TASKS (seed 0, TUNE_STEPS). The middle value trains first, so an
-    interrupted tuning has the runs the suite needs most."""
+    interrupted tuning has the runs the suite needs most. A best value at the grid's
+    edge is not taken on trust: the grid grows by its own x2 step past that edge (up
+    to EXTEND times) until the best lies inside it, so no method, LoRA least of all,
+    is held to an lr the grid merely failed to reach."""
     path = results / "suite-lr.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(path.read_text()) if path.exists() else {"chosen": {}, "losses": {}}
     for method in methods:
-        grid = LR_GRID[method]
-        order = [grid[1], grid[0], *grid[2:]]
+        grid = list(LR_GRID[method])
         losses: dict[str, dict[str, float]] = {}
-        for lr in order:
+
+        def train_lr(lr: float, method: str = method, losses: dict = losses) -> None:
             for task in TUNE_TASKS:
                 r = compare.train_one(work, task, method, lr, 0, mode(task, TUNE_STEPS, 0), log)
                 losses.setdefault(f"{lr:g}", {})[task] = r["val_loss"]
-        score = {
-            lr: math.exp(statistics.mean(math.log(v) for v in d.values()))
-            for lr, d in losses.items()
-        }
-        best = min(score, key=score.get)
-        edge = best in (f"{grid[0]:g}", f"{grid[-1]:g}")
+
+        for lr in [grid[1], grid[0], *grid[2:]]:
+            train_lr(lr)
+        for _ in range(EXTEND + 1):
+            score = {
+                lr: math.exp(statistics.mean(math.log(v) for v in d.values()))
+                for lr, d in losses.items()
+            }
+            best = min(score, key=score.get)
+            lo, hi = min(grid), max(grid)
+            edge = float(best) in (lo, hi)
+            if not edge or len(grid) >= len(LR_GRID[method]) + EXTEND:
+                break
+            grid.append(lo / 2 if float(best) == lo else hi * 2)
+            log(f"{method}: lr {best} is at the grid's edge; trying {grid[-1]:g}")
+            train_lr(grid[-1])
         log(f"{method}: lr {best} (geometric mean validation loss {score[best]:.4f})"
-            + (" - at the grid's edge" if edge else ""))  # fmt: skip
+            + (" - still at the grid's edge" if edge else ""))  # fmt: skip
         for lr in grid:  # the models of the lrs not chosen are not needed
             for task in TUNE_TASKS:
                 if f"{lr:g}" != best:

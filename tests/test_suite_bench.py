@@ -78,6 +78,30 @@ def test_tune_keeps_the_lr_with_the_best_geometric_mean_over_the_tuning_tasks(su
     assert f"| lora | 2.0e-03 | 0.0100 | 0.3200 | {gm:.4f} | **yes** |" in md
 
 
+def test_tune_grows_the_grid_past_an_edge_that_holds_the_best_lr(suite, tmp_path):
+    """LoRA's best lr at the grid's low edge (1e-3): tuning tries 5e-4, then 2.5e-4,
+    and keeps 5e-4, the best inside the grown grid; a method whose loss keeps falling
+    stops after EXTEND extra values and says the best is still at the edge. The
+    results folder is made when missing."""
+    trained: list[float] = []
+    surface = {1e-3: 0.010, 2e-3: 0.020, 4e-3: 0.40, 5e-4: 0.008, 2.5e-4: 0.009}
+
+    def fake_train_one(work, task, method, lr, seed, mode, log):
+        trained.append(lr)
+        return {"val_loss": surface[lr] if method == "lora" else lr}
+
+    suite.compare.train_one = fake_train_one
+    results = tmp_path / "results"  # (not there yet)
+    assert suite.tune(tmp_path / "work", ["lora"], results) == {"lora": 5e-4}
+    assert trained == [x for x in (2e-3, 1e-3, 4e-3, 5e-4, 2.5e-4) for _ in suite.TUNE_TASKS]
+    trained.clear()
+    # full's loss falls with the lr all the way down: 2 extra values, then it stops
+    assert suite.tune(tmp_path / "work", ["full"], results) == {"full": 2.5e-5}
+    assert sorted(set(trained)) == [2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4]
+    saved = json.loads((results / "suite-lr.json").read_text())
+    assert saved["chosen"] == {"lora": 5e-4, "full": 2.5e-5}
+
+
 def test_run_trains_every_cell_adds_equal_wall_clock_and_seeds_only_where_close(
     suite, tmp_path, monkeypatch
 ):
