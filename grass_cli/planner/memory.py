@@ -39,7 +39,7 @@ Numbers are bytes. Python, the CUDA context and allocator slack are not modelled
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from grass_cli.planner.activations import Acts, activations
@@ -269,7 +269,9 @@ def plan(
     lora = sc.strategy == "lora"  # (peft's fp32 adapters: no master gradients)
     step_transient = transient(t.groups, streaming, lora, masters, device, compact) // ns
     embed = any(g.kind == "embed" for g in t.groups)  # (every layer in the gradient range)
-    acts = activations(recipe, lay, t.active_blocks, ckpt, t.lowest, embed)
+    # sharded: the plain loss (the chunked one would use the head after the forward)
+    acts = activations(recipe, replace(lay, chunked_head=False) if shards else lay,
+                       t.active_blocks, ckpt, t.lowest, embed)  # fmt: skip
     # the shards, their gradients and AdamW on the host: the device keeps none of them
     host_side = weights + grads + device_state + step_transient if on_host else 0
     if on_host:
