@@ -203,6 +203,40 @@ def shard_model(
     return Sharded(mesh, units)
 
 
+def gather_head(
+    model: torch.nn.Module, head: torch.nn.Linear
+) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[], None]]:
+    """The head's weight and bias for the chunked loss (evaluate/loss.py), which runs
+    the head after the model's forward, and what frees them. One process: as they
+    are. Sharded, FSDP2 gathers a unit only inside its forward and backward hooks,
+    so:
+
+    - the head's unit is gathered here and resharded once the loss is made; its
+      backward needs no weight (the chunked loss makes the hidden states' gradient
+      in its forward), so the head is not gathered again;
+    - the root (the final norm; tied embeddings and head) is gathered too and kept
+      until FSDP2's end-of-backward callback reshards it: the loss is taken from
+      the head's input, not from the root's output, so FSDP2's hook that gathers
+      the root for its backward never fires, and the final norm's backward would
+      read freed weights. (Without gradients, nothing runs backward: both are
+      resharded once the loss is made.)"""
+    if not is_sharded(head.weight):
+        return head.weight, head.bias, lambda: None
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [model] + ([head] if isinstance(head, FSDPModule) else [])
+    for unit in units:
+        unit.unshard()  # type: ignore[operator]
+    backward = torch.is_grad_enabled()
+
+    def release() -> None:
+        for unit in units:
+            if unit is head or not backward:
+                unit.reshard()  # type: ignore[operator]
+
+    return head.weight, head.bias, release
+
+
 class ShardedGrads:
     """One step's gradients in sharded mode, with `GradReducer`'s interface.
 

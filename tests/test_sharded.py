@@ -175,16 +175,21 @@ def test_resume_on_the_same_and_on_other_numbers_of_ranks(sharded_runs, tmp_path
             assert torch.equal(wa[k], wb[k]), (run.name, k)
 
 
-@pytest.mark.parametrize("group", [None, 2], ids=["fsdp-4", "hybrid-2x2"])
-def test_four_processes_full_and_hybrid_sharding_match_one(tiny_factory, tmp_path, group):
-    model = tiny_factory("llama", 4)
+@pytest.mark.parametrize(
+    ("arch", "group"),
+    [("llama", None), ("llama", 2), ("qwen2", None)],
+    ids=["fsdp-4", "hybrid-2x2", "fsdp-4-untied"],
+)
+def test_four_processes_full_and_hybrid_sharding_match_one(tiny_factory, tmp_path, arch, group):
+    model = tiny_factory(arch, 4)
     case = CASES["grass-offload-cpu"]
     recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "four", *case)
     extra = [] if group is None else [f"distributed.shard_group_size={group}"]
     # text rows longer than max_length, micro batch 4: 4 x 63 target tokens whose
-    # logits pass HEAD_CHUNK_BYTES: one process runs the chunked loss, which uses the
-    # head's weight after the forward; sharded ranks, whose head is gathered only
-    # inside the forward, the plain one
+    # logits pass HEAD_CHUNK_BYTES, so the loss runs in chunks after the forward:
+    # sharded, with the frozen head gathered for it (its own unit, or the root's
+    # when tied) and the root kept gathered for the final norm's backward
+    # (sharding.gather_head)
     words = ("the", "of", "model", "layer", "and", "to", "in", "is")
     rows = [" ".join(words[(i * 7 + j) % 8] for j in range(200)) for i in range(48)]
     text = tmp_path / "long.jsonl"

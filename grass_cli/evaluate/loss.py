@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from grass_cli.data import IGNORE_INDEX, eval_batches, tokenize_rows
 from grass_cli.data.packing import model_inputs
 from grass_cli.evaluate.common import EvalContext
 from grass_cli.recipe import DataConfig
-from grass_cli.sharding import is_sharded
+from grass_cli.sharding import gather_head, is_sharded
 
 
 def autocast_ctx(device: torch.device, autocast: str) -> contextlib.AbstractContextManager:
@@ -41,9 +41,12 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     """
     out = _head_output(model, batch, chunked=True)
     if isinstance(out, _Hidden):
-        if not torch.is_grad_enabled():
-            return out.token_losses().sum()
-        return ChunkedHeadLoss.apply(out.hidden, out.weight, out.bias, out.labels, out.rows)
+        try:
+            if not torch.is_grad_enabled():
+                return out.token_losses().sum()
+            return ChunkedHeadLoss.apply(out.hidden, out.weight, out.bias, out.labels, out.rows)
+        finally:
+            out.release()
     logits, labels, _ = out
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
@@ -75,6 +78,8 @@ class _Hidden:
     labels: torch.Tensor  # (N,)
     rows: int  # per chunk
     keep: torch.Tensor  # (B, T-1) target positions
+    # sharded: frees the head's weight, gathered for the loss (sharding.gather_head)
+    release: Callable[[], None] = lambda: None
 
     @torch.no_grad()
     def token_losses(self) -> torch.Tensor:
@@ -122,9 +127,9 @@ def _chunk_rows(model: torch.nn.Module, head: torch.nn.Module | None, n: int) ->
     0 for the plain path (one (N, V) logits tensor, as a model computes it)."""
     if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or custom head
         return 0
-    if is_sharded(head.weight):
-        # sharded (FSDP2): the head's weight is gathered only inside the model's
-        # forward, and the chunked loss would use it after
+    if is_sharded(head.weight) and head.weight.requires_grad and torch.is_grad_enabled():
+        # sharded (FSDP2) with a trained head: its gradient must go through FSDP2's
+        # reduce-scatter, which only the head's own backward does: the plain loss
         return 0
     if not head_is_plain(getattr(model, "config", None)):
         return 0
@@ -175,7 +180,8 @@ def _head_output(
         return logits[:, :-1][keep], labels[keep], keep
     if rows:
         assert isinstance(head, torch.nn.Linear)
-        return _Hidden(seen[0], head.weight, head.bias, labels[keep], rows, keep)
+        weight, bias, release = gather_head(model, head)
+        return _Hidden(seen[0], weight, bias, labels[keep], rows, keep, release)
     return logits, labels[keep], keep
 
 
@@ -300,7 +306,10 @@ def row_loss_sums(
     """
     out = _head_output(model, batch, chunked=not torch.is_grad_enabled())
     if isinstance(out, _Hidden):
-        ce, keep = out.token_losses().double(), out.keep
+        try:
+            ce, keep = out.token_losses().double(), out.keep
+        finally:
+            out.release()
     else:
         logits, labels, keep = out
         ce = F.cross_entropy(logits.float(), labels, reduction="none").double()  # (N,)

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from grass_cli.planner.activations import Acts, activations
-from grass_cli.planner.shape import GroupShape, Layout
+from grass_cli.planner.shape import GroupShape, Layout, always_groups
 from grass_cli.planner.sharded import Gathered, sharding_extra
 from grass_cli.planner.step import streamed, transient
 from grass_cli.recipe import LAYERWISE, PROBING, Recipe
@@ -166,9 +166,9 @@ def _trained(recipe: Recipe, lay: Layout, sc: Scenario, lowest: int = 0) -> _Tra
         active = L
     else:
         if sc.embed_head:
-            always = _always(lay, True, True, True)
+            always = always_groups(lay, True, True, True)
         else:
-            always = _always(lay, s.train_embeddings, s.train_norm, s.train_head)
+            always = always_groups(lay, s.train_embeddings, s.train_norm, s.train_head)
         active = min(s.gamma, L)
     first = min(lowest, L - active)
     drawn = [lay.groups[b] for b in lay.blocks[first : first + active]]
@@ -209,26 +209,26 @@ def _backward_peak(
     gradients grow; the peak is the worst point of the sweep. Sharded: the
     gradients made so far are shards, plus one block's whole gradient (`gx.reduce`);
     accumulating micro-batches hold whole gradients until the step's last one.
-    FSDP2's gathered weights (`gx`) are there from the head's backward on, not at the
-    loss: every unit reshards after its forward and the loss runs outside the model's
-    forward, so when the head gathers again for its backward the loss's buffers are
-    down to the logits' gradient. `host_grads` (cpu_offload): shards go to the host."""
+    FSDP2's gathered weights (`gx`): the chunked loss gathers the head at the loss;
+    the plain one from the head's backward on, when the loss's buffers are down to
+    the logits' gradient (every unit reshards after its forward and the loss runs
+    outside the model's). `host_grads` (cpu_offload): shards go to the host."""
     grads_of = {g.name: 0 if host_grads else g.numel * t.gbytes // shards for g in t.groups}
     grads = sum(grads_of.values())
     groups, L = lay.groups, len(lay.blocks)
     head_grads = sum(v for n, v in grads_of.items() if groups.get(n) and groups[n].kind != "block")
     block_grads = [grads_of.get(b, 0) for b in lay.blocks]
-    reduce = [(gx or Gathered()).reduce * any(g.name == b for g in t.groups) for b in lay.blocks]
+    gx = gx or Gathered()
+    reduce = [gx.reduce * any(g.name == b for g in t.groups) for b in lay.blocks]
     g_before = grads * shards if accum else 0
     # the chunked loss makes a trained head's gradient in fp32 during the forward: at
     # the loss it is that buffer; as backward starts, also its copy in the weight's dtype
     head = any(g.kind == "head" or (g.kind == "embed" and g.tied) for g in t.groups)
     head_numel = lay.vocab * lay.hidden if acts.fp32_head_grad and head else 0
     loss_grads = head_grads + head_numel * (4 - t.gbytes)
-    peak = base + sum(acts.saved) + acts.logits + max(g_before, loss_grads)
+    peak = base + gx.loss + sum(acts.saved) + acts.logits + max(g_before, loss_grads)
     if head_numel and t.gbytes < 4:
         peak = max(peak, base + sum(acts.saved) + max(g_before, loss_grads + head_numel * t.gbytes))
-    gx = gx or Gathered()
     if gx.head:  # the head's backward: the head gathered again beside the logits' gradient
         peak = max(peak, base + gx.head + sum(acts.saved) + acts.logits_grad + loss_grads)
     for k in range(L - 1, -1, -1):
@@ -269,8 +269,9 @@ def plan(
     lora = sc.strategy == "lora"  # (peft's fp32 adapters: no master gradients)
     step_transient = transient(t.groups, streaming, lora, masters, device, compact) // ns
     embed = any(g.kind == "embed" for g in t.groups)  # (every layer in the gradient range)
-    # sharded: the plain loss (the chunked one would use the head after the forward)
-    acts = activations(recipe, replace(lay, chunked_head=False) if shards else lay,
+    # sharded, a trained head takes the plain loss (its gradient is FSDP2's to reduce)
+    plain = shards and any(g.kind == "head" or (g.kind == "embed" and g.tied) for g in t.groups)
+    acts = activations(recipe, replace(lay, chunked_head=False) if plain else lay,
                        t.active_blocks, ckpt, t.lowest, embed)  # fmt: skip
     # the shards, their gradients and AdamW on the host: the device keeps none of them
     host_side = weights + grads + device_state + step_transient if on_host else 0
@@ -278,7 +279,11 @@ def plan(
         weights = grads = device_state = step_transient = 0
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
-    gx = sharding_extra(lay, t.groups, t.gbytes, device) if shards else Gathered()
+    gx = (
+        sharding_extra(lay, t.groups, t.gbytes, device, acts.fp32_head_grad)
+        if shards
+        else Gathered()
+    )
     accum = recipe.training.grad_accum_steps > 1
     phases = {
         "backward": _backward_peak(lay, t, acts, base, ckpt, accum, ns, gx, host_grads=on_host)
@@ -294,10 +299,9 @@ def plan(
         phases["step"] = weights + grads + device_state + step_transient
     if sc.strategy in PROBING:
         # all blocks in the gradient range, checkpointed; one gradient at a time
-        # (sharded: plus one block's whole gradient before its reduce-scatter, and
-        # the gathered weights from the head's backward on, as in _backward_peak)
+        # (sharded: what FSDP2 gathers and one unit's whole gradient, as in backward)
         probe_live = L * acts.layer_in + max(
-            acts.logits,
+            gx.loss + acts.logits,
             gx.head + acts.logits_grad,
             gx.blocks + gx.reduce + acts.layer_trained + acts.work,
         )
@@ -363,19 +367,6 @@ def _result(
         trainable_params=sum(g.numel for g in t.groups),
         state_bytes_per_param=t.sbytes,
     )
-
-
-def _always(lay: Layout, embeddings: bool, norm: bool, head: bool) -> list[GroupShape]:
-    g = lay.groups
-    out = []
-    emb = g.get("embed")
-    if emb is not None and (embeddings or (emb.tied and head)):
-        out.append(emb)
-    if norm and "norm" in g:
-        out.append(g["norm"])
-    if head and "head" in g:
-        out.append(g["head"])
-    return out
 
 
 def plan_recipe(

@@ -219,3 +219,18 @@ def build_layout(recipe: Recipe, config: Any, name: str) -> Layout:
         and recipe.distributed.sharding != "fsdp"
         and type(model.get_output_embeddings()) is nn.Linear,
     )
+
+
+def always_groups(lay: Layout, embeddings: bool, norm: bool, head: bool) -> list[GroupShape]:
+    """The non-block groups a layer-wise run trains (the engine's BlockMap.always_train,
+    on shapes): a tied embedding trains when either side is on."""
+    g = lay.groups
+    out = []
+    emb = g.get("embed")
+    if emb is not None and (embeddings or (emb.tied and head)):
+        out.append(emb)
+    if norm and "norm" in g:
+        out.append(g["norm"])
+    if head and "head" in g:
+        out.append(g["head"])
+    return out

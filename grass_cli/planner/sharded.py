@@ -45,24 +45,30 @@ def units(lay: Layout) -> dict[str, int]:
 @dataclass
 class Gathered:
     """What FSDP2 holds whole on a rank beyond its shards, in bytes: the weights
-    gathered at the head's backward (`head`) and at a block's (`blocks`), and the
-    largest trained unit's gradient before its reduce-scatter (`reduce`)."""
+    gathered at the loss (`loss`: the chunked loss gathers the head after the
+    forward), at the head's backward (`head`: the plain loss's) and at a block's
+    (`blocks`), and the largest trained unit's gradient before its reduce-scatter
+    (`reduce`)."""
 
+    loss: int = 0
     head: int = 0
     blocks: int = 0
     reduce: int = 0
 
 
-def sharding_extra(lay: Layout, trained: list[GroupShape], gbytes: int, device: str) -> Gathered:
+def sharding_extra(
+    lay: Layout, trained: list[GroupShape], gbytes: int, device: str, chunked: bool = False
+) -> Gathered:
     """A sharded rank's working set beyond its shards. The gathered weights, in the
-    compute dtype (bf16 on CUDA), always include the root unit (gathered for the
-    model's whole forward and for its backward); with it, at the head's backward
-    the head (a unit of its own unless tied to the embeddings, which are in the
-    root) and the last block (prefetched), and at a block's backward that block and
-    the next one down (prefetched). The largest trained unit's whole gradient
-    (`gbytes` a parameter) and the reduce-scatter's input copy of it (in fp32 on
-    CUDA) exist together before it is reduced; tied embeddings are in the root, and
-    training them makes the root's whole gradient, vocabulary-sized, the largest."""
+    compute dtype (bf16 on CUDA), always include the root unit (the final norm, and
+    tied embeddings and head). With it: `chunked` (a frozen head, sharding.
+    gather_head), the head at the loss, not again in backward; else the head (a
+    unit of its own unless tied) and the last block, prefetched, at the head's
+    backward; and at a block's backward that block and the next one down. The
+    largest trained unit's whole gradient (`gbytes` a parameter) and the
+    reduce-scatter's input copy of it (in fp32 on CUDA) exist together before it is
+    reduced; tied embeddings are in the root, and training them makes the root's
+    whole gradient, vocabulary-sized, the largest."""
     cw = 2 if device == "cuda" else lay.weight_bytes
     outer = units(lay)
     block = max(lay.groups[b].numel for b in lay.blocks)
@@ -74,8 +80,10 @@ def sharding_extra(lay: Layout, trained: list[GroupShape], gbytes: int, device: 
         key = g.name if g.kind == "block" else unit_of.get(g.kind, "root")
         trained_units[key] = trained_units.get(key, 0) + g.numel
     copy = 4 if device == "cuda" else gbytes
+    head = outer["root"] + outer.get("head", 0)
     return Gathered(
-        head=(outer["root"] + outer.get("head", 0) + block) * cw,
+        loss=head * cw if chunked else 0,
+        head=0 if chunked else (head + block) * cw,
         blocks=(outer["root"] + 2 * block) * cw,
         reduce=max(trained_units.values(), default=0) * (gbytes + copy),
     )
