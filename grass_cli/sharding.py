@@ -87,6 +87,16 @@ def is_sharded(t: torch.Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def module_class(module: torch.nn.Module) -> type:
+    """A module's own class, under the class FSDP2 swaps in when it makes the module
+    a unit (`FSDP<cls>`, whose bases are FSDPModule and the original class)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = type(module)
+    if fsdp is not None and isinstance(module, fsdp.FSDPModule):
+        return cls.__bases__[-1]
+    return cls
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard as a plain tensor (sharing its storage); any other
     tensor as it is."""
@@ -177,7 +187,7 @@ def shard_model(
     gathered for the model's whole forward, so a root holding a vocabulary-sized
     matrix or two (1 GB each in bf16 for Llama-3-8B) would keep them gathered
     beside every block; as units of their own each is gathered only while it
-    computes (the head again for its backward)."""
+    computes (the head again for the chunked loss, or for its backward)."""
     from torch.distributed.fsdp import fully_shard
 
     mesh = build_mesh(cfg, info, device)
@@ -193,9 +203,7 @@ def shard_model(
     tied = head is not None and any(p is q for p in embed.parameters() for q in head.parameters())
     if not tied:  # (tied: one weight, which must stay in one unit, the root)
         units += [fully_shard(m, **opts) for m in (embed, head) if m is not None]
-    # the root: what is left (the final norm, tied embeddings; its weights are used
-    # only inside the model's forward: the chunked loss is off when sharded,
-    # evaluate/loss.py)
+    # the root: what is left (the final norm, tied embeddings and head)
     units.append(fully_shard(model, **opts))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)

@@ -507,6 +507,9 @@ def test_sharded_on_one_cuda_device_matches_replicated(tiny_factory, tmp_path):
         steps = [e for e in map(json.loads, lines) if e["event"] == "step"]
         losses[mode] = [e["loss"] for e in steps]
         peaks[mode] = max(e.get("cuda_peak", 0) for e in steps)
+        if mode == "fsdp-offload":  # AdamW's state is on the host, and reported there
+            assert all(e["optimizer_state_bytes"] == 0 for e in steps)
+            assert max(e["optimizer_state_offload_cpu_bytes"] for e in steps) > 0
     assert len(losses["fsdp"]) == len(losses["fsdp-offload"]) == 6
     assert losses["fsdp"] == pytest.approx(losses["replicate"], rel=2e-2)
     assert losses["fsdp-offload"] == pytest.approx(losses["fsdp"], rel=2e-2)

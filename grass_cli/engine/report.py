@@ -86,10 +86,14 @@ def memory_breakdown(run: Run, trainable: list[torch.nn.Parameter]) -> dict[str,
     weights = sum(
         local(p).numel() * p.element_size() for g in run.block_map.groups() for p in g.tensors
     )
+    opt = run.optimizer.memory()
+    if run.optimizer.device != run.device:  # distributed.cpu_offload: AdamW on the host
+        opt["optimizer_state_offload_cpu_bytes"] += opt["optimizer_state_bytes"]
+        opt["optimizer_state_bytes"] = 0
     return {
         "weights_bytes": weights,
         "grad_bytes": sum(local(p).numel() * p.element_size() for p in trainable),
-        **run.optimizer.memory(),
+        **opt,
     }
 
 

@@ -20,7 +20,7 @@ from grass_cli.data import IGNORE_INDEX, eval_batches, tokenize_rows
 from grass_cli.data.packing import model_inputs
 from grass_cli.evaluate.common import EvalContext
 from grass_cli.recipe import DataConfig
-from grass_cli.sharding import gather_head, is_sharded
+from grass_cli.sharding import gather_head, is_sharded, module_class
 
 
 def autocast_ctx(device: torch.device, autocast: str) -> contextlib.AbstractContextManager:
@@ -125,7 +125,7 @@ def head_chunk_rows(vocab: int) -> int:
 def _chunk_rows(model: torch.nn.Module, head: torch.nn.Module | None, n: int) -> int:
     """Rows per chunk when the loss may be chunked and `n` rows need more than one;
     0 for the plain path (one (N, V) logits tensor, as a model computes it)."""
-    if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or custom head
+    if head is None or module_class(head) is not torch.nn.Linear:  # LoRA-wrapped, custom
         return 0
     if is_sharded(head.weight) and head.weight.requires_grad and torch.is_grad_enabled():
         # sharded (FSDP2) with a trained head: its gradient must go through FSDP2's
@@ -179,7 +179,7 @@ def _head_output(
     if not seen:  # the head saw something else: full (B, T, V) logits
         return logits[:, :-1][keep], labels[keep], keep
     if rows:
-        assert isinstance(head, torch.nn.Linear)
+        assert isinstance(head, torch.nn.Linear)  # (FSDP2's FSDPLinear is one too)
         weight, bias, release = gather_head(model, head)
         return _Hidden(seen[0], weight, bias, labels[keep], rows, keep, release)
     return logits, labels[keep], keep
