@@ -335,6 +335,16 @@ def test_cpu_offload_keeps_the_shards_on_the_host():
     grass = on["grass offload/step"]
     assert grass["fits"] and grass["device_peak_bytes"] < 24e9
     assert not off["grass offload/step"]["fits"]
+    # on the CPU host and device are one memory: the offload moves nothing
+    from grass_cli.planner.memory import plan, recipe_scenario
+    from grass_cli.recipe import load_recipe
+
+    q = [load_recipe(ROOT / "recipes/quickstart.yaml", ["distributed.sharding=fsdp", *x])
+         for x in ([], ["distributed.cpu_offload=true"])]  # fmt: skip
+    lay = build_layout(q[0], *load_config(q[0]))
+    cpu = [plan(r, lay, recipe_scenario(r), "cpu", shards=2).to_json() for r in q]
+    assert cpu[0]["device_peak_bytes"] == cpu[1]["device_peak_bytes"]
+    assert cpu[0]["host_bytes"] == cpu[1]["host_bytes"]
     refused = CliRunner().invoke(app, ["plan", path, "distributed.cpu_offload=true"])
     message = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "needs distributed.sharding: fsdp" in message

@@ -258,7 +258,7 @@ def plan(
     w, L, masters = lay.weight_bytes, len(lay.blocks), lay.weight_bytes == 2
     t = _trained(recipe, lay, sc, lowest)
     ns = max(shards, 1)
-    on_host = bool(shards) and recipe.distributed.cpu_offload  # FSDP2's CPU offload
+    on_host = bool(shards) and recipe.distributed.cpu_offload and device != "cpu"  # (FSDP2)
     weights = lay.params * w // ns
     grads = sum(g.numel * t.gbytes for g in t.groups) // ns
     device_state, store = (x // ns for x in _state(lay, sc, t, visited))
@@ -321,7 +321,7 @@ def plan(
     }
     p = _result(sc, t, device, phases, phase, kinds, lay.params * w // ns, store)
     p.shards = shards
-    if on_host and device != "cpu":
+    if on_host:
         p.host_kinds["shards_pinned"] = host_side
         p.host_bytes = max(p.host_kinds.values())
         p.host_bytes = max(p.host_bytes, host_side + p.host_kinds.get("store_pinned", 0))
