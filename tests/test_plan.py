@@ -335,6 +335,11 @@ def test_cpu_offload_keeps_the_shards_on_the_host():
     grass = on["grass offload/step"]
     assert grass["fits"] and grass["device_peak_bytes"] < 24e9
     assert not off["grass offload/step"]["fits"]
+    res = CliRunner().invoke(app, ["plan", *common[:-3], "distributed.sharding=fsdp",
+                                   "distributed.cpu_offload=true"])  # fmt: skip
+    text = " ".join(res.output.split())
+    assert "the shards of weights, gradients and optimizer state in host RAM" in text
+    assert "pinned shards" in text and "besides the weights" not in text
     # on the CPU host and device are one memory: the offload moves nothing
     from grass_cli.planner.memory import plan, recipe_scenario
     from grass_cli.recipe import load_recipe

@@ -226,6 +226,12 @@ def render(
         f"{own.peak_phase}; besides the weights ({gb(k['weights']):.2f}), the largest part "
         f"is {own.dominant.replace('_', ' ') if own.dominant else '-'}"
     )
+    if own.host_kinds.get("shards_pinned"):  # distributed.cpu_offload
+        device = device.replace(
+            f"besides the weights ({gb(k['weights']):.2f})",
+            "the shards of weights, gradients and optimizer state in host RAM "
+            "(distributed.cpu_offload)",
+        )
     if own.dominant == "weights":
         device = device.rsplit(";", 1)[0] + "; the weights alone exceed the device"
     elif own.dominant:
