@@ -110,28 +110,24 @@ _owned = False  # whether init() created the process group (and shutdown() ends 
 
 
 def init(
-    info: DistInfo,
-    device: torch.device,
-    timeout_s: float = 3600.0,
-    alone_too: bool = False,
+    info: DistInfo, device: torch.device, timeout_s: float = 3600.0, alone_too: bool = False,
     host_tensors: bool = False,
-) -> None:
+) -> None:  # fmt: skip
     """Join the process group (NCCL between CUDA devices, gloo on CPU) and wait
     for every rank: past this point, every rank has passed the start-up checks.
-    A collective waits at most `timeout_s` for the other ranks.
-    `alone_too`: a group of one process too (a sharded run on one device).
-    `host_tensors`: a CUDA run whose collectives also see host tensors (FSDP2's
-    CPU offload: clipping and gathering the shards kept on the host), so host
-    tensors go over gloo beside NCCL, as torchtune and torchtitan do."""
+    A collective waits at most `timeout_s` for the other ranks. `alone_too`: a
+    group of one process too (a sharded run on one device). `host_tensors`: CUDA
+    collectives over host tensors too (FSDP2's CPU offload: clipping, gathering
+    host shards), which go over gloo beside NCCL, as torchtune does."""
     global _owned
     if not (info.enabled or alone_too):
         return
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
-        if backend == "nccl" and host_tensors:
-            kwargs["backend"] = "cpu:gloo,cuda:nccl"
+        both = backend == "nccl" and host_tensors
+        kwargs: dict[str, Any] = {"backend": "cpu:gloo,cuda:nccl" if both else backend}
+        kwargs["timeout"] = timeout
         if backend == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)

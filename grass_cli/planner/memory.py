@@ -255,7 +255,7 @@ def plan(
     layer-wise draw trains (default 0, the worst draw, which a long run meets);
     the validation benchmarks pass the one their run drew."""
     ckpt = recipe.model.gradient_checkpointing if checkpointing is None else checkpointing
-    w, L, masters = lay.weight_bytes, len(lay.blocks), lay.weight_bytes == 2
+    w, masters = lay.weight_bytes, lay.weight_bytes == 2
     t = _trained(recipe, lay, sc, lowest)
     ns = max(shards, 1)
     on_host = bool(shards) and recipe.distributed.cpu_offload and device != "cpu"  # (FSDP2)
@@ -279,34 +279,21 @@ def plan(
         weights = grads = device_state = step_transient = 0
     # streamed state exists only inside the step: nothing of it during backward
     base = weights + (0 if streaming else device_state)
-    gx = (
-        sharding_extra(lay, t.groups, t.gbytes, device, acts.fp32_head_grad)
-        if shards
-        else Gathered()
-    )
+    chunk = acts.fp32_head_grad
+    gx = sharding_extra(lay, t.groups, t.gbytes, device, chunk) if shards else Gathered()
     accum = recipe.training.grad_accum_steps > 1
     phases = {
         "backward": _backward_peak(lay, t, acts, base, ckpt, accum, ns, gx, host_grads=on_host)
     }
     temps = 2 if device == "cpu" else 1  # AdamW's sqrt and quotient (CPU) / one fused
-    if on_host:
-        pass  # the step runs on the host
-    elif streaming:
+    if streaming and not on_host:  # (cpu_offload: the step runs on the host)
         phases["step"] = (
             weights + streamed(t.groups, t.gbytes, t.sbytes, masters, temps, compact) // ns
         )
-    else:
+    elif not on_host:
         phases["step"] = weights + grads + device_state + step_transient
     if sc.strategy in PROBING:
-        # all blocks in the gradient range, checkpointed; one gradient at a time
-        # (sharded: what FSDP2 gathers and one unit's whole gradient, as in backward)
-        probe_live = L * acts.layer_in + max(
-            gx.loss + acts.logits,
-            gx.head + acts.logits_grad,
-            gx.blocks + gx.reduce + acts.layer_trained + acts.work,
-        )
-        largest = max(n for b in lay.blocks for n in lay.groups[b].params) * (w + 8)
-        phases["probe"] = weights + probe_live + (0 if on_host else largest)  # (its norm)
+        phases["probe"] = _probe_peak(lay, acts, gx, weights, on_host)
     phase = max(phases, key=lambda k: phases[k])
     kinds = {
         "weights": weights,
@@ -326,6 +313,20 @@ def plan(
         p.host_bytes = max(p.host_kinds.values())
         p.host_bytes = max(p.host_bytes, host_side + p.host_kinds.get("store_pinned", 0))
     return p
+
+
+def _probe_peak(lay: Layout, acts: Acts, gx: Gathered, weights: int, on_host: bool) -> int:
+    """Probing: every block in the gradient range, checkpointed, one gradient at a
+    time (sharded: what FSDP2 gathers and one unit's whole gradient, as in
+    backward), and the temporaries of the largest matrix's squared norm (on the host
+    with cpu_offload, where the reduced shard is read)."""
+    live = len(lay.blocks) * acts.layer_in + max(
+        gx.loss + acts.logits,
+        gx.head + acts.logits_grad,
+        gx.blocks + gx.reduce + acts.layer_trained + acts.work,
+    )
+    largest = max(n for b in lay.blocks for n in lay.groups[b].params) * (lay.weight_bytes + 8)
+    return weights + live + (0 if on_host else largest)
 
 
 def _result(
