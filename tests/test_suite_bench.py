@@ -31,6 +31,8 @@ def suite(monkeypatch, tmp_path):
     s = load("benchmarks/suite")
     monkeypatch.setattr(s, "DATA", tmp_path / "data")
     monkeypatch.setattr(s, "max_length", lambda task: 128)
+    # register() fills compare.TASKS, one dict for every test (test_study's too): a copy
+    monkeypatch.setattr(s.compare, "TASKS", dict(s.compare.TASKS))
     s.register(list(s.TASKS))
     return s
 
@@ -50,7 +52,9 @@ def write_task(suite, task: str, rows: int = 3) -> None:
     (d / "train.jsonl").write_text(row * rows)
 
 
-def test_tune_keeps_the_lr_with_the_best_geometric_mean_over_the_tuning_tasks(suite, tmp_path):
+def test_tune_keeps_the_lr_with_the_best_geometric_mean_over_the_tuning_tasks(
+    suite, tmp_path, monkeypatch
+):
     trained: list[tuple[str, str, float]] = []
     # reversal prefers 2e-3, family 1e-3 with a much larger loss scale: the geometric
     # mean weighs both tasks' relative changes, so the middle value wins
@@ -64,7 +68,8 @@ def test_tune_keeps_the_lr_with_the_best_geometric_mean_over_the_tuning_tasks(su
         assert seed == 0 and mode.steps == suite.TUNE_STEPS
         return {"val_loss": surface[task][lr]}
 
-    suite.compare.train_one = fake_train_one
+    # (monkeypatch: compare is one module for every test, test_study's too)
+    monkeypatch.setattr(suite.compare, "train_one", fake_train_one)
     lrs = suite.tune(tmp_path / "work", ["lora"], tmp_path)
     assert lrs == {"lora": 2e-3}
     # the middle of the grid first, on both tuning tasks: what the suite needs most
@@ -78,7 +83,7 @@ def test_tune_keeps_the_lr_with_the_best_geometric_mean_over_the_tuning_tasks(su
     assert f"| lora | 2.0e-03 | 0.0100 | 0.3200 | {gm:.4f} | **yes** |" in md
 
 
-def test_tune_grows_the_grid_past_an_edge_that_holds_the_best_lr(suite, tmp_path):
+def test_tune_grows_the_grid_past_an_edge_that_holds_the_best_lr(suite, tmp_path, monkeypatch):
     """LoRA's best lr at the grid's low edge (1e-3): tuning tries 5e-4, then 2.5e-4,
     and keeps 5e-4, the best inside the grown grid; a method whose loss keeps falling
     stops after EXTEND extra values and says the best is still at the edge. The
@@ -90,7 +95,8 @@ def test_tune_grows_the_grid_past_an_edge_that_holds_the_best_lr(suite, tmp_path
         trained.append(lr)
         return {"val_loss": surface[lr] if method == "lora" else lr}
 
-    suite.compare.train_one = fake_train_one
+    # (monkeypatch: compare is one module for every test, test_study's too)
+    monkeypatch.setattr(suite.compare, "train_one", fake_train_one)
     results = tmp_path / "results"  # (not there yet)
     assert suite.tune(tmp_path / "work", ["lora"], results) == {"lora": 5e-4}
     assert trained == [x for x in (2e-3, 1e-3, 4e-3, 5e-4, 2.5e-4) for _ in suite.TUNE_TASKS]
