@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -556,21 +557,42 @@ def diagnose_table(steps: int, diag: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan(work: Path, steps: int, tasks: list[str], methods: list[str]) -> str:
-    """What is done at this budget and a rough time for the rest, from the runs done."""
-    done, todo, secs = 0, 0, []
+def plan(work: Path, steps: int, tasks: list[str], methods: list[str], results: Path) -> str:
+    """What is done and a rough time for the rest: each method's tuning (its lr, or
+    the grid values trained so far), then this budget's cells. A cell counts as done
+    only at its method's chosen lr (a tuning run at another lr is not the suite's)."""
+    path = results / "suite-lr.json"
+    chosen = json.loads(path.read_text())["chosen"] if path.exists() else {}
+    lines, secs, todo, done = [], [], 0, 0
+    for method in methods:
+        runs = [work.glob(f"{t}/{method}/lr*-seed0-steps{TUNE_STEPS}-*/result.json")
+                for t in TUNE_TASKS]  # fmt: skip
+        per_task = [{re.sub(r"^lr(.+?)-seed0-.*$", r"\1", r.parent.name) for r in g} for g in runs]
+        tried = sorted(set.intersection(*per_task), key=float)  # (on every tuning task)
+        state = f"lr {chosen[method]:g}" if method in chosen else "not tuned yet"
+        lines.append(f"tuning {method}: {state} ({len(tried)} lrs trained: {', '.join(tried)})")
     for task in tasks:
         for method in methods:
-            here = list((work / task / method).glob(f"*-seed0-steps{steps}-*/result.json"))
-            if here:
+            lr = chosen.get(method)
+            found = (
+                lr is not None
+                and (
+                    (d := compare.run_dir_for(work, task, method, lr, 0, mode(task, steps, 0)))
+                    / "result.json"
+                ).exists()
+            )
+            if found:
                 done += 1
-                secs.append(json.loads(here[0].read_text())["wall_s"])
+                secs.append(json.loads((d / "result.json").read_text())["wall_s"])
             else:
                 todo += 1
-    per = statistics.mean(secs) if secs else float("nan")
-    return (f"{steps} steps: {done} runs done, {todo} to go (seed 0), about "
-            f"{todo * per / 3600:.1f} h at {per:.0f} s a run (extra seeds and held-out "
-            "scoring not counted)")  # fmt: skip
+    per = statistics.mean(secs) if secs else 666.0  # (a quiet 300-step run here)
+    lines.append(
+        f"{steps} steps: {done} cells done, {todo} to go (seed 0), about "
+        f"{todo * per * steps / 300 / 3600:.1f} h at {per * steps / 300:.0f} s a run "
+        "(extra seeds and held-out scoring not counted)"
+    )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- main
@@ -605,7 +627,7 @@ def main() -> None:
         write_atomic_text(out.with_suffix(".md"), diagnose_table(args.steps, diag))
         print(out.with_suffix(".md").read_text())
     else:
-        print(plan(args.work, args.steps, args.tasks, args.methods))
+        print(plan(args.work, args.steps, args.tasks, args.methods, args.results))
 
 
 if __name__ == "__main__":

@@ -255,3 +255,27 @@ def test_diagnose_counts_steps_per_block_compares_moves_and_ranks(suite, tmp_pat
     assert suite.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     md = suite.diagnose_table(300, {"gcd": d})
     assert "| gcd | 0.333 | 1.000 |" in md and "| +1.00 |" in md
+
+
+def test_plan_reports_tuning_and_counts_cells_at_the_chosen_lr_only(suite, tmp_path):
+    """`plan`: each method's tuning (its lr, or the lrs trained on every tuning task),
+    and a budget's cells done only at the method's chosen lr: LoRA's tuning run at 2e-3
+    on reversal is not the suite's reversal cell when 1e-3 was chosen."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    results.mkdir()
+    (results / "suite-lr.json").write_text(json.dumps({"chosen": {"lora": 1e-3}, "losses": {}}))
+
+    def done(task: str, method: str, lr: float) -> None:
+        run = suite.compare.run_dir_for(work, task, method, lr, 0, suite.mode(task, 300, 0))
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"wall_s": 600.0}))
+
+    for lr in (1e-3, 2e-3):
+        for task in suite.TUNE_TASKS:
+            done(task, "lora", lr)
+    done("reversal", "grass", 8e-4)  # one tuning task only: not a trained lr yet
+    out = suite.plan(work, 300, list(suite.TASKS), ["lora", "grass"], results)
+    assert "tuning lora: lr 0.001 (2 lrs trained: 1.00e-03, 2.00e-03)" in out
+    assert "tuning grass: not tuned yet (0 lrs trained: )" in out
+    # LoRA's reversal and family cells at 1e-3; 22 others to go, at 600 s a run
+    assert "300 steps: 2 cells done, 22 to go (seed 0), about 3.7 h at 600 s a run" in out
