@@ -232,7 +232,7 @@ def build_model(
         layers, _ = find_blocks(model, recipe.model.blocks_attr)
         sharded = sharding.shard_model(model, layers, recipe.distributed, info, device)
         if empty:  # (cpu_offload: the shards live on the host)
-            home = torch.device("cpu") if recipe.distributed.cpu_offload else device
+            home = torch.device("cpu") if _params_on_host(recipe) else device
             sharded_io.materialize(model, home, Path(source))
         block_map = build_block_map(model, recipe.model.blocks_attr)  # the sharded weights
     else:

@@ -146,6 +146,11 @@ class _Trained:
     active_blocks: int
     lowest: int = 0  # the draw's lowest block (the worst draw: 0)
 
+    @property
+    def head(self) -> bool:
+        """Whether the LM head trains (itself, or as embeddings tied to it)."""
+        return any(g.kind == "head" or (g.kind == "embed" and g.tied) for g in self.groups)
+
 
 def state_bytes_per_param(weight_bytes: int, strategy: str, state_dtype: str = "fp32") -> float:
     """AdamW's bytes per trained parameter: two moments (8 bytes in fp32, 4 in bf16,
@@ -223,8 +228,7 @@ def _backward_peak(
     g_before = grads * shards if accum else 0
     # the chunked loss makes a trained head's gradient in fp32 during the forward: at
     # the loss it is that buffer; as backward starts, also its copy in the weight's dtype
-    head = any(g.kind == "head" or (g.kind == "embed" and g.tied) for g in t.groups)
-    head_numel = lay.vocab * lay.hidden if acts.fp32_head_grad and head else 0
+    head_numel = lay.vocab * lay.hidden if acts.fp32_head_grad and t.head else 0
     loss_grads = head_grads + head_numel * (4 - t.gbytes)
     peak = base + gx.loss + sum(acts.saved) + acts.logits + max(g_before, loss_grads)
     if head_numel and t.gbytes < 4:
@@ -270,8 +274,7 @@ def plan(
     step_transient = transient(t.groups, streaming, lora, masters, device, compact) // ns
     embed = any(g.kind == "embed" for g in t.groups)  # (every layer in the gradient range)
     # sharded, a trained head takes the plain loss (its gradient is FSDP2's to reduce)
-    plain = shards and any(g.kind == "head" or (g.kind == "embed" and g.tied) for g in t.groups)
-    acts = activations(recipe, replace(lay, chunked_head=False) if plain else lay,
+    acts = activations(recipe, replace(lay, chunked_head=False) if shards and t.head else lay,
                        t.active_blocks, ckpt, t.lowest, embed)  # fmt: skip
     # the shards, their gradients and AdamW on the host: the device keeps none of them
     host_side = weights + grads + device_state + step_transient if on_host else 0
@@ -309,9 +312,9 @@ def plan(
     p = _result(sc, t, device, phases, phase, kinds, lay.params * w // ns, store)
     p.shards = shards
     if on_host:
-        p.host_kinds["shards_pinned"] = host_side
-        p.host_bytes = max(p.host_kinds.values())
-        p.host_bytes = max(p.host_bytes, host_side + p.host_kinds.get("store_pinned", 0))
+        h = p.host_kinds
+        h["shards_pinned"] = host_side
+        p.host_bytes = max(h["weights_at_load"], host_side + h["store_pinned"])
     return p
 
 

@@ -72,12 +72,9 @@ def sharding_extra(
     cw = 2 if device == "cuda" else lay.weight_bytes
     outer = units(lay)
     block = max(lay.groups[b].numel for b in lay.blocks)
-    unit_of = {n: n for n in outer} | {"norm": "root"}
-    if "embed" not in outer:
-        unit_of |= {"embed": "root", "head": "root"}
     trained_units: dict[str, int] = {}
-    for g in trained:
-        key = g.name if g.kind == "block" else unit_of.get(g.kind, "root")
+    for g in trained:  # (embed and head are units of their own when untied, else the root's)
+        key = g.name if g.kind == "block" else g.kind if g.kind in outer else "root"
         trained_units[key] = trained_units.get(key, 0) + g.numel
     copy = 4 if device == "cuda" else gbytes
     head = outer["root"] + outer.get("head", 0)
